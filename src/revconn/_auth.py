@@ -1,0 +1,97 @@
+"""The auth policy: who may connect as which agent, and who may list them.
+
+The gateway extracts the bearer credential from the ``Authorization`` header
+only (never a query parameter or cookie) and asks an ``AuthPolicy``. Per-agent
+credentials plug in later as another policy; the gateway does not change.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import secrets
+from collections.abc import Iterable
+from typing import Protocol
+
+from ._errors import ConfigError
+
+__all__ = [
+    "AuthPolicy",
+    "Scope",
+    "SharedSecretPolicy",
+    "bearer_credential",
+    "generate_secret",
+]
+
+MIN_SECRET_LENGTH = 16
+
+
+class Scope(enum.Enum):
+    """What a credential is being used for."""
+
+    CONNECT = "connect"
+    """An agent opening its tunnel (``/ws/connect``)."""
+    ADMIN = "admin"
+    """Listing agents (``/endpoints``) and other operator calls."""
+
+
+class AuthPolicy(Protocol):
+    def allows(self, credential: str | None, *, agent: str | None, scope: Scope) -> bool:
+        """True if ``credential`` may act on ``agent`` (None for gateway-wide
+        scopes) in ``scope``. Must be cheap and never raise for bad input."""
+        ...
+
+
+class SharedSecretPolicy:
+    """One gateway-wide secret for every agent and every scope."""
+
+    def __init__(self, secret: str) -> None:
+        if not secret or not secret.strip():
+            raise ConfigError(
+                "the gateway secret is empty: pass --secret, set REVCONN_SECRET, "
+                "or omit both to have one generated"
+            )
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"the gateway secret is too short ({len(secret)} characters): "
+                f"use at least {MIN_SECRET_LENGTH}, e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
+            )
+        self._secret = secret.encode("utf-8")
+
+    def allows(self, credential: str | None, *, agent: str | None, scope: Scope) -> bool:
+        if credential is None:
+            return False
+        return hmac.compare_digest(credential.encode("utf-8", "surrogateescape"), self._secret)
+
+    def __repr__(self) -> str:  # never print the secret
+        return "SharedSecretPolicy(<secret>)"
+
+
+def generate_secret() -> str:
+    """A fresh 256-bit URL-safe secret."""
+    return secrets.token_urlsafe(32)
+
+
+def bearer_credential(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of the single ``Authorization: Bearer <token>`` header, or None.
+
+    Several Authorization headers, another scheme or an empty token count as
+    no credential.
+    """
+    found: bytes | None = None
+    for key, value in headers:
+        if key.lower() == b"authorization":
+            if found is not None:
+                return None
+            found = value
+    if found is None:
+        return None
+    scheme, _, token = found.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    try:
+        return token.decode("ascii")
+    except UnicodeDecodeError:
+        return None

@@ -1,0 +1,116 @@
+"""The exceptions revconn raises, all under one root.
+
+::
+
+    RevconnError
+    ├── ConfigError               bad configuration or command-line input (local)
+    ├── ProtocolError             the tunnel protocol was violated
+    │   ├── LocalProtocolError    we were about to break it (a caller's misuse)
+    │   └── RemoteProtocolError   the peer broke it; carries the close code to answer with
+    ├── AuthError                 credentials missing or rejected             [fatal]
+    ├── ReplacedError             a newer agent with the same name took over  [fatal]
+    ├── ConnectError              could not reach or talk to the peer         [transient]
+    │   └── ConnectionLost        an established session ended unexpectedly  [transient]
+    └── RevconnTimeout            a deadline passed                          [transient]
+        ├── HandshakeTimeout      the session handshake did not complete
+        └── HeartbeatTimeout      the peer stopped answering PINGs
+
+Errors are *fatal* when retrying cannot help (``FatalError`` mixin); the
+supervisor stops at once on them and retries everything else that derives
+from ``RevconnError``.
+"""
+
+from __future__ import annotations
+
+from . import _codes
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "ConnectError",
+    "ConnectionLost",
+    "FatalError",
+    "HandshakeTimeout",
+    "HeartbeatTimeout",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ReplacedError",
+    "RevconnError",
+    "RevconnTimeout",
+]
+
+
+class RevconnError(Exception):
+    """Root of every exception revconn raises on purpose."""
+
+
+class FatalError(RevconnError):
+    """Retrying will not help: the supervisor stops and re-raises."""
+
+
+class ConfigError(FatalError):
+    """Invalid configuration (a flag, an environment variable, a URL)."""
+
+
+class ProtocolError(RevconnError):
+    """The tunnel protocol was violated.
+
+    ``close_code`` is the WebSocket close code to end the connection with, and
+    ``h2_error`` the HTTP/2 error code for the GOAWAY frame.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        close_code: int = _codes.WS_PROTOCOL_ERROR,
+        h2_error: int = _codes.H2_PROTOCOL_ERROR,
+    ) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+        self.h2_error = h2_error
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol forbids."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids."""
+
+
+class AuthError(FatalError):
+    """The gateway rejected the credentials (HTTP 401/403)."""
+
+    def __init__(self, message: str, *, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ReplacedError(FatalError):
+    """A newer connection with the same agent name replaced this one (close 4409)."""
+
+
+class ConnectError(RevconnError):
+    """The peer could not be reached, or the connection failed."""
+
+
+class ConnectionLost(ConnectError):
+    """An established tunnel session ended without a clean goodbye."""
+
+    def __init__(self, message: str, *, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+class RevconnTimeout(RevconnError):
+    """A revconn deadline passed."""
+
+
+class HandshakeTimeout(RevconnTimeout):
+    """The WebSocket or tunnel handshake did not complete in time."""
+
+
+class HeartbeatTimeout(RevconnTimeout):
+    """The peer did not acknowledge a PING within the heartbeat timeout."""

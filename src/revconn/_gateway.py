@@ -1,0 +1,389 @@
+"""The gateway: accepts agent tunnels and lists who is online.
+
+``Gateway`` is an ASGI application (embed it in any ASGI server that runs on
+trio) plus ``serve()``, which runs it on hypercorn's trio worker with the
+listening sockets revconn needs (TCP_USER_TIMEOUT, a large backlog).
+
+Routing: ``/ws/connect`` (WebSocket) is a bare ASGI handler, kept off the
+Quart request machinery because it is the per-agent hot path (memory and
+accept cost); ``/healthz`` and ``/endpoints`` are served by a QuartTrio app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+from quart import Response
+from quart_trio import QuartTrio
+
+from . import _codes
+from ._auth import AuthPolicy, Scope, bearer_credential
+from ._errors import ConfigError, ConnectionLost, ProtocolError, RevconnTimeout
+from ._registry import InMemoryRegistry, Registration, Registry
+from ._session import Role, TunnelSession
+from ._tunnel import Heartbeat, Tunnel, TunnelEnd
+
+__all__ = ["Gateway", "GatewayConfig", "parse_bind", "valid_agent_name"]
+
+log = logging.getLogger("revconn.gateway")
+
+ASGIScope = MutableMapping[str, Any]
+ASGIMessage = MutableMapping[str, Any]
+ASGIReceive = Callable[[], Awaitable[ASGIMessage]]
+ASGISend = Callable[[ASGIMessage], Awaitable[None]]
+
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+MAX_MESSAGE_SIZE = 1 << 20  # 1 MiB: far above one HTTP/2 frame (16 KiB + 9)
+
+
+def valid_agent_name(name: str) -> bool:
+    """A lowercase DNS label: ``[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?``."""
+    return _NAME_RE.fullmatch(name) is not None
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); ConfigError if malformed."""
+    host, sep, port_text = bind.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"--bind {bind!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--bind {bind!r}: port must be 0-65535")
+    return host, port
+
+
+@attrs.frozen
+class GatewayConfig:
+    """Gateway settings. ``binds`` use port 0 to pick a free port."""
+
+    binds: tuple[str, ...] = ("127.0.0.1:8080",)
+    heartbeat: Heartbeat = Heartbeat()
+    handshake_timeout: float = 10.0
+    max_message_size: int = MAX_MESSAGE_SIZE
+    backlog: int = 4096
+    graceful_timeout: float = 5.0
+    tcp_user_timeout: float | None = None
+    """Seconds unacknowledged data may sit before the kernel drops the socket;
+    default: heartbeat interval + timeout. Frees sockets hypercorn would block on."""
+
+    def __attrs_post_init__(self) -> None:
+        if not self.binds:
+            raise ConfigError("at least one --bind is needed")
+        for bind in self.binds:
+            parse_bind(bind)
+        if not (math.isfinite(self.handshake_timeout) and self.handshake_timeout > 0):
+            raise ConfigError("handshake timeout must be > 0 seconds")
+
+    @property
+    def effective_tcp_user_timeout(self) -> float:
+        if self.tcp_user_timeout is not None:
+            return self.tcp_user_timeout
+        return self.heartbeat.interval + self.heartbeat.timeout
+
+
+class _AsgiTransport:
+    """An ASGI WebSocket connection as a MessageTransport."""
+
+    __slots__ = ("_closed", "_receive", "_send")
+
+    def __init__(self, receive: ASGIReceive, send: ASGISend) -> None:
+        self._receive = receive
+        self._send = send
+        self._closed = False
+
+    async def send_message(self, data: bytes) -> None:
+        if self._closed:
+            raise ConnectionLost("websocket closed")
+        # hypercorn drops sends after the peer closed; the reader notices the close.
+        await self._send({"type": "websocket.send", "bytes": data})
+
+    async def receive_message(self) -> bytes:
+        while True:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                data = message.get("bytes")
+                if data is None:
+                    if message.get("text") is not None:
+                        raise ConnectionLost("text message on a binary tunnel")
+                    continue  # an empty binary message arrives as None: nothing to feed
+                return bytes(data)
+            if kind == "websocket.disconnect":
+                self._closed = True
+                code = message.get("code")
+                raise ConnectionLost(f"websocket closed (code {code})", close_code=code)
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+class Gateway:
+    """The revconn gateway as an ASGI application."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        auth: AuthPolicy,
+        registry: Registry | None = None,
+    ) -> None:
+        self.config = config
+        self.auth = auth
+        self.registry: Registry = registry if registry is not None else InMemoryRegistry()
+        self._tunnels: set[Tunnel] = set()
+        self._service_nursery: trio.Nursery | None = None
+        self._shutting_down = False
+        self._drained = trio.Event()
+        self.admin_app = self._make_admin_app()
+
+    # -- ASGI entry -------------------------------------------------------------
+    async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
+        kind = scope["type"]
+        if kind == "websocket" and scope["path"] == "/ws/connect":
+            await self._agent_connect(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self.admin_app(scope, receive, send)  # type: ignore[arg-type]
+
+    async def _lifespan(self, receive: ASGIReceive, send: ASGISend) -> None:
+        """Owns the service nursery for the app's lifetime."""
+        async with trio.open_nursery() as nursery:
+            self._service_nursery = nursery
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    self.close_all_agents()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    break
+            self._service_nursery = None
+
+    # -- admin (Quart) ----------------------------------------------------------
+    def _make_admin_app(self) -> QuartTrio:
+        app = QuartTrio("revconn.gateway")
+        gateway = self
+
+        @app.get("/healthz")
+        async def healthz() -> Response:
+            return _json_response({"status": "ok"})
+
+        @app.get("/endpoints")
+        async def endpoints() -> Response:
+            from quart import request
+
+            credential = bearer_credential(
+                (k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
+            )
+            if not gateway.auth.allows(credential, agent=None, scope=Scope.ADMIN):
+                return _unauthorized()
+            rows = await gateway.registry.snapshot()
+            return _json_response({"endpoints": [row.to_json() for row in rows]})
+
+        @app.errorhandler(404)
+        async def not_found(_: Exception) -> Response:
+            return _json_response({"error": "not_found"}, 404)
+
+        @app.errorhandler(405)
+        async def not_allowed(_: Exception) -> Response:
+            return _json_response({"error": "method_not_allowed"}, 405)
+
+        return app
+
+    # -- agent tunnels ------------------------------------------------------------
+    async def _agent_connect(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        names = query.get("name", [])
+        if len(names) != 1 or not valid_agent_name(names[0]):
+            await _deny(
+                send,
+                400,
+                "invalid_name",
+                "name must be one lowercase DNS label: [a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
+            )
+            return
+        name = names[0]
+        credential = bearer_credential(scope.get("headers", []))
+        if not self.auth.allows(credential, agent=name, scope=Scope.CONNECT):
+            log.info("agent %r rejected: bad or missing credentials", name)
+            await _deny(send, 401, "unauthorized", "missing or invalid bearer credential")
+            return
+        if self._shutting_down:
+            await _deny(send, 503, "shutting_down", "gateway is shutting down")
+            return
+        await send({"type": "websocket.accept"})
+
+        remote = _format_client(scope.get("client"))
+        registration: Registration | None = None
+
+        def on_end(end: TunnelEnd) -> None:
+            # Drop the agent from the registry now, even if the socket cannot be
+            # written any more (hypercorn shields its writes from cancellation).
+            if registration is not None and self._service_nursery is not None:
+                self._service_nursery.start_soon(self.registry.unregister, registration)
+
+        tunnel = Tunnel(
+            TunnelSession(Role.GATEWAY),
+            _AsgiTransport(receive, send),
+            heartbeat=self.config.heartbeat,
+            handshake_timeout=self.config.handshake_timeout,
+            on_end=on_end,
+        )
+        try:
+            await tunnel.handshake()
+        except (RevconnTimeout, ProtocolError, ConnectionLost) as exc:
+            log.info("agent %r from %s: handshake failed: %s", name, remote, exc)
+            return
+        self._tunnels.add(tunnel)
+        try:
+            registration = await self.registry.register(name, tunnel, remote=remote)
+            log.info("agent %r online from %s (epoch %d)", name, remote, registration.epoch)
+            if self._shutting_down:
+                tunnel.request_close(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
+            end = await tunnel.serve()
+            log.info(
+                "agent %r offline (epoch %d): %s",
+                name,
+                registration.epoch,
+                end.reason or f"close {end.close_code}",
+            )
+        finally:
+            self._tunnels.discard(tunnel)
+            if self._shutting_down and not self._tunnels:
+                self._drained.set()
+            if registration is not None:
+                with trio.CancelScope(shield=True):
+                    await self.registry.unregister(registration)
+
+    def close_all_agents(self) -> None:
+        """Begin shutdown: every tunnel gets GOAWAY "shutdown" and close 1001."""
+        self._shutting_down = True
+        if not self._tunnels:
+            self._drained.set()
+        for tunnel in list(self._tunnels):
+            tunnel.request_close(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
+
+    # -- serving ------------------------------------------------------------------
+    def hypercorn_config(self) -> HypercornConfig:
+        hc = HypercornConfig()
+        hc.bind = list(self.config.binds)
+        hc.backlog = self.config.backlog
+        hc.websocket_max_message_size = self.config.max_message_size
+        hc.graceful_timeout = self.config.graceful_timeout
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("revconn.hypercorn")
+        hc.include_server_header = False
+        return hc
+
+    def create_sockets(self) -> Sockets:
+        """Listening sockets with TCP_NODELAY, TCP_USER_TIMEOUT and the configured backlog."""
+        socks: list[socket.socket] = []
+        try:
+            for bind in self.config.binds:
+                host, port = parse_bind(bind)
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if hasattr(socket, "TCP_USER_TIMEOUT"):
+                    # Inherited by accepted sockets (Linux).
+                    ms = int(self.config.effective_tcp_user_timeout * 1000)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
+                try:
+                    sock.bind((host, port))
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on {bind}: {exc.strerror}") from exc
+                sock.listen(self.config.backlog)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return Sockets(secure_sockets=[], insecure_sockets=socks, quic_sockets=[])
+
+    async def serve(
+        self,
+        *,
+        shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until ``shutdown_trigger`` returns (or forever); reports the bound URLs."""
+        sockets = self.create_sockets()
+        hc = self.hypercorn_config()
+        trigger = shutdown_trigger or trio.sleep_forever
+
+        async def shutdown() -> None:
+            await trigger()
+            self.close_all_agents()
+            # Give tunnels a moment to send GOAWAY + close before hypercorn stops.
+            with trio.move_on_after(self.config.graceful_timeout):
+                await self._drained.wait()
+
+        await worker_serve(
+            wrap_app(self, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+            hc,
+            sockets=sockets,
+            shutdown_trigger=shutdown,
+            task_status=task_status,
+        )
+
+
+def _format_client(client: Any) -> str:
+    if not client:
+        return "unknown"
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _json_body(payload: object) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _json_response(payload: object, status: int = 200) -> Response:
+    return Response(_json_body(payload), status=status, content_type="application/json")
+
+
+def _unauthorized() -> Response:
+    response = _json_response(
+        {"error": "unauthorized", "detail": "missing or invalid bearer credential"}, 401
+    )
+    response.headers["WWW-Authenticate"] = 'Bearer realm="revconn"'
+    return response
+
+
+async def _deny(send: ASGISend, status: int, error: str, detail: str) -> None:
+    """Refuse a WebSocket upgrade with a plain HTTP response (Denial Response extension)."""
+    headers = [(b"content-type", b"application/json")]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="revconn"'))
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send(
+        {
+            "type": "websocket.http.response.body",
+            "body": _json_body({"error": error, "detail": detail}),
+        }
+    )
