@@ -1,0 +1,201 @@
+"""The sans-I/O tunnel session, at the byte level (no sockets, no trio)."""
+
+from __future__ import annotations
+
+import h2.connection
+import h2.config
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from revconn import LocalProtocolError, RemoteProtocolError
+from revconn._session import (
+    CLIENT_PREFACE,
+    HandshakeComplete,
+    PingAcknowledged,
+    Role,
+    SessionEnded,
+    TunnelSession,
+)
+
+
+def pump(a: TunnelSession, b: TunnelSession) -> tuple[list[object], list[object]]:
+    """Deliver queued bytes both ways until quiet; returns the events each side saw."""
+    ev_a: list[object] = []
+    ev_b: list[object] = []
+    for _ in range(10):
+        out_a, out_b = a.data_to_send(), b.data_to_send()
+        if not out_a and not out_b:
+            break
+        if out_a:
+            ev_b += b.receive_data(out_a)
+        if out_b:
+            ev_a += a.receive_data(out_b)
+    return ev_a, ev_b
+
+
+def connected_pair() -> tuple[TunnelSession, TunnelSession]:
+    gw, ag = TunnelSession(Role.GATEWAY), TunnelSession(Role.AGENT)
+    gw.initiate()
+    ag.initiate()
+    ev_gw, ev_ag = pump(gw, ag)
+    assert ev_gw == [HandshakeComplete()]
+    assert ev_ag == [HandshakeComplete()]
+    return gw, ag
+
+
+def test_handshake_completes_once_on_both_sides() -> None:
+    gw, ag = connected_pair()
+    assert gw.handshake_complete and ag.handshake_complete
+    assert pump(gw, ag) == ([], [])
+
+
+def test_handshake_needs_ack_of_our_settings() -> None:
+    gw, ag = TunnelSession(Role.GATEWAY), TunnelSession(Role.AGENT)
+    gw.initiate()
+    ag.initiate()
+    # The agent sees the gateway's preface + SETTINGS: not complete until its own are acked.
+    assert ag.receive_data(gw.data_to_send()) == []
+    assert not ag.handshake_complete
+    assert gw.receive_data(ag.data_to_send()) == [HandshakeComplete()]
+    assert ag.receive_data(gw.data_to_send()) == [HandshakeComplete()]
+
+
+def test_handshake_byte_by_byte() -> None:
+    gw, ag = TunnelSession(Role.GATEWAY), TunnelSession(Role.AGENT)
+    gw.initiate()
+    ag.initiate()
+    events: list[object] = []
+    for byte in gw.data_to_send():
+        events += ag.receive_data(bytes([byte]))
+    for byte in ag.data_to_send():
+        events += gw.receive_data(bytes([byte]))
+    for byte in gw.data_to_send():
+        events += ag.receive_data(bytes([byte]))
+    assert events == [HandshakeComplete(), HandshakeComplete()]
+
+
+@pytest.mark.parametrize("role", [Role.GATEWAY, Role.AGENT])
+def test_ping_round_trip(role: Role) -> None:
+    gw, ag = connected_pair()
+    me, peer = (gw, ag) if role is Role.GATEWAY else (ag, gw)
+    me.send_ping(b"12345678")
+    ev_me, ev_peer = pump(me, peer)
+    assert ev_me == [PingAcknowledged(b"12345678")]
+    assert ev_peer == []
+
+
+def test_ping_payload_must_be_8_bytes() -> None:
+    gw, _ = connected_pair()
+    with pytest.raises(LocalProtocolError):
+        gw.send_ping(b"short")
+
+
+def test_goaway_carries_reason() -> None:
+    gw, ag = connected_pair()
+    gw.close(0, "replaced")
+    _, ev_ag = pump(gw, ag)
+    assert ev_ag == [SessionEnded(0, "replaced")]
+    assert ag.closed and gw.closed
+    with pytest.raises(LocalProtocolError):
+        gw.send_ping(b"12345678")
+    gw.close(0, "again")  # idempotent
+    assert gw.data_to_send() == b""
+
+
+def test_goaway_reason_is_truncated() -> None:
+    gw, ag = connected_pair()
+    gw.close(0, "x" * 500)
+    _, ev_ag = pump(gw, ag)
+    (ended,) = ev_ag
+    assert isinstance(ended, SessionEnded)
+    assert len(ended.reason) == 123
+
+
+def _frame(length: int, type_: int = 0, flags: int = 0, stream: int = 0) -> bytes:
+    return length.to_bytes(3, "big") + bytes([type_, flags]) + stream.to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("split", range(1, 9))
+def test_oversized_frame_rejected_from_its_header(split: int) -> None:
+    gw, ag = connected_pair()
+    header = _frame(1 << 20)  # 1 MiB DATA frame announced, nothing more sent
+    ag.receive_data(header[:split])
+    with pytest.raises(RemoteProtocolError) as info:
+        ag.receive_data(header[split:])
+    assert info.value.h2_error == 0x6  # FRAME_SIZE_ERROR
+    assert info.value.close_code == 1002
+    # A GOAWAY(FRAME_SIZE_ERROR) was queued for the peer.
+    _, ev_gw = pump(ag, gw)
+    assert ev_gw == [] or isinstance(ev_gw[0], SessionEnded)
+    assert ag.receive_data(b"more") == []
+
+
+def test_scanner_follows_frames_split_at_every_offset() -> None:
+    """A stream of valid frames is accepted however it is cut."""
+    gw, ag = connected_pair()
+    for i in range(5):
+        gw.send_ping(i.to_bytes(8, "big"))
+    stream = gw.data_to_send()
+    for cut in range(1, len(stream)):
+        g2, a2 = connected_pair()
+        for i in range(5):
+            g2.send_ping(i.to_bytes(8, "big"))
+        data = g2.data_to_send()
+        assert data == stream
+        a2.receive_data(data[:cut])
+        a2.receive_data(data[cut:])
+        got = g2.receive_data(a2.data_to_send())
+        assert got == [PingAcknowledged(i.to_bytes(8, "big")) for i in range(5)]
+
+
+def test_bad_preface_is_a_remote_error() -> None:
+    ag = TunnelSession(Role.AGENT)
+    ag.initiate()
+    with pytest.raises(RemoteProtocolError):
+        ag.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+def test_agent_refuses_streams_without_killing_session() -> None:
+    """Phase 1 agents answer a request stream with RST_STREAM(REFUSED_STREAM)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    ag = TunnelSession(Role.AGENT)
+    ag.initiate()
+    ag.receive_data(client.data_to_send())
+    client.receive_data(ag.data_to_send())
+    ag.receive_data(client.data_to_send())
+    client.receive_data(ag.data_to_send())
+    client.send_headers(
+        1, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")], True
+    )
+    assert ag.receive_data(client.data_to_send()) == []
+    events = client.receive_data(ag.data_to_send())
+    assert any(type(e).__name__ == "StreamReset" and e.error_code == 7 for e in events)
+    assert not ag.closed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([Role.GATEWAY, Role.AGENT]))
+def test_arbitrary_bytes_only_raise_remote_protocol_error(data: bytes, role: Role) -> None:
+    session = TunnelSession(role)
+    session.initiate()
+    try:
+        session.receive_data(data)
+    except RemoteProtocolError as exc:
+        assert exc.close_code == 1002
+    session.data_to_send()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_frames_after_handshake(data: bytes) -> None:
+    gw, ag = connected_pair()
+    try:
+        ag.receive_data(data)
+    except RemoteProtocolError:
+        assert ag.closed
+
+
+def test_client_preface_constant() -> None:
+    assert len(CLIENT_PREFACE) == 24
