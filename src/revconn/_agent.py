@@ -16,7 +16,7 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
+    wrap_client_stream,
 )
 
 from . import _codes
@@ -25,6 +25,7 @@ from ._errors import (
     ConfigError,
     ConnectError,
     ConnectionLost,
+    FatalError,
     HandshakeTimeout,
     RemoteProtocolError,
     ReplacedError,
@@ -38,6 +39,8 @@ from ._tunnel import Heartbeat, Tunnel
 __all__ = ["Agent", "AgentConfig", "tunnel_url"]
 
 log = logging.getLogger("revconn.agent")
+
+_GatewayStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 def tunnel_url(gateway: str, name: str) -> str:
@@ -189,13 +192,21 @@ class Agent:
         try:
             with trio.CancelScope() as self._attempt_scope:
                 await self._connect_in_scope(connected)
+        except BaseExceptionGroup as group:
+            # trio-websocket's background reader re-raises what the handshake
+            # already raised: report the one error that says most.
+            error = _most_telling(group)
+            if error is None:
+                raise
+            raise error from None
         finally:
             self._attempt_scope = None
 
     async def _connect_in_scope(self, connected: Callable[[], None]) -> None:
         cfg = self.config
-        async with trio.open_nursery() as nursery:
-            ws = await self._open_websocket(nursery)
+        stream = await self._open_stream()
+        async with stream, trio.open_nursery() as nursery:
+            ws = await self._open_websocket(nursery, stream)
             tunnel = Tunnel(
                 TunnelSession(Role.AGENT),
                 _WebSocketTransport(ws),
@@ -229,16 +240,25 @@ class Agent:
             if error is not None:
                 raise error
 
-    async def _open_websocket(self, nursery: trio.Nursery) -> WebSocketConnection:
+    async def _open_websocket(
+        self, nursery: trio.Nursery, stream: _GatewayStream
+    ) -> WebSocketConnection:
         cfg = self.config
+        parts = urlsplit(cfg.url)
+        host = parts.hostname or ""
+        default_port = 443 if parts.scheme == "wss" else 80
+        host_header = host if parts.port in (None, default_port) else f"{host}:{parts.port}"
+        if ":" in host:
+            host_header = host_header.replace(host, f"[{host}]", 1)
         headers = [(b"authorization", b"Bearer " + cfg.secret.encode("utf-8"))]
         try:
-            # connect_websocket waits forever if the server closes mid-handshake.
+            # trio-websocket waits forever if the server closes mid-handshake.
             with trio.fail_after(cfg.handshake_timeout):
-                return await connect_websocket_url(
+                return await wrap_client_stream(
                     nursery,
-                    cfg.url,
-                    ssl_context=self._ssl_context,
+                    stream,
+                    host_header,
+                    f"{parts.path}?{parts.query}",
                     extra_headers=headers,
                     message_queue_size=4,
                     max_message_size=MAX_MESSAGE_SIZE,
@@ -248,27 +268,77 @@ class Agent:
                 f"WebSocket handshake with the gateway did not complete within "
                 f"{cfg.handshake_timeout:g} s"
             ) from None
-        except ConnectionRejected as exc:
-            if exc.status_code in (401, 403):
-                raise AuthError(
-                    f"the gateway rejected the credentials (HTTP {exc.status_code}): "
-                    "check --secret / REVCONN_SECRET",
-                    status=exc.status_code,
-                ) from None
-            if exc.status_code == 400:
-                raise ConfigError(
-                    f"the gateway refused the connection as malformed (HTTP 400): "
-                    f"{(exc.body or b'').decode('utf-8', 'replace')[:200]}"
-                ) from None
-            raise ConnectError(
-                f"the gateway refused the connection (HTTP {exc.status_code})"
+        except (HandshakeError, trio.BrokenResourceError, OSError) as exc:
+            raise _map_connect_error(exc, cfg.url) from None
+
+    async def _open_stream(self) -> _GatewayStream:
+        """TCP (and TLS for wss) to the gateway; we own and close it, not trio-websocket."""
+        cfg = self.config
+        parts = urlsplit(cfg.url)
+        host = parts.hostname or ""
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        try:
+            with trio.fail_after(cfg.handshake_timeout):
+                if secure:
+                    context = self._ssl_context or ssl.create_default_context()
+                    return await trio.open_ssl_over_tcp_stream(
+                        host, port, ssl_context=context, https_compatible=True
+                    )
+                return await trio.open_tcp_stream(host, port)
+        except trio.TooSlowError:
+            raise HandshakeTimeout(
+                f"could not connect to the gateway within {cfg.handshake_timeout:g} s"
             ) from None
-        except (HandshakeError, trio.BrokenResourceError) as exc:
-            raise ConnectError(f"WebSocket handshake failed: {exc!r}") from None
         except OSError as exc:
-            raise ConnectError(
-                f"cannot reach the gateway at {_redacted(cfg.url)}: {exc.strerror or exc}"
-            ) from None
+            raise _map_connect_error(exc, cfg.url) from None
+
+
+def _map_connect_error(exc: BaseException, url: str) -> RevconnError:
+    """A trio-websocket / socket error while dialing, as the revconn error it means."""
+    if isinstance(exc, ConnectionRejected):
+        status = exc.status_code
+        if status in (401, 403):
+            return AuthError(
+                f"the gateway rejected the credentials (HTTP {status}): "
+                "check --secret / REVCONN_SECRET",
+                status=status,
+            )
+        if status == 400:
+            body = (exc.body or b"").decode("utf-8", "replace")[:200]
+            return ConfigError(
+                f"the gateway refused the connection as malformed (HTTP 400): {body}"
+            )
+        return ConnectError(f"the gateway refused the connection (HTTP {status})")
+    if isinstance(exc, OSError):
+        return ConnectError(f"cannot reach the gateway at {_redacted(url)}: {exc.strerror or exc}")
+    return ConnectError(f"WebSocket handshake failed: {exc!r}")
+
+
+def _most_telling(group: BaseExceptionGroup[BaseException]) -> RevconnError | None:
+    """The revconn error to raise for a group of errors from one attempt.
+
+    None if the group holds anything that must propagate as is (cancellation,
+    KeyboardInterrupt, a bug).
+    """
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    mapped: list[RevconnError] = []
+    for leaf in leaves:
+        if isinstance(leaf, RevconnError):
+            mapped.append(leaf)
+        elif isinstance(leaf, HandshakeError | trio.BrokenResourceError | OSError):
+            mapped.append(_map_connect_error(leaf, ""))
+        else:
+            return None
+    fatal = [e for e in mapped if isinstance(e, FatalError)]
+    return (fatal or mapped or [None])[0]
 
 
 def _describe(reason: str, code: int, error: BaseException | None) -> str:

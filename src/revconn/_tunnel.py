@@ -34,6 +34,9 @@ __all__ = ["Heartbeat", "MessageTransport", "Tunnel", "TunnelEnd"]
 log = logging.getLogger("revconn.tunnel")
 
 CLOSE_TIMEOUT = 2.0
+MAX_MESSAGE = 256 * 1024
+"""Largest WebSocket message a tunnel sends: larger outbound data is split.
+Receivers accept up to 1 MiB (docs/protocol.md)."""
 
 
 class MessageTransport(Protocol):
@@ -184,11 +187,11 @@ class Tunnel:
 
     async def _flush_direct(self) -> None:
         data = self.session.data_to_send()
-        if data:
-            try:
-                await self.transport.send_message(data)
-            except ConnectionLost:
-                pass
+        try:
+            for start in range(0, len(data), MAX_MESSAGE):
+                await self.transport.send_message(data[start : start + MAX_MESSAGE])
+        except ConnectionLost:
+            pass
 
     def _kick_writer(self) -> None:
         self._wakeup_writer.set()
@@ -198,12 +201,12 @@ class Tunnel:
             await self._wakeup_writer.wait()
             self._wakeup_writer = trio.Event()
             data = self.session.data_to_send()
-            if data:
-                try:
-                    await self.transport.send_message(data)
-                except ConnectionLost as exc:
-                    self._finish(TunnelEnd(_codes.WS_NORMAL, str(exc), exc, by_peer=True))
-                    return
+            try:
+                for start in range(0, len(data), MAX_MESSAGE):
+                    await self.transport.send_message(data[start : start + MAX_MESSAGE])
+            except ConnectionLost as exc:
+                self._finish(TunnelEnd(_codes.WS_NORMAL, str(exc), exc, by_peer=True))
+                return
 
     async def _reader(self) -> None:
         while True:

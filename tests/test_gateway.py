@@ -1,0 +1,272 @@
+"""A real gateway in-process on 127.0.0.1:0 with in-process and hand-driven agents."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from revconn import (
+    Agent,
+    AgentConfig,
+    AuthError,
+    Backoff,
+    Heartbeat,
+    ReplacedError,
+    RegistryEventKind,
+)
+from revconn._session import SessionEnded
+
+from ._gateway_helpers import SECRET, raw_agent, running_gateway, wait_for
+
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
+def agent_for(url: str, name: str, **kw: object) -> Agent:
+    cfg = AgentConfig(
+        gateway=url,
+        name=name,
+        secret=kw.pop("secret", SECRET),  # type: ignore[arg-type]
+        backoff=Backoff(0.05, 0.2),
+        **kw,  # type: ignore[arg-type]
+    )
+    return Agent(cfg)
+
+
+async def get(url: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    async with httpx.AsyncClient() as client:
+        return await client.get(url + path, headers=headers)
+
+
+async def test_healthz_and_endpoints_auth() -> None:
+    async with running_gateway() as gw:
+        r = await get(gw.url, "/healthz")
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        r = await get(gw.url, "/endpoints")
+        assert r.status_code == 401
+        assert r.json()["error"] == "unauthorized"
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        r = await get(gw.url, "/endpoints?token=" + SECRET)  # never from the query
+        assert r.status_code == 401
+        r = await get(gw.url, "/endpoints", {"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = await get(gw.url, "/endpoints", AUTH)
+        assert (r.status_code, r.json()) == (200, {"endpoints": []})
+        r = await get(gw.url, "/nope")
+        assert (r.status_code, r.json()["error"]) == (404, "not_found")
+
+
+async def test_agent_online_with_rtt_then_offline() -> None:
+    async with running_gateway(heartbeat=Heartbeat(0.1, 1.0)) as gw:
+        agent = agent_for(gw.url, "svc-1", heartbeat=Heartbeat(0.1, 1.0))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent.run)
+            await agent.connected.wait()
+            await wait_for(lambda: gw.gateway.registry.lookup("svc-1") is not None)
+            await trio.sleep(0.3)
+            r = await get(gw.url, "/endpoints", AUTH)
+            (row,) = r.json()["endpoints"]
+            assert row["name"] == "svc-1"
+            assert row["status"] == "online"
+            assert row["transport"] == "websocket"
+            assert row["remote"].startswith("127.0.0.1:")
+            assert row["connected_at"].endswith("Z")
+            assert row["epoch"] >= 1
+            assert row["rtt_ms"] is not None and 0 <= row["rtt_ms"] < 1000
+            agent.stop()
+        # stop() said goodbye: the agent is gone at once.
+        await wait_for(lambda: gw.gateway.registry.lookup("svc-1") is None, timeout=2)
+
+
+async def test_wrong_secret_is_401_and_leaves_registry_alone() -> None:
+    async with running_gateway() as gw:
+        good = agent_for(gw.url, "svc")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(good.run)
+            await good.connected.wait()
+            bad = agent_for(gw.url, "svc", secret="not-the-secret-at-all")
+            with pytest.raises(AuthError) as info:
+                await bad.run()
+            assert info.value.status == 401
+            assert SECRET not in str(info.value)
+            assert bad.statistics().attempts == 1  # no retry loop
+            assert gw.gateway.registry.lookup("svc") is not None
+            assert good.tunnel is not None and good.tunnel.end is None
+            nursery.cancel_scope.cancel()
+
+
+async def upgrade(url: str, query: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    """A WebSocket upgrade request sent as plain HTTP: the refusal must be plain HTTP."""
+    all_headers = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+        **(headers or {}),
+    }
+    async with httpx.AsyncClient() as client:
+        return await client.get(f"{url}/ws/connect?{query}", headers=all_headers)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-secret"},
+        {"Authorization": f"Basic {SECRET}"},
+        {"Cookie": f"token={SECRET}"},
+    ],
+)
+async def test_missing_or_wrong_credentials_is_401(headers: dict[str, str]) -> None:
+    async with running_gateway() as gw:
+        r = await upgrade(gw.url, "name=svc", headers)
+        assert r.status_code == 401
+        assert r.json()["error"] == "unauthorized"
+        r = await upgrade(gw.url, f"name=svc&token={SECRET}", headers)
+        assert r.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "name=UPPER",
+        "name=-lead",
+        "name=trail-",
+        "name=" + "a" * 64,
+        "name=",
+        "name=a.b",
+        "name=a_b",
+        "name=%C3%A9t%C3%A9",
+        "",
+        "name=a&name=b",
+    ],
+)
+async def test_invalid_names_are_400(query: str) -> None:
+    async with running_gateway() as gw:
+        r = await upgrade(gw.url, query, AUTH)
+        assert r.status_code == 400
+        assert r.json()["error"] == "invalid_name"
+        assert len(gw.gateway.registry) == 0  # type: ignore[arg-type]
+
+
+async def test_longest_valid_name_accepted() -> None:
+    name = "a" + "-" * 61 + "z"
+    async with running_gateway() as gw:
+        agent = agent_for(gw.url, name)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent.run)
+            await agent.connected.wait()
+            assert gw.gateway.registry.lookup(name) is not None
+            nursery.cancel_scope.cancel()
+
+
+async def test_replaced_agent_exits_and_newer_stays() -> None:
+    async with running_gateway() as gw:
+        first, second = agent_for(gw.url, "twin"), agent_for(gw.url, "twin")
+        errors: list[BaseException] = []
+
+        async def run_first() -> None:
+            try:
+                await first.run()
+            except ReplacedError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_first)
+            await first.connected.wait()
+            (row1,) = await gw.gateway.registry.snapshot()
+            nursery.start_soon(second.run)
+            await wait_for(lambda: bool(errors))
+            await trio.sleep(0.2)  # the old session's cleanup must not remove the new one
+            (row2,) = await gw.gateway.registry.snapshot()
+            assert row2.epoch > row1.epoch
+            assert second.tunnel is not None and second.tunnel.end is None
+            assert "replaced" in str(errors[0])
+            nursery.cancel_scope.cancel()
+
+
+async def test_replaced_close_code_and_goaway_seen_by_raw_client() -> None:
+    async with (
+        running_gateway() as gw,
+        raw_agent(gw, "raw") as (ws1, s1),
+        raw_agent(gw, "raw"),
+    ):
+        events = []
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+            while True:
+                events += s1.receive_data(await ws1.get_message())
+        assert info.value.reason.code == 4409
+        assert info.value.reason.reason == "replaced"
+        assert SessionEnded(0, "replaced") in events
+
+
+async def test_handshake_timeout_never_listed() -> None:
+    async with (
+        running_gateway(handshake_timeout=0.3) as gw,
+        gw.gateway.registry.subscribe() as sub,
+        raw_agent(gw, "mute", handshake=False) as (ws, _),
+    ):
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+            while True:  # the gateway's SETTINGS, then GOAWAY, then the close
+                await ws.get_message()
+        assert info.value.reason.code == 4408
+        assert len(gw.gateway.registry) == 0  # type: ignore[arg-type]
+        with trio.move_on_after(0.05):
+            async for event in sub:
+                pytest.fail(f"unexpected registry event {event}")
+
+
+async def test_oversized_message_closes_1009_and_is_dropped_by_heartbeat() -> None:
+    """hypercorn closes with 1009 and then stops reading that connection without
+    telling the app: the heartbeat is what takes the agent off the list."""
+    hb = Heartbeat(0.2, 0.3)
+    async with running_gateway(heartbeat=hb) as gw, trio.open_nursery() as nursery:
+        other = agent_for(gw.url, "bystander", heartbeat=hb)
+        nursery.start_soon(other.run)
+        await other.connected.wait()
+        async with raw_agent(gw, "big") as (ws, _):
+            assert gw.gateway.registry.lookup("big") is not None
+            await ws.send_message(b"\x00" * (2 << 20))
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+                while True:
+                    await ws.get_message()
+            assert info.value.reason.code == 1009
+            start = trio.current_time()
+            await wait_for(lambda: gw.gateway.registry.lookup("big") is None)
+            assert trio.current_time() - start < hb.interval + hb.timeout + 0.5
+        assert other.tunnel is not None and other.tunnel.end is None  # others unharmed
+        nursery.cancel_scope.cancel()
+
+
+async def test_silent_agent_dropped_after_heartbeat_timeout() -> None:
+    async with (
+        running_gateway(heartbeat=Heartbeat(0.2, 0.3)) as gw,
+        gw.gateway.registry.subscribe() as sub,
+        raw_agent(gw, "frozen"),  # never reads, so never answers a PING
+    ):
+        start = trio.current_time()
+        kinds = []
+        with trio.fail_after(5):
+            async for event in sub:
+                kinds.append(event.kind)
+                if event.kind is RegistryEventKind.OFFLINE:
+                    break
+        elapsed = trio.current_time() - start
+        assert kinds == [RegistryEventKind.ONLINE, RegistryEventKind.OFFLINE]
+        assert 0.4 <= elapsed < 1.5
+
+
+async def test_gateway_shutdown_says_goodbye() -> None:
+    async with running_gateway() as gw:
+        async with raw_agent(gw, "leaving") as (ws, session):
+            gw.gateway.close_all_agents()
+            events = []
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+                while True:
+                    events += session.receive_data(await ws.get_message())
+            assert info.value.reason.code == 1001
+            assert SessionEnded(0, "shutdown") in events
+            # New agents are refused while shutting down.
+            r = await upgrade(gw.url, "name=late", AUTH)
+            assert r.status_code == 503
