@@ -100,9 +100,7 @@ async def test_replacement_goaway_reaches_agent(autojump_clock: trio.testing.Moc
 
 async def test_handshake_timeout_closes_with_4408(autojump_clock: trio.testing.MockClock) -> None:
     t_gw, _t_silent = transport_pair()
-    gw = Tunnel(
-        TunnelSession(Role.GATEWAY), t_gw, heartbeat=Heartbeat(), handshake_timeout=10.0
-    )
+    gw = Tunnel(TunnelSession(Role.GATEWAY), t_gw, heartbeat=Heartbeat(), handshake_timeout=10.0)
     with pytest.raises(HandshakeTimeout):
         await gw.handshake()
     assert trio.current_time() == 10.0

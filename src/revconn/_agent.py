@@ -184,7 +184,11 @@ class Agent:
             self._attempt_scope.cancel()
 
     def _on_retry(self, delay: float, error: BaseException | None) -> None:
-        log.info("retry in %.1f s", delay)
+        stats = self._supervisor.statistics()
+        if error is not None and stats.connected_since is None and self.tunnel is None:
+            log.info("retry in %.2f s (attempt %d failed: %s)", delay, stats.attempts, error)
+        else:
+            log.info("retry in %.2f s", delay)
 
     async def _connect_once(self, connected: Callable[[], None]) -> None:
         cfg = self.config

@@ -7,6 +7,7 @@ under trio with signal handling, map expected failures to exit codes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -68,14 +69,30 @@ async def _until_signal(stop: Callable[[], None], grace: float, cancel: trio.Can
 def _run(main: Callable[[], Awaitable[None]]) -> None:
     try:
         trio.run(main)
-    except AuthError as exc:
-        _fail(str(exc), EXIT_AUTH)
-    except ReplacedError as exc:
-        _fail(f"{exc}; not reconnecting (two agents must not share a name)", EXIT_REPLACED)
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_CONFIG)
-    except RevconnError as exc:
-        _fail(str(exc), EXIT_ERROR)
+    except (RevconnError, BaseExceptionGroup) as exc:
+        error = _revconn_error(exc)
+        if error is None:
+            raise
+        if isinstance(error, AuthError):
+            _fail(str(error), EXIT_AUTH)
+        elif isinstance(error, ReplacedError):
+            _fail(f"{error}; not reconnecting (two agents must not share a name)", EXIT_REPLACED)
+        elif isinstance(error, ConfigError):
+            _fail(str(error), EXIT_CONFIG)
+        else:
+            _fail(str(error), EXIT_ERROR)
+
+
+def _revconn_error(exc: BaseException) -> RevconnError | None:
+    """The RevconnError behind ``exc``, seeing through nursery exception groups.
+
+    None if anything else is in there (a bug must show its traceback).
+    """
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, RevconnError) else None
 
 
 # -- gateway ----------------------------------------------------------------------
@@ -93,6 +110,11 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
         return text, False
     if secret is not None:
         return secret, False
+    if "REVCONN_SECRET" in os.environ:  # click reads an empty variable as unset
+        raise ConfigError(
+            "the gateway secret is empty (REVCONN_SECRET is set but empty): set it, "
+            "or unset it to have one generated"
+        )
     return generate_secret(), True
 
 

@@ -1,0 +1,64 @@
+"""The public API: small, re-exported from revconn, nothing private leaking."""
+
+from __future__ import annotations
+
+import revconn
+
+EXPECTED = {
+    "Agent",
+    "AgentConfig",
+    "AgentInfo",
+    "AuthError",
+    "AuthPolicy",
+    "Backoff",
+    "ConfigError",
+    "ConnectError",
+    "ConnectionLost",
+    "FatalError",
+    "Gateway",
+    "GatewayConfig",
+    "HandshakeTimeout",
+    "Heartbeat",
+    "HeartbeatTimeout",
+    "InMemoryRegistry",
+    "LocalProtocolError",
+    "ProtocolError",
+    "Registration",
+    "Registry",
+    "RegistryEvent",
+    "RegistryEventKind",
+    "RemoteProtocolError",
+    "ReplacedError",
+    "RevconnError",
+    "RevconnTimeout",
+    "Scope",
+    "SharedSecretPolicy",
+    "Supervisor",
+    "SupervisorStatistics",
+    "generate_secret",
+}
+
+
+def test_exports() -> None:
+    public = {name for name in dir(revconn) if not name.startswith("_")}
+    assert public == EXPECTED
+
+
+def test_exports_live_in_private_modules() -> None:
+    for name in EXPECTED:
+        module = getattr(revconn, name).__module__
+        assert module.startswith("revconn._"), (name, module)
+
+
+def test_every_error_is_a_revconn_error() -> None:
+    for name in EXPECTED:
+        obj = getattr(revconn, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, revconn.RevconnError), name
+
+
+def test_fatal_errors() -> None:
+    assert issubclass(revconn.AuthError, revconn.FatalError)
+    assert issubclass(revconn.ReplacedError, revconn.FatalError)
+    assert not issubclass(revconn.ConnectError, revconn.FatalError)
+    assert not issubclass(revconn.HeartbeatTimeout, revconn.FatalError)
