@@ -13,8 +13,8 @@ from revconn import (
     AuthError,
     Backoff,
     Heartbeat,
-    ReplacedError,
     RegistryEventKind,
+    ReplacedError,
 )
 from revconn._session import SessionEnded
 
@@ -84,7 +84,7 @@ async def test_wrong_secret_is_401_and_leaves_registry_alone() -> None:
         good = agent_for(gw.url, "svc")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(good.run)
-            await good.connected.wait()
+            await wait_for(lambda: gw.gateway.registry.lookup("svc") is not None)
             bad = agent_for(gw.url, "svc", secret="not-the-secret-at-all")
             with pytest.raises(AuthError) as info:
                 await bad.run()
@@ -156,8 +156,7 @@ async def test_longest_valid_name_accepted() -> None:
         agent = agent_for(gw.url, name)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
-            await agent.connected.wait()
-            assert gw.gateway.registry.lookup(name) is not None
+            await wait_for(lambda: gw.gateway.registry.lookup(name) is not None)
             nursery.cancel_scope.cancel()
 
 
@@ -226,7 +225,7 @@ async def test_oversized_message_closes_1009_and_is_dropped_by_heartbeat() -> No
         nursery.start_soon(other.run)
         await other.connected.wait()
         async with raw_agent(gw, "big") as (ws, _):
-            assert gw.gateway.registry.lookup("big") is not None
+            await wait_for(lambda: gw.gateway.registry.lookup("big") is not None)
             await ws.send_message(b"\x00" * (2 << 20))
             with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
                 while True:
@@ -258,15 +257,14 @@ async def test_silent_agent_dropped_after_heartbeat_timeout() -> None:
 
 
 async def test_gateway_shutdown_says_goodbye() -> None:
-    async with running_gateway() as gw:
-        async with raw_agent(gw, "leaving") as (ws, session):
-            gw.gateway.close_all_agents()
-            events = []
-            with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
-                while True:
-                    events += session.receive_data(await ws.get_message())
-            assert info.value.reason.code == 1001
-            assert SessionEnded(0, "shutdown") in events
-            # New agents are refused while shutting down.
-            r = await upgrade(gw.url, "name=late", AUTH)
-            assert r.status_code == 503
+    async with running_gateway() as gw, raw_agent(gw, "leaving") as (ws, session):
+        gw.gateway.close_all_agents()
+        events = []
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+            while True:
+                events += session.receive_data(await ws.get_message())
+        assert info.value.reason.code == 1001
+        assert SessionEnded(0, "shutdown") in events
+        # New agents are refused while shutting down.
+        r = await upgrade(gw.url, "name=late", AUTH)
+        assert r.status_code == 503

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import h2.connection
 import h2.config
+import h2.connection
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -133,7 +133,7 @@ def test_oversized_frame_rejected_from_its_header(split: int) -> None:
 
 def test_scanner_follows_frames_split_at_every_offset() -> None:
     """A stream of valid frames is accepted however it is cut."""
-    gw, ag = connected_pair()
+    gw, _ag = connected_pair()
     for i in range(5):
         gw.send_ping(i.to_bytes(8, "big"))
     stream = gw.data_to_send()
@@ -190,7 +190,7 @@ def test_arbitrary_bytes_only_raise_remote_protocol_error(data: bytes, role: Rol
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_arbitrary_frames_after_handshake(data: bytes) -> None:
-    gw, ag = connected_pair()
+    _gw, ag = connected_pair()
     try:
         ag.receive_data(data)
     except RemoteProtocolError:

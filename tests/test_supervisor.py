@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -78,7 +79,7 @@ async def _run_until_hang(sup: Supervisor, script: Script) -> None:
 
 
 def _gaps(times: list[float]) -> list[float]:
-    return [round(b - a, 6) for a, b in zip(times, times[1:], strict=False)]
+    return [round(b - a, 6) for a, b in itertools.pairwise(times)]
 
 
 async def test_exponential_schedule_with_max_jitter(autojump_clock: trio.testing.MockClock) -> None:

@@ -9,8 +9,8 @@ import trio.testing
 from revconn import (
     ConnectionLost,
     HandshakeTimeout,
-    HeartbeatTimeout,
     Heartbeat,
+    HeartbeatTimeout,
     RemoteProtocolError,
     ReplacedError,
 )
@@ -77,7 +77,7 @@ async def test_peer_stops_reading_is_dropped_at_timeout(
 
 
 async def test_agent_leaves_silent_gateway(autojump_clock: trio.testing.MockClock) -> None:
-    gw, ag, t_gw, t_ag, _ = make_pair(hb_ag=Heartbeat(5, 3))
+    gw, ag, t_gw, _t_ag, _ = make_pair(hb_ag=Heartbeat(5, 3))
     await handshake_both(gw, ag)
     t_gw.reading = False  # the gateway went silent (half-open connection)
     end = await ag.serve()
@@ -119,7 +119,7 @@ async def test_garbage_during_handshake(autojump_clock: trio.testing.MockClock) 
 async def test_garbage_after_handshake_ends_with_protocol_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    gw, ag, t_gw, t_ag, ends = make_pair()
+    gw, ag, _t_gw, t_ag, ends = make_pair()
     await handshake_both(gw, ag)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gw.serve)
@@ -131,7 +131,7 @@ async def test_garbage_after_handshake_ends_with_protocol_error(
 
 
 async def test_transport_loss_ends_tunnel(autojump_clock: trio.testing.MockClock) -> None:
-    gw, ag, t_gw, t_ag, ends = make_pair()
+    gw, ag, _t_gw, t_ag, _ends = make_pair()
     await handshake_both(gw, ag)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gw.serve)
