@@ -128,7 +128,7 @@ def test_gateway_restart_agent_reconnects(procs: list[Proc]) -> None:
 
 
 def test_replacement_older_agent_exits_with_replaced(procs: list[Proc]) -> None:
-    _, url = start_gateway(procs)
+    gw, url = start_gateway(procs)
     first = start_agent(procs, url, "twin")
     first.wait_for("connected as")
     second = start_agent(procs, url, "twin")
@@ -137,6 +137,7 @@ def test_replacement_older_agent_exits_with_replaced(procs: list[Proc]) -> None:
     assert "replaced" in first.stderr
     time.sleep(0.5)
     assert second.popen.poll() is None  # the newer one stays, no fight
+    assert gw.popen.poll() is None, gw.stderr
     (row,) = endpoints(url)
     assert row["name"] == "twin"
 
