@@ -189,14 +189,10 @@ def measure(kind: str, n: int, client_procs: int) -> dict[str, float]:
                 start([sys.executable, str(HERE), "_clients", url, f"c{i}", str(count), kind])
             )
         # Wait until every client reports all its agents connected.
-        done = [0] * len(clients)
         deadline = time.monotonic() + 600
-        while sum(done) < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {sum(done)}/{n} connected")
-            for i, c in enumerate(clients):
-                line = wait_line(c, "connected", 600)
-                done[i] = int(line.split()[1])
+        for c, count in zip(clients, per, strict=True):
+            while wait_line(c, "connected", deadline - time.monotonic()) != f"connected {count}":
+                pass
         connect_s = time.perf_counter() - t0
         if kind == "revconn":
             deadline = time.monotonic() + 60

@@ -34,7 +34,7 @@ from ._auth import AuthPolicy, Scope, bearer_credential
 from ._errors import ConfigError, ConnectionLost, ProtocolError, RevconnTimeout
 from ._registry import InMemoryRegistry, Registration, Registry
 from ._session import Role, TunnelSession
-from ._tunnel import Heartbeat, Tunnel, TunnelEnd
+from ._tunnel import Heartbeat, HeartbeatScheduler, Tunnel, TunnelEnd
 
 __all__ = ["Gateway", "GatewayConfig", "parse_bind", "valid_agent_name"]
 
@@ -151,6 +151,7 @@ class Gateway:
         self.registry: Registry = registry if registry is not None else InMemoryRegistry()
         self._tunnels: set[Tunnel] = set()
         self._service_nursery: trio.Nursery | None = None
+        self._heartbeats: HeartbeatScheduler | None = None
         self._shutting_down = False
         self._drained = trio.Event()
         self.admin_app = self._make_admin_app()
@@ -168,6 +169,9 @@ class Gateway:
     async def _lifespan(self, receive: ASGIReceive, send: ASGISend) -> None:
         """Owns the service nursery for the app's lifetime."""
         async with trio.open_nursery() as nursery:
+            scheduler = HeartbeatScheduler(self.config.heartbeat)
+            await nursery.start(scheduler.run)
+            self._heartbeats = scheduler
             self._service_nursery = nursery
             while True:
                 message = await receive()
@@ -178,6 +182,7 @@ class Gateway:
                     await send({"type": "lifespan.shutdown.complete"})
                     break
             self._service_nursery = None
+            self._heartbeats = None
 
     # -- admin (Quart) ----------------------------------------------------------
     def _make_admin_app(self) -> QuartTrio:
@@ -263,7 +268,7 @@ class Gateway:
             log.info("agent %r online from %s (epoch %d)", name, remote, registration.epoch)
             if self._shutting_down:
                 tunnel.request_close(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
-            end = await tunnel.serve()
+            end = await tunnel.serve(self._heartbeats)
             log.info(
                 "agent %r offline (epoch %d): %s",
                 name,

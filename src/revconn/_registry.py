@@ -166,7 +166,9 @@ class _Entry:
     epoch: int
     remote: str
     connected_at: datetime.datetime
-    replaced_at: collections.deque[float]
+    replaced_at: collections.deque[float] | None
+    """Recent replacement times; None until the name is first replaced (saves
+    an idle deque per agent)."""
 
 
 class InMemoryRegistry:
@@ -195,10 +197,10 @@ class InMemoryRegistry:
     def register_nowait(self, name: str, session: AgentSession, *, remote: str) -> Registration:
         epoch = next(self._epochs)
         old = self._entries.get(name)
-        history: collections.deque[float] = collections.deque(maxlen=FLAP_THRESHOLD * 4)
+        history: collections.deque[float] | None = None
         if old is not None:
             now = self._clock()
-            history = old.replaced_at
+            history = old.replaced_at or collections.deque(maxlen=FLAP_THRESHOLD * 4)
             history.append(now)
             while history and now - history[0] > FLAP_WINDOW:
                 history.popleft()
@@ -236,7 +238,7 @@ class InMemoryRegistry:
         rows = []
         for name in sorted(self._entries):
             e = self._entries[name]
-            recent = sum(1 for t in e.replaced_at if now - t <= FLAP_WINDOW)
+            recent = sum(1 for t in e.replaced_at or () if now - t <= FLAP_WINDOW)
             rtt = e.session.rtt
             rows.append(
                 AgentInfo(

@@ -17,7 +17,7 @@ What this layer adds over plain h2:
 from __future__ import annotations
 
 import enum
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import h2.config
@@ -74,6 +74,38 @@ class SessionEnded:
 Event = HandshakeComplete | PingAcknowledged | SessionEnded
 
 
+class _SlimDeque(list):  # type: ignore[type-arg]
+    """The deque operations h2 and hpack use, on a list.
+
+    An idle ``collections.deque`` allocates a 64-slot block (~760 bytes); h2 keeps
+    about a dozen of them per connection (one per setting, plus the two HPACK
+    tables), which made h2 the largest cost of an idle agent. Their contents stay
+    tiny (a setting holds one value plus pending ones; the HPACK table is bounded
+    by SETTINGS_HEADER_TABLE_SIZE), so list operations are as fast.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> object:
+        return self.pop(0)
+
+    def appendleft(self, item: object) -> None:
+        self.insert(0, item)
+
+
+def _compact_h2(conn: h2.connection.H2Connection) -> None:
+    """Swap h2's per-connection deques for _SlimDeque (same contents, same order)."""
+    for settings in (conn.local_settings, conn.remote_settings):
+        table: dict[Any, Any] = settings._settings
+        for key, values in table.items():
+            if type(values) is not _SlimDeque:
+                table[key] = _SlimDeque(values)
+    for hpack_table in (conn.encoder.header_table, conn.decoder.header_table):
+        entries: Any = hpack_table.dynamic_entries
+        if type(entries) is not _SlimDeque:
+            hpack_table.dynamic_entries = _SlimDeque(entries)  # type: ignore[assignment]
+
+
 class _FrameScanner:
     """Follows frame boundaries in the byte stream and checks each frame's length.
 
@@ -126,6 +158,17 @@ class TunnelSession:
     ``receive_data`` and send whatever ``data_to_send`` returns after each call.
     """
 
+    __slots__ = (
+        "_conn",
+        "_handshake_reported",
+        "_local_settings_acked",
+        "_remote_settings_seen",
+        "_scanner",
+        "closed",
+        "initiated",
+        "role",
+    )
+
     def __init__(self, role: Role, *, max_concurrent_streams: int = 100) -> None:
         self.role = role
         client = role is Role.GATEWAY
@@ -144,6 +187,7 @@ class TunnelSession:
                 ),
             },
         )
+        _compact_h2(self._conn)
         self._scanner = _FrameScanner(DEFAULT_MAX_FRAME_SIZE, 0 if client else len(CLIENT_PREFACE))
         self._remote_settings_seen = False
         self._local_settings_acked = False
@@ -224,6 +268,7 @@ class TunnelSession:
                 self._conn.reset_stream(ev.stream_id, error_code=_codes.H2_REFUSED_STREAM)
             if not self._handshake_reported and self.handshake_complete:
                 self._handshake_reported = True
+                _compact_h2(self._conn)  # the peer's SETTINGS added new entries
                 out.append(HandshakeComplete())
         return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -27,9 +28,9 @@ from ._errors import (
     ReplacedError,
     RevconnError,
 )
-from ._session import HandshakeComplete, PingAcknowledged, SessionEnded, TunnelSession
+from ._session import PingAcknowledged, SessionEnded, TunnelSession
 
-__all__ = ["Heartbeat", "MessageTransport", "Tunnel", "TunnelEnd"]
+__all__ = ["Heartbeat", "HeartbeatScheduler", "MessageTransport", "Tunnel", "TunnelEnd"]
 
 log = logging.getLogger("revconn.tunnel")
 
@@ -78,13 +79,102 @@ class TunnelEnd:
     by_peer: bool
 
 
+class HeartbeatScheduler:
+    """PINGs many tunnels on one schedule from a single task.
+
+    All tunnels share ``heartbeat.interval`` and ``heartbeat.timeout``, so both
+    the ping times and the ACK deadlines come due in insertion order: two
+    ordered dicts are the whole timer queue (O(1) per event, no task and no
+    cancel scope per tunnel). Sending a PING spawns a short flush task in the
+    scheduler's nursery, so a socket that cannot be written never delays the
+    timeout check of any tunnel; a tunnel whose ACK is late is ended at its
+    deadline by ``Tunnel.heartbeat_expired`` (no I/O needed for that).
+    """
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self.heartbeat = heartbeat
+        self._due: OrderedDict[Tunnel, float] = OrderedDict()
+        # tunnel -> (ACK deadline, PING payload, sent at)
+        self._waiting: OrderedDict[Tunnel, tuple[float, bytes, float]] = OrderedDict()
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._due) + len(self._waiting)
+
+    def add(self, tunnel: Tunnel) -> None:
+        self._due[tunnel] = trio.current_time() + self.heartbeat.interval
+        self._changed.set()
+
+    def remove(self, tunnel: Tunnel) -> None:
+        self._due.pop(tunnel, None)
+        self._waiting.pop(tunnel, None)
+
+    def acknowledged(self, tunnel: Tunnel, payload: bytes) -> None:
+        entry = self._waiting.get(tunnel)
+        if entry is None or entry[1] != payload:
+            return  # not ours, or already expired
+        del self._waiting[tunnel]
+        sent_at = entry[2]
+        tunnel.rtt = trio.current_time() - sent_at
+        self._due[tunnel] = sent_at + self.heartbeat.interval
+        self._changed.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                while self._waiting:
+                    tunnel, (deadline, _, _) = next(iter(self._waiting.items()))
+                    if deadline > now:
+                        break
+                    del self._waiting[tunnel]
+                    tunnel.heartbeat_expired()
+                while self._due:
+                    tunnel, when = next(iter(self._due.items()))
+                    if when > now:
+                        break
+                    del self._due[tunnel]
+                    self._seq += 1
+                    payload = self._seq.to_bytes(8, "big")
+                    if tunnel.queue_ping(payload):
+                        self._waiting[tunnel] = (now + self.heartbeat.timeout, payload, now)
+                        nursery.start_soon(tunnel.flush)
+                wake = next(iter(self._due.values())) if self._due else math.inf
+                if self._waiting:
+                    wake = min(wake, next(iter(self._waiting.values()))[0])
+                self._changed = trio.Event()
+                with trio.move_on_at(wake):
+                    await self._changed.wait()
+
+
 class Tunnel:
     """Runs one tunnel session until it ends.
 
     ``on_end`` is called synchronously, exactly once, the moment the end is
     decided: before any closing I/O, so a registry can drop the agent even if
     the socket cannot be written any more.
+
+    One lock guards sending: whoever sends takes the lock, drains
+    ``session.data_to_send()`` and writes it, so bytes leave in h2's order.
     """
+
+    __slots__ = (
+        "__weakref__",
+        "_cancel_scope",
+        "_on_end",
+        "_scheduler",
+        "_send_lock",
+        "end",
+        "handshake_timeout",
+        "heartbeat",
+        "rtt",
+        "session",
+        "transport",
+    )
 
     def __init__(
         self,
@@ -102,17 +192,36 @@ class Tunnel:
         self._on_end = on_end
         self.rtt: float | None = None
         self.end: TunnelEnd | None = None
-        self._wakeup_writer = trio.Event()
-        self._ping_payload: bytes | None = None
-        self._ping_acked = trio.Event()
-        self._ping_seq = 0
+        self._send_lock = trio.Lock()
         self._cancel_scope: trio.CancelScope | None = None
-        self._pending_close: TunnelEnd | None = None
+        self._scheduler: HeartbeatScheduler | None = None
 
     # -- control from outside (sync, never blocks) ---------------------------
     def request_close(self, close_code: int, reason: str) -> None:
         """End the session: GOAWAY with ``reason``, then WebSocket close ``close_code``."""
         self._finish(TunnelEnd(close_code, reason, None, by_peer=False))
+
+    def heartbeat_expired(self) -> None:
+        """Called by the heartbeat scheduler when a PING went unanswered."""
+        err = HeartbeatTimeout(f"no PING acknowledgement within {self.heartbeat.timeout:g} s")
+        self._finish(TunnelEnd(_codes.WS_TIMEOUT, _codes.REASON_HEARTBEAT, err, by_peer=False))
+
+    def queue_ping(self, payload: bytes) -> bool:
+        """Queue a PING (the caller flushes); False if the session is over."""
+        if self.end is not None or self.session.closed:
+            return False
+        self.session.send_ping(payload)
+        return True
+
+    async def flush(self) -> None:
+        """Send everything the session has queued, in order."""
+        async with self._send_lock:
+            data = self.session.data_to_send()
+            try:
+                for start in range(0, len(data), MAX_MESSAGE):
+                    await self.transport.send_message(data[start : start + MAX_MESSAGE])
+            except ConnectionLost as exc:
+                self._finish(TunnelEnd(_codes.WS_NORMAL, str(exc), exc, by_peer=True))
 
     # -- running --------------------------------------------------------------
     async def handshake(self) -> None:
@@ -124,13 +233,13 @@ class Tunnel:
         self.session.initiate()
         try:
             with trio.move_on_after(self.handshake_timeout) as scope:
-                await self.transport.send_message(self.session.data_to_send())
+                await self.flush()
                 while not self.session.handshake_complete:
                     data = await self.transport.receive_message()
                     try:
                         events = self.session.receive_data(data)
                     finally:
-                        await self._flush_direct()
+                        await self.flush()
                     for event in events:
                         if isinstance(event, SessionEnded):
                             raise _ended_error(event) or ConnectionLost(
@@ -148,17 +257,28 @@ class Tunnel:
             await self._close_transport(self.end)
             raise timeout
 
-    async def serve(self) -> TunnelEnd:
+    async def serve(self, scheduler: HeartbeatScheduler | None = None) -> TunnelEnd:
         """Run the session after the handshake until it ends; then close the socket.
 
-        Returns how it ended (a clean end, or an error the caller may raise).
+        ``scheduler`` sends this tunnel's heartbeats (a gateway shares one among
+        all its tunnels); without one, the tunnel runs its own. Returns how the
+        session ended (a clean end, or an error the caller may raise).
         """
-        if self.end is None:
+        if scheduler is None:
             async with trio.open_nursery() as nursery:
-                self._cancel_scope = nursery.cancel_scope
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._heartbeat)
+                own = HeartbeatScheduler(self.heartbeat)
+                await nursery.start(own.run)
+                end = await self.serve(own)
+                nursery.cancel_scope.cancel()
+            return end
+        if self.end is None:
+            with trio.CancelScope() as self._cancel_scope:
+                self._scheduler = scheduler
+                scheduler.add(self)
+                try:
+                    await self._read_loop()
+                finally:
+                    scheduler.remove(self)
         assert self.end is not None
         await self._close_transport(self.end)
         return self.end
@@ -173,7 +293,7 @@ class Tunnel:
                     else _codes.H2_NO_ERROR
                 )
                 self.session.close(h2_error, end.reason)
-                await self._flush_direct()
+                await self.flush()
             await self.transport.close(end.close_code, end.reason)
 
     def _finish(self, end: TunnelEnd) -> None:
@@ -185,30 +305,7 @@ class Tunnel:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
-    async def _flush_direct(self) -> None:
-        data = self.session.data_to_send()
-        try:
-            for start in range(0, len(data), MAX_MESSAGE):
-                await self.transport.send_message(data[start : start + MAX_MESSAGE])
-        except ConnectionLost:
-            pass
-
-    def _kick_writer(self) -> None:
-        self._wakeup_writer.set()
-
-    async def _writer(self) -> None:
-        while True:
-            await self._wakeup_writer.wait()
-            self._wakeup_writer = trio.Event()
-            data = self.session.data_to_send()
-            try:
-                for start in range(0, len(data), MAX_MESSAGE):
-                    await self.transport.send_message(data[start : start + MAX_MESSAGE])
-            except ConnectionLost as exc:
-                self._finish(TunnelEnd(_codes.WS_NORMAL, str(exc), exc, by_peer=True))
-                return
-
-    async def _reader(self) -> None:
+    async def _read_loop(self) -> None:
         while True:
             try:
                 data = await self.transport.receive_message()
@@ -222,36 +319,15 @@ class Tunnel:
                 return
             for event in events:
                 if isinstance(event, PingAcknowledged):
-                    if event.payload == self._ping_payload:
-                        self._ping_acked.set()
+                    if self._scheduler is not None:
+                        self._scheduler.acknowledged(self, event.payload)
                 elif isinstance(event, SessionEnded):
                     err = _ended_error(event)
                     replaced = isinstance(err, ReplacedError)
                     code = _codes.WS_REPLACED if replaced else _codes.WS_NORMAL
                     self._finish(TunnelEnd(code, event.reason, err, by_peer=True))
                     return
-                elif isinstance(event, HandshakeComplete):  # pragma: no cover - after handshake
-                    pass
-            self._kick_writer()
-
-    async def _heartbeat(self) -> None:
-        hb = self.heartbeat
-        while True:
-            await trio.sleep(hb.interval)
-            self._ping_seq += 1
-            payload = self._ping_seq.to_bytes(8, "big")
-            self._ping_payload = payload
-            self._ping_acked = trio.Event()
-            sent_at = trio.current_time()
-            self.session.send_ping(payload)
-            self._kick_writer()
-            with trio.move_on_after(hb.timeout):
-                await self._ping_acked.wait()
-                self.rtt = trio.current_time() - sent_at
-                continue
-            err = HeartbeatTimeout(f"no PING acknowledgement within {hb.timeout:g} s")
-            self._finish(TunnelEnd(_codes.WS_TIMEOUT, _codes.REASON_HEARTBEAT, err, by_peer=False))
-            return
+            await self.flush()
 
 
 def _ended_error(event: SessionEnded) -> RevconnError | None:
