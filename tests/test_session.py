@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import h2.config
-import h2.connection
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,16 +9,28 @@ from hypothesis import strategies as st
 from revconn import LocalProtocolError, RemoteProtocolError
 from revconn._session import (
     CLIENT_PREFACE,
+    STREAM_WINDOW,
+    DataReceived,
     HandshakeComplete,
     PingAcknowledged,
+    RequestReceived,
+    ResponseReceived,
     Role,
     SessionEnded,
+    StreamReset,
     TunnelSession,
+    WindowOpened,
 )
 
 
+def control(events: list[object]) -> list[object]:
+    """The events a test looks at: flow-control credit is noise here."""
+    return [e for e in events if not isinstance(e, WindowOpened)]
+
+
 def pump(a: TunnelSession, b: TunnelSession) -> tuple[list[object], list[object]]:
-    """Deliver queued bytes both ways until quiet; returns the events each side saw."""
+    """Deliver queued bytes both ways until quiet; returns the events each side saw
+    (WindowOpened left out)."""
     ev_a: list[object] = []
     ev_b: list[object] = []
     for _ in range(10):
@@ -31,7 +41,7 @@ def pump(a: TunnelSession, b: TunnelSession) -> tuple[list[object], list[object]
             ev_b += b.receive_data(out_a)
         if out_b:
             ev_a += a.receive_data(out_b)
-    return ev_a, ev_b
+    return control(ev_a), control(ev_b)
 
 
 def connected_pair() -> tuple[TunnelSession, TunnelSession]:
@@ -55,10 +65,10 @@ def test_handshake_needs_ack_of_our_settings() -> None:
     gw.initiate()
     ag.initiate()
     # The agent sees the gateway's preface + SETTINGS: not complete until its own are acked.
-    assert ag.receive_data(gw.data_to_send()) == []
+    assert control(ag.receive_data(gw.data_to_send())) == []
     assert not ag.handshake_complete
-    assert gw.receive_data(ag.data_to_send()) == [HandshakeComplete()]
-    assert ag.receive_data(gw.data_to_send()) == [HandshakeComplete()]
+    assert control(gw.receive_data(ag.data_to_send())) == [HandshakeComplete()]
+    assert control(ag.receive_data(gw.data_to_send())) == [HandshakeComplete()]
 
 
 def test_handshake_byte_by_byte() -> None:
@@ -72,7 +82,7 @@ def test_handshake_byte_by_byte() -> None:
         events += gw.receive_data(bytes([byte]))
     for byte in gw.data_to_send():
         events += ag.receive_data(bytes([byte]))
-    assert events == [HandshakeComplete(), HandshakeComplete()]
+    assert control(events) == [HandshakeComplete(), HandshakeComplete()]
 
 
 @pytest.mark.parametrize("role", [Role.GATEWAY, Role.AGENT])
@@ -145,7 +155,7 @@ def test_scanner_follows_frames_split_at_every_offset() -> None:
         assert data == stream
         a2.receive_data(data[:cut])
         a2.receive_data(data[cut:])
-        got = g2.receive_data(a2.data_to_send())
+        got = control(g2.receive_data(a2.data_to_send()))
         assert got == [PingAcknowledged(i.to_bytes(8, "big")) for i in range(5)]
 
 
@@ -156,23 +166,67 @@ def test_bad_preface_is_a_remote_error() -> None:
         ag.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
-def test_agent_refuses_streams_without_killing_session() -> None:
-    """Phase 1 agents answer a request stream with RST_STREAM(REFUSED_STREAM)."""
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    ag = TunnelSession(Role.AGENT)
-    ag.initiate()
-    ag.receive_data(client.data_to_send())
-    client.receive_data(ag.data_to_send())
-    ag.receive_data(client.data_to_send())
-    client.receive_data(ag.data_to_send())
-    client.send_headers(
-        1, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")], True
+def test_request_stream_round_trip_with_flow_control() -> None:
+    gw, ag = connected_pair()
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"x"),
+        (b":path", b"/p?q=%20"),
+    ]
+    sid = gw.open_stream(headers, end_stream=False)
+    body = bytes(range(256)) * 2048  # 512 KiB: more than one stream window
+    sent = gw.send_data(sid, body, end_stream=True)
+    assert sent == STREAM_WINDOW  # the agent's per-stream window
+    ev_gw, ev_ag = pump(gw, ag)
+    assert isinstance(ev_ag[0], RequestReceived)
+    assert ev_ag[0].headers[:4] == headers
+    data = [e for e in ev_ag if isinstance(e, DataReceived)]
+    assert b"".join(e.data for e in data) == body[:sent]
+    assert not any(e.end_stream for e in data)
+    # Nothing more fits until the agent consumes (acknowledges) what it got.
+    assert gw.send_window(sid) == 0
+    ag.ack_data(sid, sum(e.flow_length for e in data))
+    gw.receive_data(ag.data_to_send())
+    assert gw.send_window(sid) > 0
+    assert gw.send_data(sid, body[sent:], end_stream=True) == len(body) - sent
+    _, ev_ag = pump(gw, ag)
+    rest = [e for e in ev_ag if isinstance(e, DataReceived)]
+    assert b"".join(e.data for e in rest) == body[sent:]
+    assert rest[-1].end_stream
+    ag.send_response(sid, 201, [(b"x-a", b"1"), (b"x-a", b"2")], end_stream=True)
+    ev_gw, _ = pump(gw, ag)
+    assert ev_gw == [ResponseReceived(sid, 201, [(b"x-a", b"1"), (b"x-a", b"2")], True)]
+
+
+def test_reset_reaches_peer_and_session_survives() -> None:
+    gw, ag = connected_pair()
+    sid = gw.open_stream(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")],
+        end_stream=True,
     )
-    assert ag.receive_data(client.data_to_send()) == []
-    events = client.receive_data(ag.data_to_send())
-    assert any(type(e).__name__ == "StreamReset" and e.error_code == 7 for e in events)
-    assert not ag.closed
+    pump(gw, ag)
+    gw.reset_stream(sid, 0x8)
+    _, ev_ag = pump(gw, ag)
+    assert ev_ag == [StreamReset(sid, 0x8)]
+    gw.reset_stream(sid, 0x8)  # idempotent
+    gw.send_ping(b"abcdefgh")
+    ev_gw, _ = pump(gw, ag)
+    assert ev_gw == [PingAcknowledged(b"abcdefgh")]
+
+
+def test_max_concurrent_streams_respected() -> None:
+    gw = TunnelSession(Role.GATEWAY)
+    ag = TunnelSession(Role.AGENT, max_concurrent_streams=2)
+    gw.initiate()
+    ag.initiate()
+    pump(gw, ag)
+    req = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
+    gw.open_stream(req, end_stream=True)
+    gw.open_stream(req, end_stream=True)
+    assert not gw.can_open_stream()
+    with pytest.raises(LocalProtocolError):
+        gw.open_stream(req, end_stream=True)
 
 
 @settings(max_examples=300, deadline=None)

@@ -34,7 +34,8 @@ from ._errors import (
 from ._gateway import MAX_MESSAGE_SIZE, valid_agent_name
 from ._session import Role, TunnelSession
 from ._supervisor import Backoff, Supervisor, SupervisorStatistics
-from ._tunnel import Heartbeat, Tunnel
+from ._tunnel import Heartbeat, Tunnel, TunnelStream
+from ._upstream import ASGIApp, AsgiUpstream, HttpUpstream, Upstream, respond_error
 
 __all__ = ["Agent", "AgentConfig", "tunnel_url"]
 
@@ -84,6 +85,8 @@ class AgentConfig:
     name: str
     secret: str = attrs.field(repr=False)
     upstream: str | None = None
+    upstream_timeout: float = 60.0
+    max_concurrent_streams: int = 100
     backoff: Backoff = Backoff()
     heartbeat: Heartbeat = Heartbeat()
     handshake_timeout: float = 10.0
@@ -100,6 +103,10 @@ class AgentConfig:
         if not (math.isfinite(self.handshake_timeout) and self.handshake_timeout > 0):
             raise ConfigError("handshake timeout must be > 0 seconds")
         tunnel_url(self.gateway, self.name)  # validates
+        if not 1 <= self.max_concurrent_streams <= 10_000:
+            raise ConfigError("max concurrent streams must be 1-10000")
+        if self.upstream is not None:
+            HttpUpstream(self.upstream, agent=self.name, timeout=self.upstream_timeout)
 
     @property
     def url(self) -> str:
@@ -152,10 +159,22 @@ class Agent:
         self,
         config: AgentConfig,
         *,
+        app: ASGIApp | None = None,
         ssl_context: ssl.SSLContext | None = None,
         uniform01: Callable[[], float] = random.random,
     ) -> None:
+        """Serve ``app`` (an ASGI application, in-process) or ``config.upstream``
+        (an HTTP/1.1 URL) through the tunnel; with neither, requests get 502."""
         self.config = config
+        self.upstream: Upstream
+        if app is not None:
+            self.upstream = AsgiUpstream(app, agent=config.name)
+        elif config.upstream is not None:
+            self.upstream = HttpUpstream(
+                config.upstream, agent=config.name, timeout=config.upstream_timeout
+            )
+        else:
+            self.upstream = _NoUpstream(config.name)
         self._ssl_context = ssl_context
         self.tunnel: Tunnel | None = None
         self.connected = trio.Event()
@@ -212,7 +231,7 @@ class Agent:
         async with stream, trio.open_nursery() as nursery:
             ws = await self._open_websocket(nursery, stream)
             tunnel = Tunnel(
-                TunnelSession(Role.AGENT),
+                TunnelSession(Role.AGENT, max_concurrent_streams=cfg.max_concurrent_streams),
                 _WebSocketTransport(ws),
                 heartbeat=cfg.heartbeat,
                 handshake_timeout=cfg.handshake_timeout,
@@ -227,7 +246,7 @@ class Agent:
                 connected()
                 self.connected.set()
                 log.info("connected as %r", cfg.name)
-                end = await tunnel.serve()
+                end = await tunnel.serve(on_request=self.upstream.handle)
             finally:
                 self.tunnel = None
                 self.connected = trio.Event()
@@ -343,6 +362,20 @@ def _most_telling(group: BaseExceptionGroup[BaseException]) -> RevconnError | No
             return None
     fatal = [e for e in mapped if isinstance(e, FatalError)]
     return (fatal or mapped or [None])[0]
+
+
+class _NoUpstream:
+    """Answers every request with 502: the agent was started without an upstream."""
+
+    def __init__(self, agent: str) -> None:
+        self.agent = agent
+
+    async def handle(self, stream: TunnelStream) -> None:
+        detail = "this agent has no upstream (--upstream URL or --app module:attr)"
+        await respond_error(stream, 502, "upstream_unreachable", self.agent, detail)
+
+    async def aclose(self) -> None:
+        return None
 
 
 def _describe(reason: str, code: int, error: BaseException | None) -> str:

@@ -6,6 +6,7 @@ under trio with signal handling, map expected failures to exit codes.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -18,10 +19,12 @@ import trio
 
 from ._agent import Agent, AgentConfig
 from ._auth import SharedSecretPolicy, generate_secret
+from ._demo import demo_app
 from ._errors import AuthError, ConfigError, ReplacedError, RevconnError
 from ._gateway import Gateway, GatewayConfig
 from ._supervisor import Backoff
 from ._tunnel import Heartbeat
+from ._upstream import ASGIApp
 
 __all__ = ["EXIT_AUTH", "EXIT_CONFIG", "EXIT_REPLACED", "agent_main", "gateway_main"]
 
@@ -193,14 +196,40 @@ def gateway_main(
                 click.echo(f"generated secret (shown once): {key}")
             if demo:
                 # The demo agent dials the address actually bound (port 0 resolved).
-                agent = Agent(AgentConfig(gateway=base, name=DEMO_NAME, secret=key))
+                agent = Agent(AgentConfig(gateway=base, name=DEMO_NAME, secret=key), app=demo_app)
                 agents.append(agent)
                 nursery.start_soon(agent.run)
-                click.echo(f"demo agent {DEMO_NAME!r} connecting; list the agents with:")
+                click.echo(f"demo agent {DEMO_NAME!r} connecting; its page, through the tunnel:")
+                click.echo(f"  curl {base}/a/{DEMO_NAME}/")
+                click.echo("list the agents with:")
                 click.echo(f"  curl -H 'Authorization: Bearer {key}' {base}/endpoints")
             sys.stdout.flush()
 
     _run(main)
+
+
+def _load_app(ref: str, upstream: str | None) -> ASGIApp:
+    """Import ``module:attribute`` (the current directory is importable)."""
+    if upstream is not None:
+        raise ConfigError("give either --upstream or --app, not both")
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--app {ref!r}: expected module:attribute, e.g. myservice.app:app")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--app {ref!r}: cannot import {module_name!r}: {exc}") from None
+    app = module
+    for part in attr.split("."):
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise ConfigError(f"--app {ref!r}: {module_name!r} has no attribute {attr!r}") from None
+    if not callable(app):
+        raise ConfigError(f"--app {ref!r} is not an ASGI application (not callable)")
+    return app
 
 
 # -- agent ----------------------------------------------------------------------------
@@ -230,6 +259,26 @@ def agent_main() -> None:
 @click.option(
     "--secret", envvar="REVCONN_SECRET", required=True, help="Gateway secret (env REVCONN_SECRET)."
 )
+@click.option(
+    "--app",
+    "app_ref",
+    envvar="REVCONN_APP",
+    help="Serve an in-process ASGI app instead of --upstream: module:attribute (env REVCONN_APP).",
+)
+@click.option(
+    "--upstream-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the upstream's response (then 504 upstream_timeout).",
+)
+@click.option(
+    "--max-streams",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Concurrent requests this agent accepts (then 503 agent_busy).",
+)
 @click.option("--backoff-min", type=float, default=1.0, show_default=True)
 @click.option("--backoff-max", type=float, default=30.0, show_default=True)
 @click.option("--heartbeat-interval", type=float, default=15.0, show_default=True)
@@ -246,6 +295,9 @@ def agent_serve(
     name: str,
     upstream: str | None,
     secret: str,
+    app_ref: str | None,
+    upstream_timeout: float,
+    max_streams: int,
     backoff_min: float,
     backoff_max: float,
     heartbeat_interval: float,
@@ -261,14 +313,17 @@ def agent_serve(
             name=name,
             secret=secret,
             upstream=upstream,
+            upstream_timeout=upstream_timeout,
+            max_concurrent_streams=max_streams,
             backoff=Backoff(backoff_min, backoff_max),
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
             handshake_timeout=handshake_timeout,
         )
+        app = _load_app(app_ref, upstream) if app_ref is not None else None
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
         return
-    agent = Agent(config)
+    agent = Agent(config, app=app)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -11,6 +11,8 @@
     ├── ReplacedError             a newer agent with the same name took over  [fatal]
     ├── ConnectError              could not reach or talk to the peer         [transient]
     │   └── ConnectionLost        an established session ended unexpectedly  [transient]
+    ├── StreamError               one request stream failed (reset, or its tunnel was lost)
+    │   └── AgentBusy             the agent's concurrent-stream limit is reached
     └── RevconnTimeout            a deadline passed                          [transient]
         ├── HandshakeTimeout      the session handshake did not complete
         └── HeartbeatTimeout      the peer stopped answering PINGs
@@ -25,6 +27,7 @@ from __future__ import annotations
 from . import _codes
 
 __all__ = [
+    "AgentBusy",
     "AuthError",
     "ConfigError",
     "ConnectError",
@@ -38,6 +41,7 @@ __all__ = [
     "ReplacedError",
     "RevconnError",
     "RevconnTimeout",
+    "StreamError",
 ]
 
 
@@ -102,6 +106,22 @@ class ConnectionLost(ConnectError):
     def __init__(self, message: str, *, close_code: int | None = None) -> None:
         super().__init__(message)
         self.close_code = close_code
+
+
+class StreamError(RevconnError):
+    """A request stream ended abnormally.
+
+    ``error_code`` is the HTTP/2 code of the peer's RST_STREAM, or None when
+    the whole tunnel was lost.
+    """
+
+    def __init__(self, message: str, *, error_code: int | None = None) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+class AgentBusy(StreamError):
+    """No stream can be opened now: the agent's SETTINGS_MAX_CONCURRENT_STREAMS is reached."""
 
 
 class RevconnTimeout(RevconnError):

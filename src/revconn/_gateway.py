@@ -31,10 +31,18 @@ from quart_trio import QuartTrio
 
 from . import _codes
 from ._auth import AuthPolicy, Scope, bearer_credential
-from ._errors import ConfigError, ConnectionLost, ProtocolError, RevconnTimeout
+from ._errors import (
+    AgentBusy,
+    ConfigError,
+    ConnectionLost,
+    ProtocolError,
+    RevconnTimeout,
+    StreamError,
+)
+from ._headers import clean_headers, forwarded_request_headers
 from ._registry import InMemoryRegistry, Registration, Registry
 from ._session import Role, TunnelSession
-from ._tunnel import Heartbeat, HeartbeatScheduler, Tunnel, TunnelEnd
+from ._tunnel import Heartbeat, HeartbeatScheduler, Tunnel, TunnelEnd, TunnelStream
 
 __all__ = ["Gateway", "GatewayConfig", "parse_bind", "valid_agent_name"]
 
@@ -159,7 +167,9 @@ class Gateway:
     # -- ASGI entry -------------------------------------------------------------
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
-        if kind == "websocket" and scope["path"] == "/ws/connect":
+        if kind == "http" and scope["path"].startswith("/a/"):
+            await self._forward(scope, receive, send)
+        elif kind == "websocket" and scope["path"] == "/ws/connect":
             await self._agent_connect(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
@@ -283,6 +293,79 @@ class Gateway:
                 with trio.CancelScope(shield=True):
                     await self.registry.unregister(registration)
 
+    # -- forwarding -----------------------------------------------------------------
+    async def _forward(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
+        """``ANY /a/NAME/REST?QUERY`` -> one stream on NAME's tunnel -> its upstream."""
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        name_bytes, slash, rest = raw_path[3:].partition(b"/")
+        name = name_bytes.decode("latin-1")
+        query: bytes = scope.get("query_string", b"")
+        if not valid_agent_name(name):
+            await _send_json(send, 404, {"error": "not_found", "agent": name})
+            return
+        if not slash:
+            location = f"/a/{name}/" + (f"?{query.decode('latin-1')}" if query else "")
+            await _send_json(
+                send, 308, {"error": "redirect", "agent": name}, [(b"location", location.encode())]
+            )
+            return
+        tunnel = self.registry.lookup(name)
+        if not isinstance(tunnel, Tunnel) or not tunnel.accepting:
+            await _send_json(
+                send,
+                503,
+                {"error": "agent_offline", "agent": name, "detail": "agent is not connected"},
+                [(b"retry-after", b"5")],
+            )
+            return
+        in_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        host = next((v for n, v in in_headers if n == b"host"), b"")
+        client = scope.get("client")
+        target = b"/" + rest + (b"?" + query if query else b"")
+        headers = [
+            (b":method", scope["method"].encode("ascii")),
+            (b":scheme", b"http"),
+            (b":authority", host or b"localhost"),
+            (b":path", target),
+            *forwarded_request_headers(
+                in_headers,
+                client=client[0] if client else None,
+                proto=scope.get("scheme", "http"),
+                host=host or None,
+                prefix=f"/a/{name}",
+            ),
+        ]
+        message = await receive()
+        if message["type"] != "http.request":
+            return  # the client is already gone
+        body: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        try:
+            stream = tunnel.open_request(headers, end_stream=not (body or more))
+        except AgentBusy:
+            await _send_json(
+                send,
+                503,
+                {"error": "agent_busy", "agent": name, "detail": "too many concurrent requests"},
+                [(b"retry-after", b"1")],
+            )
+            return
+        except StreamError:
+            await _send_json(
+                send, 503, {"error": "agent_offline", "agent": name}, [(b"retry-after", b"5")]
+            )
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_pump_request, stream, receive, body, more, nursery.cancel_scope)
+                await _relay_response(stream, send, name)
+                nursery.cancel_scope.cancel()
+        finally:
+            if stream.local_ended and stream.remote_ended:
+                stream.close()
+            else:
+                stream.reset(_codes.H2_CANCEL)
+
     def close_all_agents(self) -> None:
         """Begin shutdown: every tunnel gets GOAWAY "shutdown" and close 1001."""
         self._shutting_down = True
@@ -355,6 +438,98 @@ class Gateway:
             shutdown_trigger=shutdown,
             task_status=task_status,
         )
+
+
+async def _pump_request(
+    stream: TunnelStream,
+    receive: ASGIReceive,
+    body: bytes,
+    more: bool,
+    done: trio.CancelScope,
+) -> None:
+    """Upload the request body, then watch for the client going away.
+
+    When the client disconnects, the stream is reset (the agent cancels its
+    upstream call) and the whole forward is cancelled.
+    """
+    client_gone = False
+    try:
+        client_gone = await _upload(stream, receive, body, more)
+    except StreamError:
+        pass  # the agent stopped reading the body; the response side reports why
+    if not client_gone:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    stream.reset(_codes.H2_CANCEL)
+    done.cancel()
+
+
+async def _upload(stream: TunnelStream, receive: ASGIReceive, body: bytes, more: bool) -> bool:
+    """Send the request body; True if the client disconnected before it ended."""
+    if not (body or more):
+        return False
+    await stream.send_body(body, end_stream=not more)
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return True
+        more = message.get("more_body", False)
+        await stream.send_body(message.get("body", b""), end_stream=not more)
+    return False
+
+
+async def _relay_response(stream: TunnelStream, send: ASGISend, name: str) -> None:
+    """Stream the agent's response to the client; abort the client connection if
+    the agent is lost after the response started."""
+    try:
+        response = await stream.receive_response()
+    except StreamError as exc:
+        if exc.error_code == _codes.H2_REFUSED_STREAM:
+            payload = {"error": "agent_busy", "agent": name, "detail": str(exc)}
+            await _send_json(send, 503, payload, [(b"retry-after", b"1")])
+        elif exc.error_code is None:
+            payload = {"error": "agent_disconnected", "agent": name, "detail": str(exc)}
+            await _send_json(send, 502, payload)
+        else:
+            payload = {"error": "agent_reset", "agent": name, "detail": str(exc)}
+            await _send_json(send, 502, payload)
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": clean_headers(response.headers),
+        }
+    )
+    if response.end_stream:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    try:
+        while True:
+            chunk = await stream.read()
+            if chunk is None:
+                break
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except StreamError as exc:
+        log.info("agent %r: response aborted mid-body: %s", name, exc)
+        return  # no final body message: hypercorn closes the connection, visibly truncated
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_json(
+    send: ASGISend,
+    status: int,
+    payload: object,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body = _json_body(payload)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _format_client(client: Any) -> str:

@@ -30,12 +30,17 @@ from . import _codes
 from ._errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "DataReceived",
     "Event",
     "HandshakeComplete",
     "PingAcknowledged",
+    "RequestReceived",
+    "ResponseReceived",
     "Role",
     "SessionEnded",
+    "StreamReset",
     "TunnelSession",
+    "WindowOpened",
 ]
 
 CLIENT_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -71,7 +76,66 @@ class SessionEnded:
     reason: str
 
 
-Event = HandshakeComplete | PingAcknowledged | SessionEnded
+@attrs.frozen(slots=True)
+class RequestReceived:
+    """(agent) The gateway opened a stream: one forwarded request."""
+
+    stream_id: int
+    headers: list[tuple[bytes, bytes]]
+    end_stream: bool
+
+
+@attrs.frozen(slots=True)
+class ResponseReceived:
+    """(gateway) The agent answered a stream with a final status."""
+
+    stream_id: int
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    end_stream: bool
+
+
+@attrs.frozen(slots=True)
+class DataReceived:
+    """Body bytes on a stream. Call ``ack_data(stream_id, flow_length)`` once consumed."""
+
+    stream_id: int
+    data: bytes
+    flow_length: int
+    end_stream: bool
+
+
+@attrs.frozen(slots=True)
+class StreamReset:
+    """The peer reset a stream (RST_STREAM) with an HTTP/2 error code."""
+
+    stream_id: int
+    error_code: int
+
+
+@attrs.frozen(slots=True)
+class WindowOpened:
+    """Flow-control credit arrived; ``stream_id`` 0 means the whole connection."""
+
+    stream_id: int
+
+
+Event = (
+    HandshakeComplete
+    | PingAcknowledged
+    | SessionEnded
+    | RequestReceived
+    | ResponseReceived
+    | DataReceived
+    | StreamReset
+    | WindowOpened
+)
+
+STREAM_WINDOW = 256 * 1024
+"""Per-stream receive window: the most body bytes buffered for one stream."""
+CONNECTION_WINDOW = 16 * 1024 * 1024
+"""Connection receive window: the most body bytes buffered for one agent."""
+MAX_STREAM_ID = 2**31 - 1
 
 
 class _SlimDeque(list):  # type: ignore[type-arg]
@@ -172,7 +236,14 @@ class TunnelSession:
     def __init__(self, role: Role, *, max_concurrent_streams: int = 100) -> None:
         self.role = role
         client = role is Role.GATEWAY
-        config = h2.config.H2Configuration(client_side=client, header_encoding=None)
+        # Outbound headers are built or cleaned by revconn (_headers.py), so h2's
+        # per-header validation and normalisation would only repeat that work.
+        config = h2.config.H2Configuration(
+            client_side=client,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self._conn = h2.connection.H2Connection(config=config)
         # The gateway never accepts streams from the agent.
         self._conn.local_settings = h2.settings.Settings(
@@ -182,6 +253,7 @@ class TunnelSession:
                     0 if client else max_concurrent_streams
                 ),
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: (
                     self._conn.DEFAULT_MAX_HEADER_LIST_SIZE
                 ),
@@ -207,6 +279,7 @@ class TunnelSession:
             raise LocalProtocolError("session already initiated")
         self.initiated = True
         self._conn.initiate_connection()
+        self._conn.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
 
     def send_ping(self, payload: bytes) -> None:
         """Queue a PING carrying exactly 8 bytes of ``payload``."""
@@ -223,6 +296,93 @@ class TunnelSession:
         self.closed = True
         data = reason.encode("ascii", "replace")[:MAX_GOAWAY_REASON]
         self._conn.close_connection(error_code=error_code, additional_data=data)
+
+    # -- streams (outbound) --------------------------------------------------
+    @property
+    def open_streams(self) -> int:
+        return int(self._conn.open_outbound_streams + self._conn.open_inbound_streams)
+
+    def can_open_stream(self) -> bool:
+        """(gateway) False when the agent's SETTINGS_MAX_CONCURRENT_STREAMS is reached
+        or stream ids are nearly used up (the session must then be redialled)."""
+        conn = self._conn
+        if self.closed or conn.highest_outbound_stream_id >= MAX_STREAM_ID - 2:
+            return False
+        return bool(conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams)
+
+    @property
+    def stream_ids_exhausted(self) -> bool:
+        return bool(self._conn.highest_outbound_stream_id >= MAX_STREAM_ID - 2)
+
+    def open_stream(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> int:
+        """(gateway) Start a request stream; ``headers`` include the pseudo-headers."""
+        self._require_open()
+        if not self.can_open_stream():
+            raise LocalProtocolError("no stream available (agent busy or ids exhausted)")
+        stream_id: int = self._conn.get_next_available_stream_id()
+        self._conn.send_headers(stream_id, headers, end_stream=end_stream)
+        return stream_id
+
+    def send_response(
+        self, stream_id: int, status: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
+    ) -> None:
+        """(agent) Answer a stream; ``headers`` must already be clean (_headers.clean_headers)."""
+        self._require_open()
+        self._conn.send_headers(
+            stream_id, [(b":status", str(status).encode()), *headers], end_stream=end_stream
+        )
+
+    def send_window(self, stream_id: int) -> int:
+        """How many body bytes may be sent on ``stream_id`` now."""
+        try:
+            return min(
+                int(self._conn.local_flow_control_window(stream_id)),
+                self._conn.max_outbound_frame_size * 16,
+            )
+        except h2.exceptions.StreamClosedError:
+            return 0
+
+    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> int:
+        """Queue as much of ``data`` as the flow-control window allows; returns how
+        many bytes were queued. ``end_stream`` applies only if all of it fit."""
+        self._require_open()
+        n = min(len(data), self.send_window(stream_id))
+        if n < len(data):
+            end_stream = False
+        if n == 0 and not end_stream:
+            return 0
+        frame_size = self._conn.max_outbound_frame_size
+        pos = 0
+        while True:
+            chunk = data[pos : min(pos + frame_size, n)]
+            pos += len(chunk)
+            last = pos >= n
+            self._conn.send_data(stream_id, chunk, end_stream=end_stream and last)
+            if last:
+                return n
+
+    def end_stream(self, stream_id: int) -> None:
+        self._require_open()
+        self._conn.end_stream(stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: int = _codes.H2_CANCEL) -> None:
+        """Reset a stream; a no-op if it is already closed."""
+        if self.closed:
+            return
+        try:
+            self._conn.reset_stream(stream_id, error_code=error_code)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    def ack_data(self, stream_id: int, flow_length: int) -> None:
+        """Give back flow-control credit for consumed body bytes (stream and connection)."""
+        if self.closed or flow_length <= 0:
+            return
+        try:
+            self._conn.acknowledge_received_data(flow_length, stream_id)
+        except h2.exceptions.StreamClosedError:
+            # The stream is gone; the connection window still needs the credit.
+            self._conn.increment_flow_control_window(flow_length)
 
     def data_to_send(self) -> bytes:
         data: bytes = self._conn.data_to_send()
@@ -263,9 +423,32 @@ class TunnelSession:
                 self.closed = True
                 reason = (ev.additional_data or b"").decode("ascii", "replace")
                 out.append(SessionEnded(int(ev.error_code or 0), reason))
+            elif isinstance(ev, h2.events.DataReceived):
+                out.append(
+                    DataReceived(
+                        ev.stream_id,
+                        ev.data,
+                        ev.flow_controlled_length,
+                        ev.stream_ended is not None,
+                    )
+                )
+            elif isinstance(ev, h2.events.ResponseReceived):
+                status, headers = _split_status(ev.headers)
+                out.append(
+                    ResponseReceived(ev.stream_id, status, headers, ev.stream_ended is not None)
+                )
             elif isinstance(ev, h2.events.RequestReceived):
-                # Phase 1 agents serve no streams yet: refuse politely, keep the session.
-                self._conn.reset_stream(ev.stream_id, error_code=_codes.H2_REFUSED_STREAM)
+                out.append(
+                    RequestReceived(ev.stream_id, list(ev.headers), ev.stream_ended is not None)
+                )
+            elif isinstance(ev, h2.events.StreamEnded):
+                # Already reported through the end_stream flag of the event it came with.
+                pass
+            elif isinstance(ev, h2.events.StreamReset):
+                out.append(StreamReset(ev.stream_id, int(ev.error_code or 0)))
+            elif isinstance(ev, h2.events.WindowUpdated):
+                out.append(WindowOpened(ev.stream_id))
+
             if not self._handshake_reported and self.handshake_complete:
                 self._handshake_reported = True
                 _compact_h2(self._conn)  # the peer's SETTINGS added new entries
@@ -277,3 +460,14 @@ class TunnelSession:
             raise LocalProtocolError("session is closed")
         if not self.initiated:
             raise LocalProtocolError("session not initiated")
+
+
+def _split_status(headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
+    status = 502
+    rest: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name == b":status":
+            status = int(value)
+        elif not name.startswith(b":"):
+            rest.append((name, value))
+    return status, rest

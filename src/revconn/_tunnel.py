@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import attrs
@@ -19,6 +19,7 @@ import trio
 
 from . import _codes
 from ._errors import (
+    AgentBusy,
     ConfigError,
     ConnectionLost,
     HandshakeTimeout,
@@ -27,10 +28,28 @@ from ._errors import (
     RemoteProtocolError,
     ReplacedError,
     RevconnError,
+    StreamError,
 )
-from ._session import PingAcknowledged, SessionEnded, TunnelSession
+from ._session import (
+    DataReceived,
+    PingAcknowledged,
+    RequestReceived,
+    ResponseReceived,
+    SessionEnded,
+    StreamReset,
+    TunnelSession,
+    WindowOpened,
+)
 
-__all__ = ["Heartbeat", "HeartbeatScheduler", "MessageTransport", "Tunnel", "TunnelEnd"]
+__all__ = [
+    "Heartbeat",
+    "HeartbeatScheduler",
+    "MessageTransport",
+    "RequestHandler",
+    "Tunnel",
+    "TunnelEnd",
+    "TunnelStream",
+]
 
 log = logging.getLogger("revconn.tunnel")
 
@@ -103,6 +122,11 @@ class HeartbeatScheduler:
     def __len__(self) -> int:
         return len(self._due) + len(self._waiting)
 
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` in the scheduler's nursery (background flushes of its tunnels)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
     def add(self, tunnel: Tunnel) -> None:
         self._due[tunnel] = trio.current_time() + self.heartbeat.interval
         self._changed.set()
@@ -151,6 +175,143 @@ class HeartbeatScheduler:
                     await self._changed.wait()
 
 
+class TunnelStream:
+    """One request stream of a tunnel, as its owner (the gateway's forwarder or
+    the agent's request handler) sees it.
+
+    Received body chunks are buffered until ``read()`` consumes them, and their
+    flow-control credit is returned only then: a stalled reader stops its own
+    stream at the window (256 KiB) without slowing the others.
+    """
+
+    __slots__ = (
+        "_changed",
+        "_chunks",
+        "_unacked",
+        "cancel_scope",
+        "id",
+        "local_ended",
+        "remote_ended",
+        "request",
+        "reset_code",
+        "response",
+        "tunnel",
+    )
+
+    def __init__(self, tunnel: Tunnel, stream_id: int) -> None:
+        self.tunnel = tunnel
+        self.id = stream_id
+        self.request: RequestReceived | None = None
+        self.response: ResponseReceived | None = None
+        self._chunks: list[DataReceived] = []
+        self._unacked = 0
+        self.remote_ended = False
+        self.local_ended = False
+        self.reset_code: int | None = None
+        self.cancel_scope: trio.CancelScope | None = None
+        self._changed = trio.Event()
+
+    def _wake(self) -> None:
+        self._changed.set()
+
+    async def _wait(self) -> None:
+        self._changed = trio.Event()
+        await self._changed.wait()
+
+    def _check(self) -> None:
+        if self.reset_code is not None:
+            raise StreamError(
+                f"stream reset by the peer (HTTP/2 error {self.reset_code:#x})",
+                error_code=self.reset_code,
+            )
+        if self.tunnel.end is not None:
+            raise StreamError(f"tunnel lost: {self.tunnel.end.reason or 'closed'}")
+
+    async def receive_response(self) -> ResponseReceived:
+        """(gateway) Wait for the response headers."""
+        while self.response is None:
+            self._check()
+            await self._wait()
+        return self.response
+
+    async def read(self) -> bytes | None:
+        """The next body chunk, or None at the end of the body."""
+        if self._unacked:
+            self.tunnel.session.ack_data(self.id, self._unacked)
+            self._unacked = 0
+            await self.tunnel.flush()
+        while not self._chunks:
+            if self.remote_ended:
+                return None
+            self._check()
+            await self._wait()
+        chunk = self._chunks.pop(0)
+        self._unacked += chunk.flow_length
+        if not chunk.data and chunk.end_stream:
+            return None
+        return chunk.data
+
+    async def respond(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
+    ) -> None:
+        """(agent) Send the response headers (``headers`` already clean)."""
+        self._check()
+        self.tunnel.session.send_response(self.id, status, headers, end_stream=end_stream)
+        self.local_ended = end_stream
+        await self.tunnel.flush()
+
+    async def send_body(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Send body bytes, waiting for flow-control credit as needed."""
+        session = self.tunnel.session
+        view = memoryview(data)
+        while True:
+            self._check()
+            if not view:
+                if end_stream:
+                    session.send_data(self.id, b"", end_stream=True)
+                    self.local_ended = True
+                break
+            n = session.send_data(self.id, bytes(view), end_stream=end_stream)
+            if n == len(view):
+                self.local_ended = end_stream
+                break
+            view = view[n:]
+            if n:
+                await self.tunnel.flush()
+            else:
+                await self.tunnel.wait_window()
+        await self.tunnel.flush()
+
+    async def end(self) -> None:
+        """Finish our side of the stream (END_STREAM on an empty DATA frame)."""
+        if not self.local_ended:
+            await self.send_body(b"", end_stream=True)
+
+    def reset(self, error_code: int = _codes.H2_CANCEL) -> None:
+        """Abandon the stream with RST_STREAM (sent in the background); idempotent."""
+        live = self.id in self.tunnel._streams
+        if live and self.reset_code is None and not (self.local_ended and self.remote_ended):
+            self.tunnel.session.reset_stream(self.id, error_code)
+            self.tunnel.flush_soon()
+        if self.reset_code is None:
+            self.reset_code = error_code
+        self.close()
+
+    def close(self) -> None:
+        """Forget the stream; credit for unread data goes back to the connection."""
+        if self.tunnel._streams.pop(self.id, None) is None:
+            return
+        unread = self._unacked + sum(c.flow_length for c in self._chunks)
+        self._chunks.clear()
+        self._unacked = 0
+        if unread:
+            self.tunnel.session.ack_data(self.id, unread)
+            self.tunnel.flush_soon()
+
+
+RequestHandler = Callable[[TunnelStream], Awaitable[None]]
+
+
 class Tunnel:
     """Runs one tunnel session until it ends.
 
@@ -165,9 +326,14 @@ class Tunnel:
     __slots__ = (
         "__weakref__",
         "_cancel_scope",
+        "_handlers",
         "_on_end",
+        "_on_request",
         "_scheduler",
         "_send_lock",
+        "_streams",
+        "_window_changed",
+        "accepting",
         "end",
         "handshake_timeout",
         "heartbeat",
@@ -195,6 +361,52 @@ class Tunnel:
         self._send_lock = trio.Lock()
         self._cancel_scope: trio.CancelScope | None = None
         self._scheduler: HeartbeatScheduler | None = None
+        self._streams: dict[int, TunnelStream] = {}
+        self._window_changed: trio.Event | None = None
+        self._handlers: trio.Nursery | None = None
+        self._on_request: RequestHandler | None = None
+        self.accepting = True
+        """(gateway) False once the session must not take new requests."""
+
+    # -- streams ----------------------------------------------------------------
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def open_request(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> TunnelStream:
+        """(gateway) Open a request stream (call ``flush()`` after). Raises AgentBusy or
+        StreamError (tunnel ending)."""
+        if self.end is not None or not self.accepting:
+            raise StreamError("tunnel is closing")
+        if not self.session.can_open_stream():
+            if self.session.stream_ids_exhausted:
+                # Redial for fresh stream ids once the current requests are done.
+                self.accepting = False
+                if not self._streams:
+                    self.request_close(_codes.WS_GOING_AWAY, "stream ids exhausted")
+                raise StreamError("stream ids exhausted; the agent will reconnect")
+            raise AgentBusy("too many concurrent requests for this agent")
+        stream_id = self.session.open_stream(headers, end_stream=end_stream)
+        stream = TunnelStream(self, stream_id)
+        stream.local_ended = end_stream
+        self._streams[stream_id] = stream
+        return stream
+
+    def flush_soon(self) -> None:
+        """Flush in the background (for callers that cannot await, e.g. cleanup)."""
+        if self._scheduler is not None and self.end is None:
+            self._scheduler.spawn(self.flush)
+
+    async def wait_window(self) -> None:
+        """Wait until flow-control credit arrives (or a stream or the tunnel ends)."""
+        if self._window_changed is None:
+            self._window_changed = trio.Event()
+        await self._window_changed.wait()
+
+    def _window_opened(self) -> None:
+        if self._window_changed is not None:
+            self._window_changed.set()
+            self._window_changed = None
 
     # -- control from outside (sync, never blocks) ---------------------------
     def request_close(self, close_code: int, reason: str) -> None:
@@ -257,20 +469,32 @@ class Tunnel:
             await self._close_transport(self.end)
             raise timeout
 
-    async def serve(self, scheduler: HeartbeatScheduler | None = None) -> TunnelEnd:
+    async def serve(
+        self,
+        scheduler: HeartbeatScheduler | None = None,
+        *,
+        on_request: RequestHandler | None = None,
+    ) -> TunnelEnd:
         """Run the session after the handshake until it ends; then close the socket.
 
         ``scheduler`` sends this tunnel's heartbeats (a gateway shares one among
-        all its tunnels); without one, the tunnel runs its own. Returns how the
-        session ended (a clean end, or an error the caller may raise).
+        all its tunnels); without one, the tunnel runs its own. ``on_request``
+        (agent) is run in a task of this tunnel for each request stream; those
+        tasks are cancelled when the tunnel ends. Returns how the session ended.
         """
-        if scheduler is None:
-            async with trio.open_nursery() as nursery:
-                own = HeartbeatScheduler(self.heartbeat)
-                await nursery.start(own.run)
-                end = await self.serve(own)
-                nursery.cancel_scope.cancel()
-            return end
+        if scheduler is not None and on_request is None:
+            return await self._serve(scheduler)
+        async with trio.open_nursery() as nursery:
+            self._handlers = nursery
+            self._on_request = on_request
+            if scheduler is None:
+                scheduler = HeartbeatScheduler(self.heartbeat)
+                await nursery.start(scheduler.run)
+            end = await self._serve(scheduler)
+            nursery.cancel_scope.cancel()
+        return end
+
+    async def _serve(self, scheduler: HeartbeatScheduler) -> TunnelEnd:
         if self.end is None:
             with trio.CancelScope() as self._cancel_scope:
                 self._scheduler = scheduler
@@ -282,6 +506,21 @@ class Tunnel:
         assert self.end is not None
         await self._close_transport(self.end)
         return self.end
+
+    async def _run_handler(self, stream: TunnelStream) -> None:
+        assert self._on_request is not None
+        try:
+            with trio.CancelScope() as stream.cancel_scope:
+                await self._on_request(stream)
+        except StreamError:
+            pass
+        except Exception:  # a bug in a request handler must not take the tunnel down
+            log.exception("request handler failed on stream %d", stream.id)
+            stream.reset(_codes.H2_INTERNAL_ERROR)
+        finally:
+            if not (stream.local_ended and stream.remote_ended) and stream.reset_code is None:
+                stream.reset(_codes.H2_CANCEL if stream.local_ended else _codes.H2_INTERNAL_ERROR)
+            stream.close()
 
     async def _close_transport(self, end: TunnelEnd) -> None:
         with trio.CancelScope(shield=True) as scope:
@@ -300,10 +539,25 @@ class Tunnel:
         if self.end is not None:
             return
         self.end = end
+        self.accepting = False
         if self._on_end is not None:
             self._on_end(end)
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
+        for stream in self._streams.values():
+            stream._wake()
+        self._window_opened()
+
+    def _start_handler(self, event: RequestReceived) -> None:
+        if self._handlers is None or self._on_request is None:
+            # Nobody serves requests here (a gateway): refuse, keep the session.
+            self.session.reset_stream(event.stream_id, _codes.H2_REFUSED_STREAM)
+            return
+        stream = TunnelStream(self, event.stream_id)
+        stream.request = event
+        stream.remote_ended = event.end_stream
+        self._streams[event.stream_id] = stream
+        self._handlers.start_soon(self._run_handler, stream)
 
     async def _read_loop(self) -> None:
         while True:
@@ -318,7 +572,34 @@ class Tunnel:
                 self._finish(TunnelEnd(exc.close_code, _codes.REASON_PROTOCOL, exc, by_peer=False))
                 return
             for event in events:
-                if isinstance(event, PingAcknowledged):
+                if isinstance(event, DataReceived):
+                    stream = self._streams.get(event.stream_id)
+                    if stream is None:
+                        self.session.ack_data(event.stream_id, event.flow_length)
+                    else:
+                        stream._chunks.append(event)
+                        stream.remote_ended = event.end_stream
+                        stream._wake()
+                elif isinstance(event, ResponseReceived):
+                    stream = self._streams.get(event.stream_id)
+                    if stream is not None:
+                        stream.response = event
+                        stream.remote_ended = event.end_stream
+                        stream._wake()
+                elif isinstance(event, WindowOpened):
+                    self._window_opened()
+                elif isinstance(event, RequestReceived):
+                    self._start_handler(event)
+                elif isinstance(event, StreamReset):
+                    stream = self._streams.get(event.stream_id)
+                    if stream is not None:
+                        stream.reset_code = event.error_code
+                        stream._wake()
+                        if stream.cancel_scope is not None:
+                            stream.cancel_scope.cancel()
+                        stream.close()
+                    self._window_opened()
+                elif isinstance(event, PingAcknowledged):
                     if self._scheduler is not None:
                         self._scheduler.acknowledged(self, event.payload)
                 elif isinstance(event, SessionEnded):

@@ -1,0 +1,305 @@
+"""What an agent does with a request stream: call its upstream, stream the answer back.
+
+Two kinds of upstream:
+
+* ``HttpUpstream``: an HTTP/1.1 server reached through an ``httpcore``
+  keep-alive connection pool (httpcore directly: httpx's per-request cost is
+  measurable and it adds nothing we need here);
+* ``AsgiUpstream``: an ASGI application called in-process, with no local port.
+
+Errors become JSON responses with a stable ``error`` field (502
+``upstream_unreachable``, 504 ``upstream_timeout``); an upstream that fails
+after its response started gets the stream reset, so the gateway aborts the
+client instead of ending a truncated body cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import httpcore
+import trio
+
+from . import _codes
+from ._errors import ConfigError, StreamError
+from ._headers import Headers, clean_headers
+from ._tunnel import TunnelStream
+
+__all__ = ["AsgiUpstream", "HttpUpstream", "Upstream", "error_body"]
+
+log = logging.getLogger("revconn.upstream")
+
+ASGIApp = Callable[
+    [
+        MutableMapping[str, Any],
+        Callable[[], Awaitable[MutableMapping[str, Any]]],
+        Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[None],
+]
+
+NO_BODY_STATUS = frozenset({204, 304})
+
+
+class Upstream(Protocol):
+    async def handle(self, stream: TunnelStream) -> None:
+        """Serve one request stream (its ``request`` is set)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def error_body(error: str, agent: str, detail: str) -> bytes:
+    return json.dumps({"error": error, "agent": agent, "detail": detail}).encode()
+
+
+async def respond_error(
+    stream: TunnelStream, status: int, error: str, agent: str, detail: str
+) -> None:
+    """Answer the stream with a JSON error (one HEADERS + one DATA with END_STREAM)."""
+    body = error_body(error, agent, detail)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await stream.respond(status, headers, end_stream=False)
+    await stream.send_body(body, end_stream=True)
+
+
+class _Request:
+    """The pseudo-headers and end-to-end headers of a request stream."""
+
+    __slots__ = ("authority", "headers", "method", "target")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.method = b"GET"
+        self.target = b"/"
+        self.authority = b""
+        rest: Headers = []
+        for name, value in raw:
+            if name == b":method":
+                self.method = value
+            elif name == b":path":
+                self.target = value
+            elif name == b":authority":
+                self.authority = value
+            elif not name.startswith(b":"):
+                rest.append((name, value))
+        self.headers = rest
+
+
+def response_headers(status: int, headers: Headers, method: bytes) -> Headers:
+    """Upstream response headers made safe for h2: clean, and no Content-Length
+    where HTTP/2 would check it against an empty body (204, 304)."""
+    out = clean_headers(headers)
+    if status in NO_BODY_STATUS:
+        out = [(n, v) for n, v in out if n != b"content-length"]
+    else:
+        lengths = {v for n, v in out if n == b"content-length"}
+        if len(lengths) > 1 or any(not v.isdigit() for v in lengths):
+            out = [(n, v) for n, v in out if n != b"content-length"]
+    return out
+
+
+async def _request_body(stream: TunnelStream) -> AsyncIterator[bytes]:
+    while True:
+        chunk = await stream.read()
+        if chunk is None:
+            return
+        if chunk:
+            yield chunk
+
+
+class HttpUpstream:
+    """Forward request streams to an HTTP/1.1 server."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        agent: str,
+        timeout: float = 60.0,
+        max_connections: int = 100,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"upstream URL {url!r} must be http://HOST[:PORT] or https://...")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigError("upstream timeout must be > 0 seconds")
+        self.url = url
+        self.agent = agent
+        self.timeout = timeout
+        self._scheme = parts.scheme.encode()
+        self._host = parts.hostname.encode("idna")
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._prefix = parts.path.rstrip("/").encode()
+        default = parts.port is None
+        self._host_header = parts.netloc.encode("idna") if not default else self._host
+        self._pool = httpcore.AsyncConnectionPool(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=30.0,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    async def handle(self, stream: TunnelStream) -> None:
+        assert stream.request is not None
+        req = _Request(stream.request.headers)
+        headers = req.headers
+        has_body = not stream.request.end_stream
+        if has_body and not any(n == b"content-length" for n, _ in headers):
+            headers = [*headers, (b"transfer-encoding", b"chunked")]
+        headers = [(b"host", self._host_header), *headers]
+        t = self.timeout
+        request = httpcore.Request(
+            req.method,
+            httpcore.URL(
+                scheme=self._scheme,
+                host=self._host,
+                port=self._port,
+                target=self._prefix + req.target,
+            ),
+            headers=headers,
+            content=_request_body(stream) if has_body else None,
+            extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}},
+        )
+        try:
+            with trio.fail_after(t):
+                response = await self._pool.handle_async_request(request)
+        except (trio.TooSlowError, httpcore.TimeoutException):
+            detail = f"no response within {t:g} s"
+            await respond_error(stream, 504, "upstream_timeout", self.agent, detail)
+            return
+        except (httpcore.ConnectError, httpcore.NetworkError, httpcore.ProtocolError) as exc:
+            detail = f"{self.url}: {exc or type(exc).__name__}"
+            await respond_error(stream, 502, "upstream_unreachable", self.agent, detail)
+            return
+        try:
+            await self._relay(stream, req.method, response)
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _relay(
+        self, stream: TunnelStream, method: bytes, response: httpcore.Response
+    ) -> None:
+        status = response.status
+        headers = response_headers(status, response.headers, method)
+        if method == b"HEAD" or status in NO_BODY_STATUS:
+            await stream.respond(status, headers, end_stream=True)
+            return
+        await stream.respond(status, headers, end_stream=False)
+        try:
+            async for chunk in response.aiter_stream():
+                if chunk:
+                    await stream.send_body(chunk)
+        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException) as exc:
+            log.info("upstream failed mid-response on stream %d: %r", stream.id, exc)
+            stream.reset(_codes.H2_INTERNAL_ERROR)
+            return
+        await stream.end()
+
+
+class AsgiUpstream:
+    """Serve request streams with an in-process ASGI application."""
+
+    def __init__(self, app: ASGIApp, *, agent: str) -> None:
+        self.app = app
+        self.agent = agent
+
+    async def aclose(self) -> None:
+        return None
+
+    async def handle(self, stream: TunnelStream) -> None:
+        assert stream.request is not None
+        req = _Request(stream.request.headers)
+        target = req.target
+        path, _, query = target.partition(b"?")
+        host = req.authority or b"localhost"
+        client_ip = "127.0.0.1"
+        for name, value in req.headers:
+            if name == b"x-forwarded-for":
+                client_ip = value.decode("latin-1").split(",")[-1].strip() or client_ip
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": req.method.decode("ascii"),
+            "scheme": "http",
+            "path": unquote(path.decode("latin-1")),
+            "raw_path": path,
+            "query_string": query,
+            "root_path": "",
+            "headers": [(b"host", host), *req.headers],
+            "client": (client_ip, 0),
+            "server": (host.decode("latin-1").split(":")[0], 80),
+            "state": {},
+        }
+        body_done = stream.remote_ended
+        start: tuple[int, Headers] | None = None
+        headers_sent = False
+        ended = False
+
+        async def receive() -> MutableMapping[str, Any]:
+            nonlocal body_done
+            if not body_done:
+                chunk = await stream.read()
+                if chunk is None:
+                    body_done = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                return {"type": "http.request", "body": chunk, "more_body": True}
+            # Nothing more to receive: wait until the response is done or the client left.
+            while stream.reset_code is None and stream.tunnel.end is None and not ended:
+                await stream._wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            nonlocal start, headers_sent, ended
+            if ended:
+                return
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = [(bytes(n), bytes(v)) for n, v in message.get("headers", [])]
+                start = (status, response_headers(status, headers, req.method))
+                return
+            if message["type"] != "http.response.body":
+                return
+            if start is None:
+                raise RuntimeError("http.response.body before http.response.start")
+            body = bytes(message.get("body", b""))
+            more = bool(message.get("more_body", False))
+            if not headers_sent:
+                headers_sent = True
+                status, headers = start
+                if req.method == b"HEAD" or status in NO_BODY_STATUS:
+                    ended = True
+                    await stream.respond(status, headers, end_stream=True)
+                    return
+                await stream.respond(status, headers, end_stream=False)
+            ended = not more
+            await stream.send_body(body, end_stream=not more)
+            if ended:
+                stream._wake()  # release a receive() waiting for the disconnect
+
+        try:
+            await self.app(scope, receive, send)
+        except StreamError:
+            raise
+        except Exception:
+            log.exception("ASGI app failed on stream %d", stream.id)
+            if not headers_sent:
+                detail = "the application raised an exception"
+                await respond_error(stream, 500, "app_error", self.agent, detail)
+            else:
+                stream.reset(_codes.H2_INTERNAL_ERROR)
+            return
+        if not ended:
+            if not headers_sent:
+                detail = "the application returned no response"
+                await respond_error(stream, 500, "app_error", self.agent, detail)
+            else:
+                stream.reset(_codes.H2_INTERNAL_ERROR)
