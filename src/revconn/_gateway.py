@@ -357,6 +357,8 @@ class Gateway:
             return
         try:
             async with trio.open_nursery() as nursery:
+                if not (body or more):
+                    await tunnel.flush()  # HEADERS with END_STREAM; else sent with the body
                 nursery.start_soon(_pump_request, stream, receive, body, more, nursery.cancel_scope)
                 await _relay_response(stream, send, name)
                 nursery.cancel_scope.cancel()

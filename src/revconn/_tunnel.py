@@ -149,30 +149,36 @@ class HeartbeatScheduler:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            while True:
-                now = trio.current_time()
-                while self._waiting:
-                    tunnel, (deadline, _, _) = next(iter(self._waiting.items()))
-                    if deadline > now:
-                        break
-                    del self._waiting[tunnel]
-                    tunnel.heartbeat_expired()
-                while self._due:
-                    tunnel, when = next(iter(self._due.items()))
-                    if when > now:
-                        break
-                    del self._due[tunnel]
-                    self._seq += 1
-                    payload = self._seq.to_bytes(8, "big")
-                    if tunnel.queue_ping(payload):
-                        self._waiting[tunnel] = (now + self.heartbeat.timeout, payload, now)
-                        nursery.start_soon(tunnel.flush)
-                wake = next(iter(self._due.values())) if self._due else math.inf
-                if self._waiting:
-                    wake = min(wake, next(iter(self._waiting.values()))[0])
-                self._changed = trio.Event()
-                with trio.move_on_at(wake):
-                    await self._changed.wait()
+            try:
+                await self._loop(nursery)
+            finally:
+                self._nursery = None  # closed to new arrivals from here on
+
+    async def _loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            now = trio.current_time()
+            while self._waiting:
+                tunnel, (deadline, _, _) = next(iter(self._waiting.items()))
+                if deadline > now:
+                    break
+                del self._waiting[tunnel]
+                tunnel.heartbeat_expired()
+            while self._due:
+                tunnel, when = next(iter(self._due.items()))
+                if when > now:
+                    break
+                del self._due[tunnel]
+                self._seq += 1
+                payload = self._seq.to_bytes(8, "big")
+                if tunnel.queue_ping(payload):
+                    self._waiting[tunnel] = (now + self.heartbeat.timeout, payload, now)
+                    nursery.start_soon(tunnel.flush)
+            wake = next(iter(self._due.values())) if self._due else math.inf
+            if self._waiting:
+                wake = min(wake, next(iter(self._waiting.values()))[0])
+            self._changed = trio.Event()
+            with trio.move_on_at(wake):
+                await self._changed.wait()
 
 
 class TunnelStream:
