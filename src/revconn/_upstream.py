@@ -168,9 +168,10 @@ class HttpUpstream:
             extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}},
         )
         try:
-            with trio.fail_after(t):
-                response = await self._pool.handle_async_request(request)
-        except (trio.TooSlowError, httpcore.TimeoutException):
+            # httpcore's timeouts, not a deadline on the whole call: an upload may
+            # take as long as it takes; the upstream must then answer within ``t``.
+            response = await self._pool.handle_async_request(request)
+        except httpcore.TimeoutException:
             detail = f"no response within {t:g} s"
             await respond_error(stream, 504, "upstream_timeout", self.agent, detail)
             return
@@ -239,7 +240,7 @@ class AsgiUpstream:
             "server": (host.decode("latin-1").split(":")[0], 80),
             "state": {},
         }
-        body_done = stream.remote_ended
+        body_done = False
         start: tuple[int, Headers] | None = None
         headers_sent = False
         ended = False
