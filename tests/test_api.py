@@ -6,6 +6,8 @@ import revconn
 
 EXPECTED = {
     "Agent",
+    "AgentBusy",
+    "StreamError",
     "AgentConfig",
     "AgentInfo",
     "AuthError",

@@ -1,8 +1,8 @@
 """revconn: a self-hosted reverse-connection gateway on trio.
 
 Agents behind NAT dial one outbound WebSocket to the gateway; the WebSocket
-carries an HTTP/2 session (heartbeat PINGs, GOAWAY reasons; request streams in
-phase 2). This module re-exports the public API; everything else is private.
+carries an HTTP/2 session (heartbeat PINGs, GOAWAY reasons, one stream per
+forwarded request). This module re-exports the public API; everything else is private.
 """
 
 from ._agent import Agent as Agent
@@ -11,6 +11,7 @@ from ._auth import AuthPolicy as AuthPolicy
 from ._auth import Scope as Scope
 from ._auth import SharedSecretPolicy as SharedSecretPolicy
 from ._auth import generate_secret as generate_secret
+from ._errors import AgentBusy as AgentBusy
 from ._errors import AuthError as AuthError
 from ._errors import ConfigError as ConfigError
 from ._errors import ConnectError as ConnectError
@@ -24,6 +25,7 @@ from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import ReplacedError as ReplacedError
 from ._errors import RevconnError as RevconnError
 from ._errors import RevconnTimeout as RevconnTimeout
+from ._errors import StreamError as StreamError
 from ._gateway import Gateway as Gateway
 from ._gateway import GatewayConfig as GatewayConfig
 from ._registry import AgentInfo as AgentInfo

@@ -1,0 +1,100 @@
+"""Header translation (sans-I/O), with property tests."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from revconn._headers import HOP_BY_HOP, clean_headers, forwarded_request_headers
+
+token = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.",
+    min_size=1,
+    max_size=20,
+)
+names = st.one_of(
+    token,
+    st.sampled_from(
+        [
+            "Connection",
+            "Keep-Alive",
+            "TE",
+            "Upgrade",
+            "Proxy-Foo",
+            "Host",
+            "Transfer-Encoding",
+            "Trailer",
+            "Set-Cookie",
+            ":path",
+            "bad name",
+            "x\x00y",
+        ]
+    ),
+)
+values = st.binary(max_size=40)
+headers_st = st.lists(st.tuples(names.map(lambda s: s.encode("latin-1")), values), max_size=15)
+
+
+@given(headers_st)
+def test_clean_headers_invariants(headers: list[tuple[bytes, bytes]]) -> None:
+    out = clean_headers(headers)
+    named = {
+        t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")
+    }
+    for name, value in out:
+        assert name == name.lower()
+        assert name not in HOP_BY_HOP
+        assert not name.startswith(b"proxy-")
+        assert not name.startswith(b":")
+        assert name not in named
+        assert b"\r" not in value and b"\n" not in value and b"\x00" not in value
+    # Order and multiplicity of what is kept are preserved.
+    kept = [
+        (n.lower(), v.strip(b" \t")) for n, v in headers if (n.lower(), v.strip(b" \t")) in set(out)
+    ]
+    assert out == kept
+
+
+@given(headers_st)
+def test_clean_headers_idempotent(headers: list[tuple[bytes, bytes]]) -> None:
+    once = clean_headers(headers)
+    assert clean_headers(once) == once
+
+
+def test_repeated_headers_keep_order() -> None:
+    h = [(b"Set-Cookie", b"a=1"), (b"X", b"1"), (b"Set-Cookie", b"b=2")]
+    assert clean_headers(h) == [(b"set-cookie", b"a=1"), (b"x", b"1"), (b"set-cookie", b"b=2")]
+
+
+def test_connection_named_headers_dropped() -> None:
+    h = [(b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"), (b"X-Keep", b"2")]
+    assert clean_headers(h) == [(b"x-keep", b"2")]
+
+
+@given(headers_st, st.sampled_from(["http", "https"]))
+def test_forwarded_headers(headers: list[tuple[bytes, bytes]], proto: str) -> None:
+    out = forwarded_request_headers(
+        headers, client="198.51.100.7", proto=proto, host=b"gw.example", prefix="/a/x"
+    )
+    d: dict[bytes, list[bytes]] = {}
+    for n, v in out:
+        d.setdefault(n, []).append(v)
+    assert d[b"x-forwarded-prefix"] == [b"/a/x"]
+    assert d[b"x-forwarded-proto"] == [proto.encode()]
+    assert d[b"x-forwarded-host"] == [b"gw.example"]
+    assert len(d[b"x-forwarded-for"]) == 1
+    assert d[b"x-forwarded-for"][0].endswith(b"198.51.100.7")
+    assert d[b"via"][0].endswith(b"1.1 revconn")
+
+
+def test_forwarded_for_appends_to_chain() -> None:
+    out = forwarded_request_headers(
+        [(b"X-Forwarded-For", b"203.0.113.1"), (b"X-Forwarded-Prefix", b"/evil")],
+        client="10.0.0.2",
+        proto="http",
+        host=None,
+        prefix="/a/svc",
+    )
+    assert (b"x-forwarded-for", b"203.0.113.1, 10.0.0.2") in out
+    assert (b"x-forwarded-prefix", b"/a/svc") in out
+    assert (b"x-forwarded-prefix", b"/evil") not in out
