@@ -236,7 +236,9 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     counts = args.n or [1000]
     print(f"# idle agents: python {Path(*HERE.parts[-2:])} " + " ".join(f"--n {n}" for n in counts))
-    print("| N | server | RSS before (MiB) | RSS after (MiB) | KiB/agent | connects/s | /endpoints p50 / p95 (ms) |")
+    print(
+        "| N | server | RSS before (MiB) | RSS after (MiB) | KiB/agent | connects/s | /endpoints p50 / p95 (ms) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n in counts:
         rows = {kind: measure(kind, n, args.client_procs) for kind in ("baseline", "revconn")}

@@ -1,0 +1,310 @@
+"""Forwarding benchmark: wrk against nginx directly and through revconn, interleaved.
+
+Needs Debian's `wrk`, `nginx` (nginx-light) and `curl` on PATH. Everything runs on
+127.0.0.1 and stops by itself.
+
+    python benchmarks/forwarding.py            # 3 x 10 s per configuration
+    python benchmarks/forwarding.py --seconds 3 --reps 1
+
+Reports req/s and p50/p99 at c=1 and c=32 for a 1 KiB file, MB/s for a 10 MiB
+file at c=4, MB/s for a 100 MiB upload, CPU ms per forwarded request for the
+gateway and the agent (from /proc/PID/stat), and their peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SECRET = "bench-secret-0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_http(url: str, timeout: float = 15) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(url)
+        time.sleep(0.1)
+
+
+def start_nginx(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    workdir.chmod(0o755)  # nginx workers run as nobody
+    www = workdir / "www"
+    www.mkdir(mode=0o755)
+    (www / "small.bin").write_bytes(os.urandom(1024))
+    (www / "big.bin").write_bytes(os.urandom(10 * 1024 * 1024))
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 1000000;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {www};
+    }}
+}}
+"""
+    )
+    proc = subprocess.Popen(["nginx", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/small.bin")
+    return proc, url
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    full = {**os.environ, "REVCONN_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=full
+    )
+
+
+def wrk(url: str, conns: int, seconds: int) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            "1" if conns < 4 else "2",
+            "-c",
+            str(conns),
+            "-d",
+            f"{seconds}s",
+            "--latency",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    def transfer() -> float:
+        m = re.search(r"Transfer/sec:\s+([\d.]+)(B|KB|MB|GB)", out)
+        assert m
+        scale = {"B": 1 / 2**20, "KB": 1 / 1024, "MB": 1, "GB": 1024}[m.group(2)]
+        return float(m.group(1)) * scale * 1.048576  # MiB/s -> MB/s
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": ms("50"),
+        "p99": ms("99"),
+        "mbs": transfer(),
+        "requests": requests,
+        "errors": int(errors.group(1)) if errors else 0,
+    }
+
+
+def curl_upload(url: str, path: Path) -> float:
+    out = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{speed_upload} %{http_code}",
+            "--data-binary",
+            f"@{path}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out[1] == "200", out
+    return float(out[0]) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "curl"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install wrk nginx-light curl")
+
+    bindir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory(prefix="revconn-bench-") as tmp:
+        workdir = Path(tmp)
+        procs: list[subprocess.Popen[str] | subprocess.Popen[bytes]] = []
+        try:
+            nginx, nginx_url = start_nginx(workdir)
+            procs.append(nginx)
+            up_port = free_port()
+            upload_app = start(
+                [
+                    sys.executable,
+                    "-m",
+                    "hypercorn",
+                    "--worker-class",
+                    "trio",
+                    "--bind",
+                    f"127.0.0.1:{up_port}",
+                    "tests.upstream_app:app",
+                ],
+                {"PYTHONPATH": str(ROOT)},
+            )
+            procs.append(upload_app)
+            upload_url = f"http://127.0.0.1:{up_port}"
+            gw_port = free_port()
+            gateway = start(
+                [
+                    str(bindir / "revconn-gateway"),
+                    "--bind",
+                    f"127.0.0.1:{gw_port}",
+                    "--log-level",
+                    "warning",
+                ]
+            )
+            procs.append(gateway)
+            gw_url = f"http://127.0.0.1:{gw_port}"
+            wait_http(gw_url + "/healthz")
+            agent = start(
+                [
+                    str(bindir / "revconn-agent"),
+                    "serve",
+                    "--gateway",
+                    gw_url,
+                    "--name",
+                    "bench",
+                    "--upstream",
+                    nginx_url,
+                    "--log-level",
+                    "warning",
+                ]
+            )
+            up_agent = start(
+                [
+                    str(bindir / "revconn-agent"),
+                    "serve",
+                    "--gateway",
+                    gw_url,
+                    "--name",
+                    "upload",
+                    "--upstream",
+                    upload_url,
+                    "--log-level",
+                    "warning",
+                ]
+            )
+            procs += [agent, up_agent]
+            wait_http(gw_url + "/a/bench/small.bin")
+            wait_http(upload_url + "/status/200")
+            wait_http(gw_url + "/a/upload/status/200")
+
+            targets = {"direct": nginx_url, "revconn": gw_url + "/a/bench"}
+            results: dict[tuple[str, str], list[dict[str, float]]] = {}
+            cpu: dict[str, list[float]] = {"gateway": [], "agent": []}
+            plan = [("c1", "/small.bin", 1), ("c32", "/small.bin", 32), ("dl10m", "/big.bin", 4)]
+            for _ in range(args.reps):
+                for label, path, conns in plan:
+                    for kind, base in targets.items():
+                        before = (cpu_seconds(gateway.pid), cpu_seconds(agent.pid))
+                        r = wrk(base + path, conns, args.seconds)
+                        after = (cpu_seconds(gateway.pid), cpu_seconds(agent.pid))
+                        results.setdefault((label, kind), []).append(r)
+                        if kind == "revconn" and label != "dl10m":
+                            cpu["gateway"].append((after[0] - before[0]) / r["requests"] * 1000)
+                            cpu["agent"].append((after[1] - before[1]) / r["requests"] * 1000)
+            upload_file = workdir / "upload.bin"
+            upload_file.write_bytes(os.urandom(100 * 1024 * 1024))
+            uploads = {"direct": [], "revconn": []}
+            for _ in range(args.reps):
+                uploads["direct"].append(curl_upload(upload_url + "/upload", upload_file))
+                uploads["revconn"].append(curl_upload(gw_url + "/a/upload/upload", upload_file))
+
+            def med(label: str, kind: str, key: str) -> float:
+                return statistics.median(r[key] for r in results[(label, kind)])
+
+            print(
+                f"# forwarding: python benchmarks/forwarding.py --seconds {args.seconds} --reps {args.reps}"
+            )
+            print("| measure | direct (nginx) | through revconn | ratio revconn/direct |")
+            print("|---|---|---|---|")
+            for label, name in (("c1", "1 KiB, c=1"), ("c32", "1 KiB, c=32")):
+                d, v = med(label, "direct", "rps"), med(label, "revconn", "rps")
+                print(f"| {name}: req/s | {d:,.0f} | {v:,.0f} | {v / d:.3f} |")
+                for q in ("p50", "p99"):
+                    d, v = med(label, "direct", q), med(label, "revconn", q)
+                    print(f"| {name}: {q} latency (ms) | {d:.2f} | {v:.2f} | {v / d:.1f} |")
+            d, v = med("dl10m", "direct", "mbs"), med("dl10m", "revconn", "mbs")
+            print(f"| 10 MiB download, c=4: MB/s | {d:,.0f} | {v:,.0f} | {v / d:.3f} |")
+            d, v = statistics.median(uploads["direct"]), statistics.median(uploads["revconn"])
+            print(
+                f"| 100 MiB upload (hypercorn upstream): MB/s | {d:,.0f} | {v:,.0f} | {v / d:.3f} |"
+            )
+            errors = sum(r["errors"] for rs in results.values() for r in rs)
+            print(f"| non-2xx responses in all wrk runs | | {errors} | |")
+            print(f"| gateway CPU per request (ms) | | {statistics.median(cpu['gateway']):.3f} | |")
+            print(f"| agent CPU per request (ms) | | {statistics.median(cpu['agent']):.3f} | |")
+            print(
+                f"| peak RSS gateway / agent (MiB) | | {peak_rss_mib(gateway.pid):.0f} / {peak_rss_mib(agent.pid):.0f} | |"
+            )
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
