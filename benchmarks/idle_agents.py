@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, action="append", help="agent counts (repeatable)")
     parser.add_argument("--client-procs", type=int, default=2)
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     counts = args.n or [1000]
     print(f"# idle agents: python {Path(*HERE.parts[-2:])} " + " ".join(f"--n {n}" for n in counts))
