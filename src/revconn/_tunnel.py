@@ -200,6 +200,7 @@ class TunnelStream:
         "remote_ended",
         "request",
         "reset_code",
+        "responded",
         "response",
         "tunnel",
     )
@@ -214,6 +215,7 @@ class TunnelStream:
         self.remote_ended = False
         self.local_ended = False
         self.reset_code: int | None = None
+        self.responded = False
         self.cancel_scope: trio.CancelScope | None = None
         self._changed = trio.Event()
 
@@ -261,10 +263,18 @@ class TunnelStream:
         self, status: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
     ) -> None:
         """(agent) Send the response headers (``headers`` already clean)."""
+        self.respond_nowait(status, headers, end_stream=end_stream)
+        await self.tunnel.flush()
+
+    def respond_nowait(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False
+    ) -> None:
+        """(agent) Queue the response headers; they leave with the next flush (so
+        HEADERS and the first DATA share one WebSocket message)."""
         self._check()
         self.tunnel.session.send_response(self.id, status, headers, end_stream=end_stream)
+        self.responded = True
         self.local_ended = end_stream
-        await self.tunnel.flush()
 
     async def send_body(self, data: bytes, *, end_stream: bool = False) -> None:
         """Send body bytes, waiting for flow-control credit as needed."""

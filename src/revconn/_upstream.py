@@ -2,9 +2,9 @@
 
 Two kinds of upstream:
 
-* ``HttpUpstream``: an HTTP/1.1 server reached through an ``httpcore``
-  keep-alive connection pool (httpcore directly: httpx's per-request cost is
-  measurable and it adds nothing we need here);
+* ``HttpUpstream``: an HTTP/1.1 server reached through a lean keep-alive pool
+  on h11 (``_pool.py``; httpx/httpcore's pool bookkeeping dominated the agent's
+  CPU in profiles);
 * ``AsgiUpstream``: an ASGI application called in-process, with no local port.
 
 Errors become JSON responses with a stable ``error`` field (502
@@ -18,16 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-import httpcore
 import trio
 
 from . import _codes
 from ._errors import ConfigError, StreamError
 from ._headers import Headers, clean_headers
+from ._pool import Pool, PoolResponse, UpstreamClosed, UpstreamConnectError
 from ._tunnel import TunnelStream
 
 __all__ = ["AsgiUpstream", "HttpUpstream", "Upstream", "error_body"]
@@ -113,7 +114,7 @@ async def _request_body(stream: TunnelStream) -> AsyncIterator[bytes]:
 
 
 class HttpUpstream:
-    """Forward request streams to an HTTP/1.1 server."""
+    """Forward request streams to an HTTP/1.1 (or HTTPS) server through a lean pool."""
 
     def __init__(
         self,
@@ -131,16 +132,19 @@ class HttpUpstream:
         self.url = url
         self.agent = agent
         self.timeout = timeout
-        self._scheme = parts.scheme.encode()
-        self._host = parts.hostname.encode("idna")
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        secure = parts.scheme == "https"
+        try:
+            port = parts.port or (443 if secure else 80)
+        except ValueError:
+            raise ConfigError(f"upstream URL {url!r} has an invalid port") from None
         self._prefix = parts.path.rstrip("/").encode()
-        default = parts.port is None
-        self._host_header = parts.netloc.encode("idna") if not default else self._host
-        self._pool = httpcore.AsyncConnectionPool(
+        self._host_header = parts.netloc.encode("idna")
+        self._pool = Pool(
+            parts.hostname,
+            port,
+            ssl_context=ssl.create_default_context() if secure else None,
             max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
+            io_timeout=timeout,
         )
 
     async def aclose(self) -> None:
@@ -155,54 +159,45 @@ class HttpUpstream:
             headers = [*headers, (b"transfer-encoding", b"chunked")]
         headers = [(b"host", self._host_header), *headers]
         t = self.timeout
-        request = httpcore.Request(
-            req.method,
-            httpcore.URL(
-                scheme=self._scheme,
-                host=self._host,
-                port=self._port,
-                target=self._prefix + req.target,
-            ),
-            headers=headers,
-            content=_request_body(stream) if has_body else None,
-            extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}},
-        )
+        body = _request_body(stream) if has_body else None
         try:
-            # httpcore's timeouts, not a deadline on the whole call: an upload may
-            # take as long as it takes; the upstream must then answer within ``t``.
-            response = await self._pool.handle_async_request(request)
-        except httpcore.TimeoutException:
+            async with self._pool.request(
+                req.method, self._prefix + req.target, headers, body
+            ) as response:
+                await self._relay(stream, req.method, response)
+        except trio.TooSlowError:
+            if stream.local_ended or stream.reset_code is not None:
+                return
+            if headers_sent(stream):
+                stream.reset(_codes.H2_INTERNAL_ERROR)
+                return
             detail = f"no response within {t:g} s"
             await respond_error(stream, 504, "upstream_timeout", self.agent, detail)
-            return
-        except (httpcore.ConnectError, httpcore.NetworkError, httpcore.ProtocolError) as exc:
-            detail = f"{self.url}: {exc or type(exc).__name__}"
+        except (UpstreamConnectError, UpstreamClosed) as exc:
+            if headers_sent(stream):
+                log.info("upstream failed mid-response on stream %d: %s", stream.id, exc)
+                stream.reset(_codes.H2_INTERNAL_ERROR)
+                return
+            detail = f"{self.url}: {exc}"
             await respond_error(stream, 502, "upstream_unreachable", self.agent, detail)
-            return
-        try:
-            await self._relay(stream, req.method, response)
-        finally:
-            with trio.CancelScope(shield=True):
-                await response.aclose()
 
-    async def _relay(
-        self, stream: TunnelStream, method: bytes, response: httpcore.Response
-    ) -> None:
+    async def _relay(self, stream: TunnelStream, method: bytes, response: PoolResponse) -> None:
         status = response.status
         headers = response_headers(status, response.headers, method)
         if method == b"HEAD" or status in NO_BODY_STATUS:
             await stream.respond(status, headers, end_stream=True)
+            async for _ in response.aiter_body():
+                pass  # h11 knows there is no body; this completes the exchange
             return
-        await stream.respond(status, headers, end_stream=False)
-        try:
-            async for chunk in response.aiter_stream():
-                if chunk:
-                    await stream.send_body(chunk)
-        except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException) as exc:
-            log.info("upstream failed mid-response on stream %d: %r", stream.id, exc)
-            stream.reset(_codes.H2_INTERNAL_ERROR)
-            return
+        stream.respond_nowait(status, headers)  # goes out with the first DATA
+        async for chunk in response.aiter_body():
+            if chunk:
+                await stream.send_body(chunk)
         await stream.end()
+
+
+def headers_sent(stream: TunnelStream) -> bool:
+    return stream.responded
 
 
 class AsgiUpstream:
