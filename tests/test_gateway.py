@@ -268,3 +268,40 @@ async def test_gateway_shutdown_says_goodbye() -> None:
         # New agents are refused while shutting down.
         r = await upgrade(gw.url, "name=late", AUTH)
         assert r.status_code == 503
+
+
+async def test_shutdown_lets_requests_in_flight_finish() -> None:
+    async def slow_app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return
+        await trio.sleep(1.0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"finished"})
+
+    stop = trio.Event()
+    from functools import partial
+
+    from revconn import Gateway, GatewayConfig, SharedSecretPolicy
+
+    gateway = Gateway(GatewayConfig(binds=("127.0.0.1:0",)), SharedSecretPolicy(SECRET))
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(partial(gateway.serve, shutdown_trigger=stop.wait))
+        agent = Agent(
+            AgentConfig(gateway=urls[0], name="slow", secret=SECRET, backoff=Backoff(5, 10)),
+            app=slow_app,
+        )
+        nursery.start_soon(agent.run)
+        await wait_for(lambda: gateway.registry.lookup("slow") is not None)
+        results: list[httpx.Response] = []
+
+        async def call() -> None:
+            async with httpx.AsyncClient(timeout=10) as client:
+                results.append(await client.get(urls[0] + "/a/slow/"))
+
+        nursery.start_soon(call)
+        await trio.sleep(0.3)
+        stop.set()  # shutdown begins while the request is in flight
+        await wait_for(lambda: bool(results), timeout=8)
+        assert results[0].status_code == 200
+        assert results[0].text == "finished"
+        nursery.cancel_scope.cancel()

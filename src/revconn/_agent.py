@@ -7,6 +7,7 @@ import math
 import random
 import ssl
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import attrs
@@ -191,7 +192,13 @@ class Agent:
         return self._supervisor.statistics()
 
     async def run(self) -> None:
-        await self._supervisor.run()
+        try:
+            async with self.upstream.running():
+                await self._supervisor.run()
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + 2.0
+                await self.upstream.aclose()
 
     def stop(self) -> None:
         """Make ``run()`` return soon: a connected tunnel says goodbye (GOAWAY
@@ -376,6 +383,9 @@ class _NoUpstream:
 
     async def aclose(self) -> None:
         return None
+
+    def running(self) -> AbstractAsyncContextManager[None]:
+        return nullcontext()
 
 
 def _describe(reason: str, code: int, error: BaseException | None) -> str:

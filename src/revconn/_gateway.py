@@ -55,6 +55,7 @@ ASGISend = Callable[[ASGIMessage], Awaitable[None]]
 
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 MAX_MESSAGE_SIZE = 1 << 20  # 1 MiB: far above one HTTP/2 frame (16 KiB + 9)
+CLOSE_GRACE = 2.0  # after forcing tunnels closed, how long to let them say goodbye
 
 
 def valid_agent_name(name: str) -> bool:
@@ -277,7 +278,7 @@ class Gateway:
             registration = await self.registry.register(name, tunnel, remote=remote)
             log.info("agent %r online from %s (epoch %d)", name, remote, registration.epoch)
             if self._shutting_down:
-                tunnel.request_close(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
+                tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
             end = await tunnel.serve(self._heartbeats)
             log.info(
                 "agent %r offline (epoch %d): %s",
@@ -368,11 +369,19 @@ class Gateway:
             else:
                 stream.reset(_codes.H2_CANCEL)
 
-    def close_all_agents(self) -> None:
-        """Begin shutdown: every tunnel gets GOAWAY "shutdown" and close 1001."""
+    def begin_shutdown(self) -> None:
+        """Refuse new agents (503) and new requests; each tunnel says goodbye
+        (GOAWAY "shutdown", close 1001) once its in-flight requests are done."""
         self._shutting_down = True
         if not self._tunnels:
             self._drained.set()
+        for tunnel in list(self._tunnels):
+            tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
+
+    def close_all_agents(self) -> None:
+        """Shut down now: every tunnel gets GOAWAY "shutdown" and close 1001,
+        requests in flight fail with 502 agent_disconnected."""
+        self.begin_shutdown()
         for tunnel in list(self._tunnels):
             tunnel.request_close(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
 
@@ -428,9 +437,12 @@ class Gateway:
 
         async def shutdown() -> None:
             await trigger()
-            self.close_all_agents()
-            # Give tunnels a moment to send GOAWAY + close before hypercorn stops.
+            # Let requests in flight finish (up to graceful_timeout), then force.
+            self.begin_shutdown()
             with trio.move_on_after(self.config.graceful_timeout):
+                await self._drained.wait()
+            self.close_all_agents()
+            with trio.move_on_after(CLOSE_GRACE):
                 await self._drained.wait()
 
         await worker_serve(

@@ -71,19 +71,25 @@ class AgentInfo:
     flapping: bool
     replacements: int
     """Replacements of this name seen in the last ``FLAP_WINDOW`` seconds."""
+    connected_at_iso: str = attrs.field(default="", eq=False, repr=False)
+    """``connected_at`` as ISO 8601 UTC ("...Z"), formatted once at registration."""
 
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "status": "online",
             "transport": "websocket",
-            "connected_at": self.connected_at.isoformat().replace("+00:00", "Z"),
+            "connected_at": self.connected_at_iso or _iso(self.connected_at),
             "remote": self.remote,
             "epoch": self.epoch,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "flapping": self.flapping,
             "recent_replacements": self.replacements,
         }
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 class RegistryEventKind(enum.Enum):
@@ -166,6 +172,7 @@ class _Entry:
     epoch: int
     remote: str
     connected_at: datetime.datetime
+    connected_at_iso: str
     replaced_at: collections.deque[float] | None
     """Recent replacement times; None until the name is first replaced (saves
     an idle deque per agent)."""
@@ -215,7 +222,8 @@ class InMemoryRegistry:
                 )
             log.info("agent %r epoch %d replaced by epoch %d", name, old.epoch, epoch)
             old.session.request_close(_codes.WS_REPLACED, _codes.REASON_REPLACED)
-        self._entries[name] = _Entry(session, epoch, remote, self._wall_clock(), history)
+        now_wall = self._wall_clock()
+        self._entries[name] = _Entry(session, epoch, remote, now_wall, _iso(now_wall), history)
         self._publish(RegistryEvent(RegistryEventKind.ONLINE, name, epoch))
         return Registration(name, epoch)
 
@@ -249,6 +257,7 @@ class InMemoryRegistry:
                     rtt_ms=None if rtt is None else rtt * 1000.0,
                     flapping=recent >= FLAP_THRESHOLD,
                     replacements=recent,
+                    connected_at_iso=e.connected_at_iso,
                 )
             )
         return rows

@@ -323,6 +323,7 @@ class TunnelStream:
         if unread:
             self.tunnel.session.ack_data(self.id, unread)
             self.tunnel.flush_soon()
+        self.tunnel._maybe_finish_drain()
 
 
 RequestHandler = Callable[[TunnelStream], Awaitable[None]]
@@ -342,6 +343,7 @@ class Tunnel:
     __slots__ = (
         "__weakref__",
         "_cancel_scope",
+        "_drain_close",
         "_handlers",
         "_on_end",
         "_on_request",
@@ -383,6 +385,19 @@ class Tunnel:
         self._on_request: RequestHandler | None = None
         self.accepting = True
         """(gateway) False once the session must not take new requests."""
+        self._drain_close: tuple[int, str] | None = None
+
+    def drain(self, close_code: int, reason: str) -> None:
+        """Take no new requests; end the session (GOAWAY ``reason``, close
+        ``close_code``) as soon as no stream is in flight. h2 cannot finish
+        streams after GOAWAY (python-hyper/h2#1181), hence the wait before it."""
+        self.accepting = False
+        self._drain_close = (close_code, reason)
+        self._maybe_finish_drain()
+
+    def _maybe_finish_drain(self) -> None:
+        if self._drain_close is not None and not self._streams and self.end is None:
+            self.request_close(*self._drain_close)
 
     # -- streams ----------------------------------------------------------------
     @property
@@ -397,9 +412,7 @@ class Tunnel:
         if not self.session.can_open_stream():
             if self.session.stream_ids_exhausted:
                 # Redial for fresh stream ids once the current requests are done.
-                self.accepting = False
-                if not self._streams:
-                    self.request_close(_codes.WS_GOING_AWAY, "stream ids exhausted")
+                self.drain(_codes.WS_GOING_AWAY, "stream ids exhausted")
                 raise StreamError("stream ids exhausted; the agent will reconnect")
             raise AgentBusy("too many concurrent requests for this agent")
         stream_id = self.session.open_stream(headers, end_stream=end_stream)

@@ -20,6 +20,7 @@ import logging
 import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -45,11 +46,16 @@ ASGIApp = Callable[
 ]
 
 NO_BODY_STATUS = frozenset({204, 304})
+LIFESPAN_TIMEOUT = 10.0
 
 
 class Upstream(Protocol):
     async def handle(self, stream: TunnelStream) -> None:
         """Serve one request stream (its ``request`` is set)."""
+        ...
+
+    def running(self) -> AbstractAsyncContextManager[None]:
+        """Context for the agent's lifetime (an ASGI app's lifespan)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -150,6 +156,9 @@ class HttpUpstream:
     async def aclose(self) -> None:
         await self._pool.aclose()
 
+    def running(self) -> AbstractAsyncContextManager[None]:
+        return nullcontext()
+
     async def handle(self, stream: TunnelStream) -> None:
         assert stream.request is not None
         req = _Request(stream.request.headers)
@@ -209,6 +218,52 @@ class AsgiUpstream:
 
     async def aclose(self) -> None:
         return None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Run the app's ASGI lifespan (startup before serving, shutdown after).
+
+        An app without lifespan support (it raises, or returns at once) is
+        served anyway; a reported startup failure is a ConfigError.
+        """
+        send_ch, receive_ch = trio.open_memory_channel[MutableMapping[str, Any]](2)
+        replies_send, replies = trio.open_memory_channel[MutableMapping[str, Any]](2)
+
+        async def lifespan() -> None:
+            scope = {
+                "type": "lifespan",
+                "asgi": {"version": "3.0", "spec_version": "2.0"},
+                "state": {},
+            }
+            try:
+                await self.app(scope, receive_ch.receive, replies_send.send)
+            except Exception:  # no lifespan support: serve without it
+                log.debug("ASGI app has no lifespan support", exc_info=True)
+            finally:
+                replies_send.close()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lifespan)
+            await send_ch.send({"type": "lifespan.startup"})
+            supported = False
+            with trio.move_on_after(LIFESPAN_TIMEOUT):
+                async for reply in replies:
+                    if reply["type"] == "lifespan.startup.failed":
+                        raise ConfigError(
+                            f"the ASGI app failed to start: {reply.get('message', '')}"
+                        )
+                    supported = reply["type"] == "lifespan.startup.complete"
+                    break
+            try:
+                yield
+            finally:
+                if supported:
+                    with trio.move_on_after(LIFESPAN_TIMEOUT) as scope:
+                        scope.shield = True
+                        await send_ch.send({"type": "lifespan.shutdown"})
+                        async for _ in replies:
+                            break
+                nursery.cancel_scope.cancel()
 
     async def handle(self, stream: TunnelStream) -> None:
         assert stream.request is not None
