@@ -97,7 +97,9 @@ http {{
 }}
 """
     )
-    proc = subprocess.Popen(["nginx", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["nginx", "-c", str(conf)], stderr=subprocess.DEVNULL, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/small.bin")
     return proc, url
@@ -302,8 +304,15 @@ def main() -> None:
             )
         finally:
             for p in procs:
-                p.send_signal(signal.SIGKILL)
-                p.wait(timeout=10)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)  # and the children (hypercorn workers)
+                except ProcessLookupError:
+                    pass
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    print(f"warning: {p.args} did not exit", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,15 @@ class Proc:
         self._err = tempfile.NamedTemporaryFile(prefix="revconn-err-", delete=False)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("REVCONN_")}
         full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+        # A session of its own, so stop() also reaches its children (hypercorn
+        # runs its workers as child processes).
         self.popen = subprocess.Popen(
-            args, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL, env=full_env
+            args,
+            stdout=self._out,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            start_new_session=True,
         )
 
     @property
@@ -84,8 +91,11 @@ class Proc:
     def stop(self) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGCONT)
-            self.popen.kill()
-            self.popen.wait(timeout=10)
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(timeout=10)
         for f in (self._out, self._err):
             f.close()
             Path(f.name).unlink(missing_ok=True)
