@@ -312,12 +312,7 @@ class Gateway:
             return
         tunnel = self.registry.lookup(name)
         if not isinstance(tunnel, Tunnel) or not tunnel.accepting:
-            await _send_json(
-                send,
-                503,
-                {"error": "agent_offline", "agent": name, "detail": "agent is not connected"},
-                [(b"retry-after", b"5")],
-            )
+            await _agent_offline(send, name)
             return
         in_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
         host = next((v for n, v in in_headers if n == b"host"), b"")
@@ -351,10 +346,8 @@ class Gateway:
                 [(b"retry-after", b"1")],
             )
             return
-        except StreamError:
-            await _send_json(
-                send, 503, {"error": "agent_offline", "agent": name}, [(b"retry-after", b"5")]
-            )
+        except StreamError:  # the tunnel began to close since the lookup
+            await _agent_offline(send, name)
             return
         try:
             async with trio.open_nursery() as nursery:
@@ -528,6 +521,11 @@ async def _relay_response(stream: TunnelStream, send: ASGISend, name: str) -> No
         log.info("agent %r: response aborted mid-body: %s", name, exc)
         return  # no final body message: hypercorn closes the connection, visibly truncated
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _agent_offline(send: ASGISend, name: str) -> None:
+    payload = {"error": "agent_offline", "agent": name, "detail": "agent is not connected"}
+    await _send_json(send, 503, payload, [(b"retry-after", b"5")])
 
 
 async def _send_json(
