@@ -243,7 +243,8 @@ class TunnelStream:
         return self.response
 
     async def read(self) -> bytes | None:
-        """The next body chunk, or None at the end of the body."""
+        """The body bytes received so far (at most one stream window), or None at
+        the end of the body."""
         if self._unacked:
             self.tunnel.session.ack_data(self.id, self._unacked)
             self._unacked = 0
@@ -253,11 +254,13 @@ class TunnelStream:
                 return None
             self._check()
             await self._wait()
-        chunk = self._chunks.pop(0)
-        self._unacked += chunk.flow_length
-        if not chunk.data and chunk.end_stream:
-            return None
-        return chunk.data
+        # Everything buffered at once: fewer, larger writes downstream.
+        chunks, self._chunks = self._chunks, []
+        self._unacked += sum(c.flow_length for c in chunks)
+        data = chunks[0].data if len(chunks) == 1 else b"".join(c.data for c in chunks)
+        if not data:
+            return None if self.remote_ended else await self.read()
+        return data
 
     async def respond(
         self, status: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
