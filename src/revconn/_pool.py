@@ -23,7 +23,7 @@ import trio
 
 __all__ = ["Pool", "PoolResponse", "UpstreamClosed", "UpstreamConnectError"]
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 
 
 class UpstreamConnectError(OSError):
