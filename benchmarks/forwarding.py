@@ -107,8 +107,14 @@ http {{
 
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     full = {**os.environ, "REVCONN_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # A session of its own, so teardown can kill it with its children (hypercorn workers).
     return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=full
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=full,
+        start_new_session=True,
     )
 
 
@@ -307,7 +313,7 @@ def main() -> None:
                 try:
                     os.killpg(p.pid, signal.SIGKILL)  # and the children (hypercorn workers)
                 except ProcessLookupError:
-                    pass
+                    p.kill()
             for p in procs:
                 try:
                     p.wait(timeout=10)
