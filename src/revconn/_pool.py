@@ -58,14 +58,18 @@ class _Conn:
         if data:
             await self.stream.send_all(data)
 
+    def next_event_nowait(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next event from what is already buffered (NEED_DATA if none)."""
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamClosed(f"malformed response from upstream: {exc}") from None
+
     async def next_event(self, read_timeout: float) -> h11.Event:
         while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamClosed(f"malformed response from upstream: {exc}") from None
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
+            event = self.next_event_nowait()
+            if isinstance(event, h11.Event):
+                return event
             with trio.fail_after(read_timeout):
                 try:
                     data = await self.stream.receive_some(READ_SIZE)
@@ -87,12 +91,29 @@ class PoolResponse:
         self.headers = headers
         self._read_timeout = read_timeout
 
-    async def aiter_body(self) -> AsyncIterator[bytes]:
+    async def aiter_chunks(self) -> AsyncIterator[tuple[bytes, bool]]:
+        """Body chunks as ``(data, last)``. ``last`` is True on the final chunk
+        when the end of the message was already buffered: a small response
+        then leaves as one DATA frame with END_STREAM. A chunk is never held
+        back waiting for the network (streaming responses stay live)."""
+        conn = self._conn
+        pending: bytes | None = None
         while True:
-            event = await self._conn.next_event(self._read_timeout)
+            event: object
+            if pending is None:
+                event = await conn.next_event(self._read_timeout)
+            else:
+                event = conn.next_event_nowait()
+                if not isinstance(event, h11.Event):  # nothing more buffered
+                    chunk, pending = pending, None
+                    yield chunk, False
+                    continue
             if isinstance(event, h11.Data):
-                yield bytes(event.data)
+                if pending is not None:
+                    yield pending, False
+                pending = bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
+                yield (pending if pending is not None else b""), True
                 return
             elif isinstance(event, h11.ConnectionClosed):
                 raise UpstreamClosed("upstream closed the connection mid-body")

@@ -195,14 +195,13 @@ class HttpUpstream:
         headers = response_headers(status, response.headers, method)
         if method == b"HEAD" or status in NO_BODY_STATUS:
             await stream.respond(status, headers, end_stream=True)
-            async for _ in response.aiter_body():
+            async for _ in response.aiter_chunks():
                 pass  # h11 knows there is no body; this completes the exchange
             return
         stream.respond_nowait(status, headers)  # goes out with the first DATA
-        async for chunk in response.aiter_body():
-            if chunk:
-                await stream.send_body(chunk)
-        await stream.end()
+        async for chunk, last in response.aiter_chunks():
+            await stream.send_body(chunk, end_stream=last)
+        await stream.end()  # a no-op when the last chunk carried END_STREAM
 
 
 def headers_sent(stream: TunnelStream) -> bool:
