@@ -245,3 +245,20 @@ def test_demo_mode(procs: list[Proc]) -> None:
     eventually(demo_online)
     gw.signal(signal.SIGINT)
     assert gw.wait() == 0
+
+
+def test_repeated_replacement_keeps_gateway_alive(procs: list[Proc]) -> None:
+    """Simultaneous closes on replacement once crashed hypercorn's connection
+    handler and the whole gateway with it (see _AsgiTransport.close)."""
+    gw, url = start_gateway(procs)
+    previous = None
+    for _ in range(6):
+        agent = start_agent(procs, url, "flappy")
+        agent.wait_for("connected as")
+        if previous is not None:
+            assert previous.wait() == 4
+        previous = agent
+        assert gw.popen.poll() is None, gw.stderr
+    (row,) = endpoints(url)
+    assert row["flapping"] is True
+    assert "flapping" in gw.stderr

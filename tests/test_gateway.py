@@ -305,3 +305,27 @@ async def test_shutdown_lets_requests_in_flight_finish() -> None:
         assert results[0].status_code == 200
         assert results[0].text == "finished"
         nursery.cancel_scope.cancel()
+
+
+async def test_replacement_storm_does_not_take_the_gateway_down() -> None:
+    """Both sides closing at once on replacement once crashed hypercorn's connection
+    handler (BusyResourceError) and with it the whole gateway. 40 quick replacements."""
+    async with running_gateway() as gw:
+        replaced = 0
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                agent = agent_for(gw.url, "storm")
+
+                async def run(a: Agent = agent) -> None:
+                    nonlocal replaced
+                    try:
+                        await a.run()
+                    except ReplacedError:
+                        replaced += 1
+
+                nursery.start_soon(run)
+                await agent.connected.wait()
+            await wait_for(lambda: replaced == 39, timeout=10)
+            r = await get(gw.url, "/healthz")
+            assert r.status_code == 200
+            nursery.cancel_scope.cancel()

@@ -121,7 +121,13 @@ class _AsgiTransport:
         if self._closed:
             raise ConnectionLost("websocket closed")
         # hypercorn drops sends after the peer closed; the reader notices the close.
-        await self._send({"type": "websocket.send", "bytes": data})
+        try:
+            await self._send({"type": "websocket.send", "bytes": data})
+        except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # hypercorn's teardown writes outside its send lock: a send racing it
+            # fails here; the connection is going away either way.
+            self._closed = True
+            raise ConnectionLost(f"websocket send failed: {exc!r}") from None
 
     async def receive_message(self) -> bytes:
         while True:
@@ -144,6 +150,14 @@ class _AsgiTransport:
             return
         self._closed = True
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        # Stay until hypercorn reports the disconnect. Returning earlier lets
+        # hypercorn's connection teardown (send_eof, not under its send lock)
+        # race its reader task answering the agent's own close frame, which
+        # raises BusyResourceError out of hypercorn's TCPServer and takes the
+        # whole server down (seen when both sides closed at once on replacement).
+        # The caller bounds this wait.
+        while (await self._receive())["type"] != "websocket.disconnect":
+            pass
 
 
 class Gateway:
