@@ -465,3 +465,30 @@ def test_demo_page(procs: list[Proc]) -> None:
     assert "It works" in r.text
     gw.signal(signal.SIGTERM)
     assert gw.wait() == 0
+
+
+def test_agent_sigterm_lets_requests_in_flight_finish(procs: list[Proc]) -> None:
+    upstream = start_upstream(procs)
+    _, gateway = start_gateway(procs)
+    agent = start_agent(procs, gateway, "leaving", "--upstream", upstream)
+
+    async def run() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+            slow: list[httpx.Response] = []
+
+            async def call() -> None:
+                slow.append(await client.get(f"{gateway}/a/leaving/slow?s=1.5"))
+
+            nursery.start_soon(call)
+            await trio.sleep(0.4)
+            agent.signal(signal.SIGTERM)
+            await trio.sleep(0.3)
+            late = await client.get(f"{gateway}/a/leaving/status/200")
+        return slow[0], late
+
+    slow, late = trio.run(run)
+    assert slow.status_code == 200
+    assert slow.text == "slow done"
+    assert late.status_code == 503
+    assert late.json()["error"] == "agent_offline"
+    assert agent.wait() == 0

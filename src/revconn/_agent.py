@@ -201,11 +201,13 @@ class Agent:
                 await self.upstream.aclose()
 
     def stop(self) -> None:
-        """Make ``run()`` return soon: a connected tunnel says goodbye (GOAWAY
-        "shutdown", close 1001); a connection attempt or backoff wait is abandoned."""
+        """Make ``run()`` return soon: a connected tunnel takes no new requests,
+        lets those in flight finish, then says goodbye (GOAWAY "shutdown", close
+        1001); a connection attempt or backoff wait is abandoned. The caller
+        bounds the wait (the CLI: 10 s, or a second signal)."""
         self._supervisor.stop()
         if self.tunnel is not None:
-            self.tunnel.request_close(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
+            self.tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
         elif self._attempt_scope is not None:
             self._attempt_scope.cancel()
 

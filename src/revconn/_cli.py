@@ -35,7 +35,7 @@ EXIT_AUTH = 3
 EXIT_REPLACED = 4
 
 DEMO_NAME = "demo"
-STOP_GRACE = 3.0
+STOP_GRACE = 10.0  # agent: time for requests in flight to finish after SIGTERM
 
 log = logging.getLogger("revconn.cli")
 

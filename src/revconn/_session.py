@@ -310,6 +310,18 @@ class TunnelSession:
             return False
         return bool(conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams)
 
+    def stop_accepting_streams(self) -> None:
+        """(agent) Advertise SETTINGS_MAX_CONCURRENT_STREAMS = 0: the gateway opens no
+        new streams; those in flight are unaffected. The drain signal, since GOAWAY
+        would end them too (python-hyper/h2#1181)."""
+        if not self.closed and self.initiated:
+            self._conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+
+    @property
+    def peer_draining(self) -> bool:
+        """(gateway) The agent advertised SETTINGS_MAX_CONCURRENT_STREAMS = 0."""
+        return bool(self._conn.remote_settings.max_concurrent_streams == 0)
+
     @property
     def stream_ids_exhausted(self) -> bool:
         return bool(self._conn.highest_outbound_stream_id >= MAX_STREAM_ID - 2)

@@ -35,6 +35,7 @@ from ._session import (
     PingAcknowledged,
     RequestReceived,
     ResponseReceived,
+    Role,
     SessionEnded,
     StreamReset,
     TunnelSession,
@@ -396,6 +397,11 @@ class Tunnel:
         streams after GOAWAY (python-hyper/h2#1181), hence the wait before it."""
         self.accepting = False
         self._drain_close = (close_code, reason)
+        if self.session.role is Role.AGENT and self.end is None:
+            # Tell the gateway to open no more streams here (SETTINGS
+            # MAX_CONCURRENT_STREAMS = 0); the ones in flight finish first.
+            self.session.stop_accepting_streams()
+            self.flush_soon()
         self._maybe_finish_drain()
 
     def _maybe_finish_drain(self) -> None:
@@ -410,7 +416,7 @@ class Tunnel:
     def open_request(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> TunnelStream:
         """(gateway) Open a request stream (call ``flush()`` after). Raises AgentBusy or
         StreamError (tunnel ending)."""
-        if self.end is not None or not self.accepting:
+        if self.end is not None or not self.accepting or self.session.peer_draining:
             raise StreamError("tunnel is closing")
         if not self.session.can_open_stream():
             if self.session.stream_ids_exhausted:
