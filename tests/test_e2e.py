@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import signal
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -16,14 +15,6 @@ pytestmark = pytest.mark.e2e
 
 SECRET = "e2e-secret-abcdefghijklmnop"
 FAST_HB = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "0.5"]
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def start_gateway(

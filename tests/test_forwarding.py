@@ -105,14 +105,6 @@ def stack() -> Iterator[Stack]:
             p.stop()
 
 
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
 # -- routing and HTTP semantics ------------------------------------------------------------
 def test_path_and_query_are_byte_exact(stack: Stack) -> None:
     r = httpx.get(stack.url("/echo/a%2Fb/%7Euser/caf%C3%A9?x=1&y=%20z&x=2&empty="))

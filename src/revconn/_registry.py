@@ -266,10 +266,6 @@ class InMemoryRegistry:
         entry = self._entries.get(name)
         return None if entry is None else entry.session
 
-    def sessions(self) -> Iterator[AgentSession]:
-        """Every session held here (for shutdown)."""
-        return iter([e.session for e in self._entries.values()])
-
     @asynccontextmanager
     async def subscribe(self, capacity: int = 100) -> AsyncIterator[Subscription]:
         with self._subscription(capacity) as sub:

@@ -298,16 +298,12 @@ class TunnelSession:
         self._conn.close_connection(error_code=error_code, additional_data=data)
 
     # -- streams (outbound) --------------------------------------------------
-    @property
-    def open_streams(self) -> int:
-        return int(self._conn.open_outbound_streams + self._conn.open_inbound_streams)
-
     def can_open_stream(self) -> bool:
         """(gateway) False when the agent's SETTINGS_MAX_CONCURRENT_STREAMS is reached
         or stream ids are nearly used up (the session must then be redialled)."""
-        conn = self._conn
-        if self.closed or conn.highest_outbound_stream_id >= MAX_STREAM_ID - 2:
+        if self.closed or self.stream_ids_exhausted:
             return False
+        conn = self._conn
         return bool(conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams)
 
     def stop_accepting_streams(self) -> None:

@@ -120,9 +120,6 @@ class HeartbeatScheduler:
         self._nursery: trio.Nursery | None = None
         self._seq = 0
 
-    def __len__(self) -> int:
-        return len(self._due) + len(self._waiting)
-
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run ``fn`` in the scheduler's nursery (background flushes of its tunnels)."""
         if self._nursery is not None:
@@ -409,10 +406,6 @@ class Tunnel:
             self.request_close(*self._drain_close)
 
     # -- streams ----------------------------------------------------------------
-    @property
-    def active_streams(self) -> int:
-        return len(self._streams)
-
     def open_request(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> TunnelStream:
         """(gateway) Open a request stream (call ``flush()`` after). Raises AgentBusy or
         StreamError (tunnel ending)."""

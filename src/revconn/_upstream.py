@@ -97,7 +97,7 @@ class _Request:
         self.headers = rest
 
 
-def response_headers(status: int, headers: Headers, method: bytes) -> Headers:
+def response_headers(status: int, headers: Headers) -> Headers:
     """Upstream response headers made safe for h2: clean, and no Content-Length
     where HTTP/2 would check it against an empty body (204, 304)."""
     out = clean_headers(headers)
@@ -177,13 +177,13 @@ class HttpUpstream:
         except trio.TooSlowError:
             if stream.local_ended or stream.reset_code is not None:
                 return
-            if headers_sent(stream):
+            if stream.responded:
                 stream.reset(_codes.H2_INTERNAL_ERROR)
                 return
             detail = f"no response within {t:g} s"
             await respond_error(stream, 504, "upstream_timeout", self.agent, detail)
         except (UpstreamConnectError, UpstreamClosed) as exc:
-            if headers_sent(stream):
+            if stream.responded:
                 log.info("upstream failed mid-response on stream %d: %s", stream.id, exc)
                 stream.reset(_codes.H2_INTERNAL_ERROR)
                 return
@@ -192,7 +192,7 @@ class HttpUpstream:
 
     async def _relay(self, stream: TunnelStream, method: bytes, response: PoolResponse) -> None:
         status = response.status
-        headers = response_headers(status, response.headers, method)
+        headers = response_headers(status, response.headers)
         if method == b"HEAD" or status in NO_BODY_STATUS:
             await stream.respond(status, headers, end_stream=True)
             async for _ in response.aiter_chunks():
@@ -202,10 +202,6 @@ class HttpUpstream:
         async for chunk, last in response.aiter_chunks():
             await stream.send_body(chunk, end_stream=last)
         await stream.end()  # a no-op when the last chunk carried END_STREAM
-
-
-def headers_sent(stream: TunnelStream) -> bool:
-    return stream.responded
 
 
 class AsgiUpstream:
@@ -314,7 +310,7 @@ class AsgiUpstream:
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 headers = [(bytes(n), bytes(v)) for n, v in message.get("headers", [])]
-                start = (status, response_headers(status, headers, req.method))
+                start = (status, response_headers(status, headers))
                 return
             if message["type"] != "http.response.body":
                 return
