@@ -253,3 +253,33 @@ def test_arbitrary_frames_after_handshake(data: bytes) -> None:
 
 def test_client_preface_constant() -> None:
     assert len(CLIENT_PREFACE) == 24
+
+
+def test_late_response_on_a_stream_the_gateway_reset_is_ignored() -> None:
+    """The client went away, the gateway reset the stream, and the agent's
+    response was already on the wire: the late HEADERS and DATA must only be
+    dropped (h2 checks the gateway's own stream limit before it recognises a
+    reset stream, so a limit of 0 made this a connection error)."""
+    gw, ag = connected_pair()
+    sid = gw.open_stream(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")],
+        end_stream=True,
+    )
+    _, ev_ag = pump(gw, ag)
+    assert ev_ag == [RequestReceived(sid, ev_ag[0].headers, True)]  # type: ignore[attr-defined]
+    ag.send_response(sid, 200, [(b"content-length", b"5")], end_stream=False)
+    ag.send_data(sid, b"hello", end_stream=True)
+    in_flight = ag.data_to_send()
+    gw.reset_stream(sid)
+    assert gw.can_open_stream()  # h2 forgets the reset stream here
+    assert gw.receive_data(in_flight) == []
+    assert not gw.closed
+    # The session goes on: the next request round-trips.
+    sid2 = gw.open_stream(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/2")],
+        end_stream=True,
+    )
+    pump(gw, ag)
+    ag.send_response(sid2, 204, [], end_stream=True)
+    ev_gw, _ = pump(gw, ag)
+    assert ev_gw == [ResponseReceived(sid2, 204, [], True)]

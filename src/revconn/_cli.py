@@ -130,6 +130,13 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     show_default=True,
     help="HOST:PORT to listen on; repeatable. Port 0 picks a free port.",
 )
+@click.option(
+    "--public-bind",
+    "public_binds",
+    multiple=True,
+    help="HOST:PORT for the dedicated public listener (/a/NAME/... only, the fast "
+    "path); repeatable. Without it, public traffic uses /a/ on --bind.",
+)
 @click.option("--secret", envvar="REVCONN_SECRET", help="Shared secret (env REVCONN_SECRET).")
 @click.option(
     "--secret-file",
@@ -148,6 +155,7 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
 )
 def gateway_main(
     binds: tuple[str, ...],
+    public_binds: tuple[str, ...],
     secret: str | None,
     secret_file: Path | None,
     heartbeat_interval: float,
@@ -163,6 +171,7 @@ def gateway_main(
         policy = SharedSecretPolicy(key)
         config = GatewayConfig(
             binds=binds,
+            public_binds=public_binds,
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
             handshake_timeout=handshake_timeout,
         )
@@ -192,6 +201,9 @@ def gateway_main(
             urls: list[str] = await nursery.start(serve)
             base = urls[0]
             click.echo(f"revconn-gateway listening on {', '.join(urls)}")
+            if gateway.public_urls:
+                click.echo(f"public traffic on {', '.join(gateway.public_urls)}")
+            public = (gateway.public_urls or urls)[0]
             if generated:
                 click.echo(f"generated secret (shown once): {key}")
             if demo:
@@ -200,7 +212,7 @@ def gateway_main(
                 agents.append(agent)
                 nursery.start_soon(agent.run)
                 click.echo(f"demo agent {DEMO_NAME!r} connecting; its page, through the tunnel:")
-                click.echo(f"  curl {base}/a/{DEMO_NAME}/")
+                click.echo(f"  curl {public}/a/{DEMO_NAME}/")
                 click.echo("list the agents with:")
                 click.echo(f"  curl -H 'Authorization: Bearer {key}' {base}/endpoints")
             sys.stdout.flush()

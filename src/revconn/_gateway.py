@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -39,7 +38,17 @@ from ._errors import (
     RevconnTimeout,
     StreamError,
 )
-from ._headers import clean_headers, forwarded_request_headers
+from ._forward import (
+    Reply,
+    agent_busy,
+    agent_offline,
+    route,
+    stream_failure,
+    tunnel_request_headers,
+    valid_agent_name,
+)
+from ._headers import clean_headers
+from ._public import PublicServer
 from ._registry import InMemoryRegistry, Registration, Registry
 from ._session import Role, TunnelSession
 from ._tunnel import Heartbeat, HeartbeatScheduler, Tunnel, TunnelEnd, TunnelStream
@@ -53,14 +62,8 @@ ASGIMessage = MutableMapping[str, Any]
 ASGIReceive = Callable[[], Awaitable[ASGIMessage]]
 ASGISend = Callable[[ASGIMessage], Awaitable[None]]
 
-_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 MAX_MESSAGE_SIZE = 1 << 20  # 1 MiB: far above one HTTP/2 frame (16 KiB + 9)
 CLOSE_GRACE = 2.0  # after forcing tunnels closed, how long to let them say goodbye
-
-
-def valid_agent_name(name: str) -> bool:
-    """A lowercase DNS label: ``[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?``."""
-    return _NAME_RE.fullmatch(name) is not None
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -83,6 +86,11 @@ class GatewayConfig:
     """Gateway settings. ``binds`` use port 0 to pick a free port."""
 
     binds: tuple[str, ...] = ("127.0.0.1:8080",)
+    public_binds: tuple[str, ...] = ()
+    """Where the dedicated public listener (``/a/NAME/...`` only, trio + h11)
+    listens. ``/a/`` on ``binds`` works too, through hypercorn (slower)."""
+    public_idle_timeout: float = 60.0
+    """Public connections: keep-alive idle time and time allowed for a request head."""
     heartbeat: Heartbeat = Heartbeat()
     handshake_timeout: float = 10.0
     max_message_size: int = MAX_MESSAGE_SIZE
@@ -95,8 +103,10 @@ class GatewayConfig:
     def __attrs_post_init__(self) -> None:
         if not self.binds:
             raise ConfigError("at least one --bind is needed")
-        for bind in self.binds:
+        for bind in (*self.binds, *self.public_binds):
             parse_bind(bind)
+        if not (math.isfinite(self.public_idle_timeout) and self.public_idle_timeout > 0):
+            raise ConfigError("public idle timeout must be > 0 seconds")
         if not (math.isfinite(self.handshake_timeout) and self.handshake_timeout > 0):
             raise ConfigError("handshake timeout must be > 0 seconds")
 
@@ -177,6 +187,8 @@ class Gateway:
         self._heartbeats: HeartbeatScheduler | None = None
         self._shutting_down = False
         self._drained = trio.Event()
+        self.public_urls: list[str] = []
+        """The dedicated public listener's URLs, once ``serve()`` has started."""
         self.admin_app = self._make_admin_app()
 
     # -- ASGI entry -------------------------------------------------------------
@@ -295,10 +307,11 @@ class Gateway:
                 tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
             end = await tunnel.serve(self._heartbeats)
             log.info(
-                "agent %r offline (epoch %d): %s",
+                "agent %r offline (epoch %d): %s%s",
                 name,
                 registration.epoch,
                 end.reason or f"close {end.close_code}",
+                f" ({end.error})" if isinstance(end.error, ProtocolError) else "",
             )
         finally:
             self._tunnels.discard(tunnel)
@@ -312,39 +325,24 @@ class Gateway:
     async def _forward(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         """``ANY /a/NAME/REST?QUERY`` -> one stream on NAME's tunnel -> its upstream."""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        name_bytes, slash, rest = raw_path[3:].partition(b"/")
-        name = name_bytes.decode("latin-1")
-        query: bytes = scope.get("query_string", b"")
-        if not valid_agent_name(name):
-            await _send_json(send, 404, {"error": "not_found", "agent": name})
+        found = route(raw_path, scope.get("query_string", b""))
+        if isinstance(found, Reply):
+            await _send_reply(send, found)
             return
-        if not slash:
-            location = f"/a/{name}/" + (f"?{query.decode('latin-1')}" if query else "")
-            await _send_json(
-                send, 308, {"error": "redirect", "agent": name}, [(b"location", location.encode())]
-            )
-            return
+        name = found.name
         tunnel = self.registry.lookup(name)
         if not isinstance(tunnel, Tunnel) or not tunnel.accepting:
-            await _agent_offline(send, name)
+            await _send_reply(send, agent_offline(name))
             return
-        in_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
-        host = next((v for n, v in in_headers if n == b"host"), b"")
         client = scope.get("client")
-        target = b"/" + rest + (b"?" + query if query else b"")
-        headers = [
-            (b":method", scope["method"].encode("ascii")),
-            (b":scheme", b"http"),
-            (b":authority", host or b"localhost"),
-            (b":path", target),
-            *forwarded_request_headers(
-                in_headers,
-                client=client[0] if client else None,
-                proto=scope.get("scheme", "http"),
-                host=host or None,
-                prefix=f"/a/{name}",
-            ),
-        ]
+        headers = tunnel_request_headers(
+            scope["method"].encode("ascii"),
+            found.target,
+            scope.get("headers", []),
+            name=name,
+            client=client[0] if client else None,
+            proto=scope.get("scheme", "http"),
+        )
         message = await receive()
         if message["type"] != "http.request":
             return  # the client is already gone
@@ -353,15 +351,10 @@ class Gateway:
         try:
             stream = tunnel.open_request(headers, end_stream=not (body or more))
         except AgentBusy:
-            await _send_json(
-                send,
-                503,
-                {"error": "agent_busy", "agent": name, "detail": "too many concurrent requests"},
-                [(b"retry-after", b"1")],
-            )
+            await _send_reply(send, agent_busy(name))
             return
         except StreamError:  # the tunnel began to close since the lookup
-            await _agent_offline(send, name)
+            await _send_reply(send, agent_offline(name))
             return
         try:
             async with trio.open_nursery() as nursery:
@@ -406,29 +399,8 @@ class Gateway:
 
     def create_sockets(self) -> Sockets:
         """Listening sockets with TCP_NODELAY, TCP_USER_TIMEOUT and the configured backlog."""
-        socks: list[socket.socket] = []
-        try:
-            for bind in self.config.binds:
-                host, port = parse_bind(bind)
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if hasattr(socket, "TCP_USER_TIMEOUT"):
-                    # Inherited by accepted sockets (Linux).
-                    ms = int(self.config.effective_tcp_user_timeout * 1000)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
-                try:
-                    sock.bind((host, port))
-                except OSError as exc:
-                    raise ConfigError(f"cannot listen on {bind}: {exc.strerror}") from exc
-                sock.listen(self.config.backlog)
-                sock.setblocking(False)
-        except BaseException:
-            for sock in socks:
-                sock.close()
-            raise
+        user_timeout = self.config.effective_tcp_user_timeout
+        socks = _listen_all(self.config.binds, self.config.backlog, user_timeout)
         return Sockets(secure_sockets=[], insecure_sockets=socks, quic_sockets=[])
 
     async def serve(
@@ -438,7 +410,14 @@ class Gateway:
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until ``shutdown_trigger`` returns (or forever); reports the bound URLs."""
-        sockets = self.create_sockets()
+        public_sockets = _listen_all(self.config.public_binds, self.config.backlog, None)
+        try:
+            sockets = self.create_sockets()
+        except BaseException:
+            for sock in public_sockets:
+                sock.close()
+            raise
+        self.public_urls = [_url(sock) for sock in public_sockets]
         hc = self.hypercorn_config()
         trigger = shutdown_trigger or trio.sleep_forever
 
@@ -452,13 +431,53 @@ class Gateway:
             with trio.move_on_after(CLOSE_GRACE):
                 await self._drained.wait()
 
-        await worker_serve(
-            wrap_app(self, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-            hc,
-            sockets=sockets,
-            shutdown_trigger=shutdown,
-            task_status=task_status,
-        )
+        async with trio.open_nursery() as nursery:
+            if public_sockets:
+                public = PublicServer(self.registry, idle_timeout=self.config.public_idle_timeout)
+                await nursery.start(public.serve, public_sockets)
+            await worker_serve(
+                wrap_app(self, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                hc,
+                sockets=sockets,
+                shutdown_trigger=shutdown,
+                task_status=task_status,
+            )
+            nursery.cancel_scope.cancel()
+
+
+def _listen_all(
+    binds: tuple[str, ...], backlog: int, user_timeout: float | None
+) -> list[socket.socket]:
+    """Listening, non-blocking sockets for ``binds``; ConfigError names a bind that fails."""
+    socks: list[socket.socket] = []
+    try:
+        for bind in binds:
+            host, port = parse_bind(bind)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+                # Inherited by accepted sockets (Linux).
+                ms = int(user_timeout * 1000)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {bind}: {exc.strerror}") from exc
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def _pump_request(
@@ -505,15 +524,7 @@ async def _relay_response(stream: TunnelStream, send: ASGISend, name: str) -> No
     try:
         response = await stream.receive_response()
     except StreamError as exc:
-        if exc.error_code == _codes.H2_REFUSED_STREAM:
-            payload = {"error": "agent_busy", "agent": name, "detail": str(exc)}
-            await _send_json(send, 503, payload, [(b"retry-after", b"1")])
-        elif exc.error_code is None:
-            payload = {"error": "agent_disconnected", "agent": name, "detail": str(exc)}
-            await _send_json(send, 502, payload)
-        else:
-            payload = {"error": "agent_reset", "agent": name, "detail": str(exc)}
-            await _send_json(send, 502, payload)
+        await _send_reply(send, stream_failure(exc, name))
         return
     await send(
         {
@@ -537,25 +548,9 @@ async def _relay_response(stream: TunnelStream, send: ASGISend, name: str) -> No
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _agent_offline(send: ASGISend, name: str) -> None:
-    payload = {"error": "agent_offline", "agent": name, "detail": "agent is not connected"}
-    await _send_json(send, 503, payload, [(b"retry-after", b"5")])
-
-
-async def _send_json(
-    send: ASGISend,
-    status: int,
-    payload: object,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    body = _json_body(payload)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *(extra or []),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+async def _send_reply(send: ASGISend, reply: Reply) -> None:
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
 
 
 def _format_client(client: Any) -> str:

@@ -245,12 +245,16 @@ class TunnelSession:
             normalize_outbound_headers=False,
         )
         self._conn = h2.connection.H2Connection(config=config)
-        # The gateway never accepts streams from the agent.
+        # The gateway never accepts streams from the agent (it refuses them), but
+        # advertises 1, not 0: h2 checks this limit *before* it recognises a
+        # HEADERS frame on a stream we reset, so with 0 every late response (the
+        # client left, the agent had already answered) was a connection error
+        # that took all of the agent's requests down.
         self._conn.local_settings = h2.settings.Settings(
             client=client,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: (
-                    0 if client else max_concurrent_streams
+                    1 if client else max_concurrent_streams
                 ),
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,

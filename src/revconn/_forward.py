@@ -1,0 +1,125 @@
+"""What both public front ends share (sans-I/O): routing ``/a/NAME/...``,
+the request head that travels on the tunnel, and the gateway's JSON errors.
+
+The gateway has two front ends for public traffic with identical semantics:
+the ASGI route in :class:`~revconn._gateway.Gateway` (embeddable, served by
+hypercorn on ``--bind``) and the lean trio + h11 listener of ``_public.py``
+(``--public-bind``). Everything they must agree on lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+
+import attrs
+
+from . import _codes
+from ._errors import StreamError
+from ._headers import Headers, forwarded_request_headers
+
+__all__ = [
+    "Reply",
+    "Route",
+    "agent_busy",
+    "agent_offline",
+    "json_reply",
+    "route",
+    "stream_failure",
+    "tunnel_request_headers",
+    "valid_agent_name",
+]
+
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+PREFIX = b"/a/"
+
+
+def valid_agent_name(name: str) -> bool:
+    """A lowercase DNS label: ``[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?``."""
+    return _NAME_RE.fullmatch(name) is not None
+
+
+@attrs.frozen(slots=True)
+class Reply:
+    """A complete response the gateway answers by itself (errors, redirects)."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+def json_reply(status: int, payload: object, extra: Iterable[tuple[bytes, bytes]] = ()) -> Reply:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    return Reply(status, headers, body)
+
+
+def agent_offline(name: str) -> Reply:
+    payload = {"error": "agent_offline", "agent": name, "detail": "agent is not connected"}
+    return json_reply(503, payload, [(b"retry-after", b"5")])
+
+
+def agent_busy(name: str, detail: str = "too many concurrent requests") -> Reply:
+    payload = {"error": "agent_busy", "agent": name, "detail": detail}
+    return json_reply(503, payload, [(b"retry-after", b"1")])
+
+
+def stream_failure(exc: StreamError, name: str) -> Reply:
+    """The reply for a stream that failed before the response started."""
+    if exc.error_code == _codes.H2_REFUSED_STREAM:
+        return agent_busy(name, str(exc))
+    error = "agent_disconnected" if exc.error_code is None else "agent_reset"
+    return json_reply(502, {"error": error, "agent": name, "detail": str(exc)})
+
+
+@attrs.frozen(slots=True)
+class Route:
+    """``/a/NAME/REST?QUERY``: the agent and the target its upstream sees."""
+
+    name: str
+    target: bytes
+
+
+def route(path: bytes, query: bytes) -> Route | Reply:
+    """Split a raw public path (starting with ``/a/``) and query, byte-exact.
+
+    Returns the Route, or the Reply for a malformed name (404) or a missing
+    slash after the name (308 to ``/a/NAME/``).
+    """
+    name_bytes, slash, rest = path[len(PREFIX) :].partition(b"/")
+    name = name_bytes.decode("latin-1")
+    if not valid_agent_name(name):
+        return json_reply(404, {"error": "not_found", "agent": name})
+    if not slash:
+        location = b"/a/" + name_bytes + b"/" + (b"?" + query if query else b"")
+        return json_reply(308, {"error": "redirect", "agent": name}, [(b"location", location)])
+    return Route(name, b"/" + rest + (b"?" + query if query else b""))
+
+
+def tunnel_request_headers(
+    method: bytes,
+    target: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    name: str,
+    client: str | None,
+    proto: str,
+) -> Headers:
+    """The request as it travels on the tunnel: pseudo-headers, then the
+    end-to-end headers plus X-Forwarded-* and Via (``headers`` lower-cased)."""
+    items = list(headers)
+    host = next((v for n, v in items if n == b"host"), b"")
+    return [
+        (b":method", method),
+        (b":scheme", b"http"),
+        (b":authority", host or b"localhost"),
+        (b":path", target),
+        *forwarded_request_headers(
+            items, client=client, proto=proto, host=host or None, prefix=f"/a/{name}"
+        ),
+    ]

@@ -1,0 +1,430 @@
+"""The public listener: a lean trio + h11 HTTP/1.1 server for ``/a/NAME/...``.
+
+Public traffic is the gateway's hot path. Served through hypercorn's generic
+ASGI machinery it cost about half of the gateway's CPU per request (issue 3's
+profile, confirmed here), so ``--public-bind`` runs this dedicated listener
+instead; agents and the admin routes stay on hypercorn + quart-trio.
+
+Per connection there is one task that owns all reads (h11 parsing, request
+bodies, noticing a client that went away) and, per request, one relay task
+that writes the response. Semantics match the ASGI route exactly (both use
+``_forward.py``):
+
+* a client that disconnects resets its stream (the agent cancels the
+  upstream call);
+* an agent lost after the response started aborts the client connection, so
+  a truncated body never looks complete;
+* memory per connection is bounded: one h11 buffer (request heads up to
+  ``MAX_HEAD``) plus the stream's flow-control window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from collections.abc import Sequence
+
+import h11
+import trio
+
+from . import _codes
+from ._errors import AgentBusy, StreamError
+from ._forward import (
+    PREFIX,
+    Reply,
+    agent_busy,
+    agent_offline,
+    json_reply,
+    route,
+    stream_failure,
+    tunnel_request_headers,
+)
+from ._headers import clean_headers
+from ._registry import Registry
+from ._tunnel import Tunnel, TunnelStream
+
+__all__ = ["PublicServer"]
+
+log = logging.getLogger("revconn.public")
+
+MAX_HEAD = 64 * 1024
+"""Largest request head (request line + headers) accepted: 431 beyond."""
+READ_SIZE = 64 * 1024
+LINGER = 2.0
+"""After answering before the request body was read: how long to keep reading
+(and discarding) it, so the client sees the answer rather than a reset."""
+LINGER_BYTES = 1 << 20
+SEND_JOIN_LIMIT = 64 * 1024
+"""Pieces of a write are joined into one send below this size (one syscall);
+larger bodies go out as they are (no copy)."""
+
+
+class PublicServer:
+    """Serves ``/a/NAME/...`` on the listening sockets given to ``serve``."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        self.registry = registry
+        self.idle_timeout = idle_timeout
+        self.connections = 0
+
+    async def serve(
+        self,
+        sockets: Sequence[socket.socket],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on ``sockets`` (listening, non-blocking) until cancelled."""
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            task_status.started()
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = _Connection(self, stream)
+        try:
+            await conn.run()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away; its stream (if any) is reset below
+        except* Exception:
+            # A bug must cost one connection, never the listener (and every other client).
+            log.exception("public connection from %s failed", conn.client)
+        finally:
+            self.connections -= 1
+            conn.abandon()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+_Next = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
+
+
+class _Exchange:
+    """One request in flight on a connection."""
+
+    __slots__ = ("done", "method", "name", "scope", "stream")
+
+    def __init__(self, stream: TunnelStream, name: str, method: bytes) -> None:
+        self.stream = stream
+        self.name = name
+        self.method = method
+        self.scope = trio.CancelScope()
+        self.done = False
+
+
+class _Connection:
+    __slots__ = (
+        "_cycle_done",
+        "_exchange",
+        "_method",
+        "_nursery",
+        "_send_lock",
+        "_timeout",
+        "client",
+        "h11",
+        "server",
+        "stream",
+    )
+
+    def __init__(self, server: PublicServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        try:
+            peer = stream.socket.getpeername()
+            self.client: str | None = str(peer[0])
+        except OSError:
+            self.client = None
+        self._send_lock = trio.Lock()
+        self._exchange: _Exchange | None = None
+        self._cycle_done = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._timeout = trio.CancelScope()
+        self._method = b""
+
+    # -- writing (the relay task, and the reader for 100/4xx) ----------------------
+    async def _write(self, *events: h11.Event) -> None:
+        parts: list[bytes] = []
+        for event in events:
+            if isinstance(event, h11.Data) and len(event.data) > SEND_JOIN_LIMIT:
+                parts.extend(self.h11.send_with_data_passthrough(event) or [])
+            else:
+                data = self.h11.send(event)
+                if data:
+                    parts.append(data)
+        async with self._send_lock:
+            if len(parts) > 1 and sum(map(len, parts)) <= SEND_JOIN_LIMIT:
+                parts = [b"".join(parts)]
+            for part in parts:
+                await self.stream.send_all(part)
+
+    async def _reply(self, reply: Reply, *, close: bool = False) -> None:
+        headers = [*reply.headers, (b"connection", b"close")] if close else reply.headers
+        body = b"" if self._method == b"HEAD" else reply.body
+        events: list[h11.Event] = [h11.Response(status_code=reply.status, headers=headers)]
+        if body:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        await self._write(*events)
+
+    # -- the reader (this connection's own task) ----------------------------------
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            with self._timeout:
+                await self._read_loop()
+            if self._timeout.cancelled_caught:
+                await self._timed_out()
+            nursery.cancel_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        conn = self.h11
+        event: h11.Event | type[h11.PAUSED] | None = None
+        while True:
+            try:
+                if event is None:
+                    self._timeout.deadline = trio.current_time() + self.server.idle_timeout
+                    event = await self._next_event()
+                if event is h11.PAUSED:
+                    # A pipelined request waits until the current response is done.
+                    self._timeout.deadline = math.inf
+                    await self._cycle_done.wait()
+                    if conn.our_state is not h11.IDLE:
+                        return
+                    event = None
+                    continue
+                if not isinstance(event, h11.Request):
+                    return  # ConnectionClosed
+                self._method = event.method
+                event = await self._request(event)
+            except h11.RemoteProtocolError as exc:
+                ex = self._exchange
+                if ex is not None and not ex.done:
+                    self._client_gone(ex)
+                else:
+                    await self._bad_request(exc)
+                return
+
+    async def _timed_out(self) -> None:
+        """Idle or slow client: say 408 if a request head had begun, then close."""
+        conn = self.h11
+        if conn.their_state is h11.IDLE and conn.our_state is h11.IDLE and conn.trailing_data[0]:
+            detail = f"request head not received within {self.server.idle_timeout:g} s"
+            with trio.move_on_after(1):
+                await self._reply(
+                    json_reply(408, {"error": "request_timeout", "detail": detail}), close=True
+                )
+
+    async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
+        conn = self.h11
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await self.stream.receive_some(READ_SIZE))
+                continue
+            return event  # type: ignore[return-value]
+
+    async def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            status = exc.error_status_hint
+            error = "request_header_too_large" if status == 431 else "bad_request"
+            reply = json_reply(status, {"error": error, "detail": str(exc)})
+            await self._reply(reply, close=True)
+
+    async def _request(self, request: h11.Request) -> h11.Event | type[h11.PAUSED] | None:
+        """Forward one request; returns the connection's next event if it was
+        read while watching for the client going away."""
+        target = request.target
+        path, _, query = target.partition(b"?")
+        if not path.startswith(PREFIX):
+            reply = json_reply(
+                404, {"error": "not_found", "detail": "public routes are /a/NAME/..."}
+            )
+            await self._answer_early(reply)
+            return None
+        found = route(path, query)
+        if isinstance(found, Reply):
+            await self._answer_early(found)
+            return None
+        name = found.name
+        tunnel = self.server.registry.lookup(name)
+        if not isinstance(tunnel, Tunnel) or not tunnel.accepting:
+            await self._answer_early(agent_offline(name))
+            return None
+        headers = tunnel_request_headers(
+            request.method,
+            found.target,
+            request.headers,
+            name=name,
+            client=self.client,
+            proto="http",
+        )
+        first = self.h11.next_event()  # EndOfMessage right away for a bodiless request
+        bodiless = isinstance(first, h11.EndOfMessage)
+        try:
+            stream = tunnel.open_request(headers, end_stream=bodiless)
+        except AgentBusy:
+            await self._answer_early(agent_busy(name))
+            return None
+        except StreamError:  # the tunnel began to close since the lookup
+            await self._answer_early(agent_offline(name))
+            return None
+        exchange = _Exchange(stream, name, request.method)
+        self._exchange = exchange
+        self._cycle_done = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._relay, exchange)
+        if bodiless:
+            await tunnel.flush()
+        else:
+            await self._upload(exchange, first)
+        # Now watch for the client going away; the relay re-arms the idle
+        # timeout when the response is done.
+        self._timeout.deadline = math.inf
+        if exchange.done:
+            return None
+        event = await self._next_event()
+        if isinstance(event, h11.ConnectionClosed) and not exchange.done:
+            self._client_gone(exchange)
+            raise trio.BrokenResourceError("client closed the connection")
+        return event  # the next request, PAUSED (pipelined) or ConnectionClosed
+
+    async def _upload(self, exchange: _Exchange, first: _Next) -> None:
+        """Send the request body up the stream; a reset or an early response ends it."""
+        conn = self.h11
+        stream = exchange.stream
+        event = first
+        try:
+            while True:
+                if event is h11.NEED_DATA:
+                    if conn.they_are_waiting_for_100_continue:
+                        await self._write(h11.InformationalResponse(status_code=100, headers=[]))
+                    self._timeout.deadline = trio.current_time() + self.server.idle_timeout
+                    data = await self.stream.receive_some(READ_SIZE)
+                    self._timeout.deadline = math.inf
+                    if not data:
+                        self._client_gone(exchange)
+                        raise trio.BrokenResourceError("client closed during the upload")
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Data):
+                    await stream.send_body(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    await stream.end()
+                    return
+                else:
+                    raise AssertionError(event)
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError:  # a malformed chunked body
+                    self._client_gone(exchange)
+                    raise trio.BrokenResourceError("malformed request body") from None
+        except StreamError:
+            # The agent reset the stream or answered early; its reply (or error)
+            # is on the way. Drop the rest of the body, then close.
+            await self._discard_body()
+
+    async def _discard_body(self) -> None:
+        await self._cycle_done.wait()
+        with trio.move_on_after(LINGER):
+            seen = 0
+            while seen < LINGER_BYTES:
+                event = await self._next_event()
+                if isinstance(event, h11.Data):
+                    seen += len(event.data)
+                else:
+                    break
+        raise trio.BrokenResourceError("closing after an early response")
+
+    async def _answer_early(self, reply: Reply) -> None:
+        """Answer without the agent; keep the connection only if no body is pending."""
+        pending = not isinstance(self.h11.next_event(), h11.EndOfMessage)
+        self._exchange = None
+        await self._reply(reply, close=pending)
+        if pending:
+            raise trio.BrokenResourceError("closing: request body not read")
+        self.h11.start_next_cycle()
+
+    def _client_gone(self, exchange: _Exchange) -> None:
+        exchange.stream.reset(_codes.H2_CANCEL)
+        exchange.scope.cancel()
+
+    def abandon(self) -> None:
+        """Connection over: whatever is in flight is reset."""
+        ex = self._exchange
+        if ex is not None and not ex.done:
+            self._client_gone(ex)
+
+    # -- the relay (one task per request) -------------------------------------
+    async def _relay(self, exchange: _Exchange) -> None:
+        stream = exchange.stream
+        try:
+            with exchange.scope:
+                await self._relay_response(exchange)
+        finally:
+            exchange.done = True
+            if stream.local_ended and stream.remote_ended:
+                stream.close()
+            else:
+                stream.reset(_codes.H2_CANCEL)
+            self._cycle_done.set()
+
+    async def _relay_response(self, exchange: _Exchange) -> None:
+        stream = exchange.stream
+        try:
+            response = await stream.receive_response()
+        except StreamError as exc:
+            await self._reply(stream_failure(exc, exchange.name), close=not stream.local_ended)
+            self._finish_cycle()
+            return
+        status = response.status
+        if not 200 <= status <= 999:
+            detail = f"agent answered with status {status}"
+            reply = json_reply(
+                502, {"error": "bad_response", "agent": exchange.name, "detail": detail}
+            )
+            await self._reply(reply, close=True)
+            self._abort()
+            return
+        head = h11.Response(status_code=status, headers=clean_headers(response.headers))
+        try:
+            if response.end_stream:
+                await self._write(head, h11.EndOfMessage())
+            else:
+                chunk = await stream.read()
+                if chunk is None:
+                    await self._write(head, h11.EndOfMessage())
+                else:
+                    await self._write(head, h11.Data(data=chunk))
+                    while (chunk := await stream.read()) is not None:
+                        await self._write(h11.Data(data=chunk))
+                    await self._write(h11.EndOfMessage())
+        except StreamError as exc:
+            log.info("agent %r: response aborted mid-body: %s", exchange.name, exc)
+            self._abort()
+            return
+        except h11.LocalProtocolError as exc:
+            # The agent's response contradicts itself (e.g. more or less body than
+            # its Content-Length): the client must not take it as complete.
+            log.info("agent %r: bad response framing: %s", exchange.name, exc)
+            self._abort()
+            return
+        self._finish_cycle()
+
+    def _finish_cycle(self) -> None:
+        conn = self.h11
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            self._timeout.deadline = trio.current_time() + self.server.idle_timeout
+        elif conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+            self._abort()
+
+    def _abort(self) -> None:
+        """Close the connection now (no final chunk: a truncated body stays visible)."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
