@@ -49,13 +49,24 @@ def start_upstream(procs: list[Proc]) -> str:
     return up.wait_for(r"Running on (http://127\.0\.0\.1:\d+)").group(1)
 
 
-def start_gateway(procs: list[Proc], *extra: str) -> tuple[Proc, str]:
+def start_gateway(procs: list[Proc], *extra: str, front: str = "public") -> tuple[Proc, str, str]:
+    """A gateway; returns it, its main URL (agents, admin) and the URL public
+    traffic goes to: the dedicated listener (``front="public"``, the default)
+    or ``/a/`` on the main port through hypercorn (``front="hypercorn"``)."""
+    public = ["--public-bind", "127.0.0.1:0"] if front == "public" else []
     gw = Proc(
-        [*executable("revconn-gateway"), "--bind", "127.0.0.1:0", *extra],
+        [*executable("revconn-gateway"), "--bind", "127.0.0.1:0", *public, *extra],
         {"REVCONN_SECRET": SECRET},
     )
     procs.append(gw)
-    return gw, gw.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
+    base = gw.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
+    if not public:
+        return gw, base, base
+    return (
+        gw,
+        base,
+        gw.wait_for(r"public traffic on (http://127\.0\.0\.1:\d+)", stream="out").group(1),
+    )
 
 
 def start_agent(procs: list[Proc], gateway: str, name: str, *extra: str) -> Proc:
@@ -83,23 +94,25 @@ def wait_online(gateway: str, name: str, timeout: float = 10) -> None:
 class Stack:
     upstream: str
     gateway: str
+    public: str
     gw: Proc
     agent: Proc
 
     def url(self, path: str, name: str = "web") -> str:
-        return f"{self.gateway}/a/{name}{path}"
+        return f"{self.public}/a/{name}{path}"
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["public", "hypercorn"])
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """Every stack test runs against both public front ends."""
     procs: list[Proc] = []
     try:
         upstream = start_upstream(procs)
-        gw, gateway = start_gateway(procs)
+        gw, gateway, public = start_gateway(procs, front=request.param)
         agent = start_agent(
             procs, gateway, "web", "--upstream", upstream, "--upstream-timeout", "2"
         )
-        yield Stack(upstream, gateway, gw, agent)
+        yield Stack(upstream, gateway, public, gw, agent)
     finally:
         for p in procs:
             p.stop()
@@ -115,7 +128,7 @@ def test_path_and_query_are_byte_exact(stack: Stack) -> None:
 
 
 def test_prefix_without_slash_redirects(stack: Stack) -> None:
-    r = httpx.get(f"{stack.gateway}/a/web?q=1")
+    r = httpx.get(f"{stack.public}/a/web?q=1")
     assert r.status_code == 308
     assert r.headers["location"] == "/a/web/?q=1"
 
@@ -192,14 +205,23 @@ def test_request_headers_forwarded(stack: Stack) -> None:
     assert values["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
     assert values["x-forwarded-prefix"] == ["/a/web"]
     assert values["x-forwarded-proto"] == ["http"]
-    assert values["x-forwarded-host"] == [stack.gateway.removeprefix("http://")]
+    assert values["x-forwarded-host"] == [stack.public.removeprefix("http://")]
     assert values["via"] == ["1.1 revconn"]
 
 
 # -- errors -----------------------------------------------------------------------------------
+def test_oversized_request_head_is_refused_without_harming_the_agent(stack: Stack) -> None:
+    # Larger than the agent's HTTP/2 header list limit: must never reach h2, where
+    # it would be a connection error for every request of the agent.
+    r = httpx.get(stack.url("/echo"), headers={"X-Big": "a" * 70_000})
+    assert r.status_code in (400, 431)
+    assert httpx.get(stack.url("/status/200")).status_code == 200
+    assert stack.agent.count("disconnected") == 0
+
+
 def test_unknown_agent_is_503_agent_offline(stack: Stack) -> None:
     t0 = time.monotonic()
-    r = httpx.get(f"{stack.gateway}/a/nobody/x")
+    r = httpx.get(f"{stack.public}/a/nobody/x")
     assert time.monotonic() - t0 < 1
     assert r.status_code == 503
     assert r.json() == {
@@ -317,7 +339,7 @@ def test_large_upload_byte_exact(stack: Stack) -> None:
 
 
 def test_stalled_reader_does_not_slow_others(stack: Stack) -> None:
-    host, port = stack.gateway.removeprefix("http://").split(":")
+    host, port = stack.public.removeprefix("http://").split(":")
     stalled = socket.create_connection((host, int(port)))
     try:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -352,12 +374,12 @@ def test_client_disconnect_cancels_upstream_call(stack: Stack) -> None:
 
 def test_agent_killed_mid_response_aborts_client(procs: list[Proc]) -> None:
     upstream = start_upstream(procs)
-    _, gateway = start_gateway(procs)
+    _, gateway, public = start_gateway(procs)
     agent = start_agent(procs, gateway, "victim", "--upstream", upstream)
     got = b""
     with (
         pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)),
-        httpx.stream("GET", f"{gateway}/a/victim/stream?n=50&interval=0.1", timeout=10) as r,
+        httpx.stream("GET", f"{public}/a/victim/stream?n=50&interval=0.1", timeout=10) as r,
     ):
         for chunk in r.iter_raw():
             got += chunk
@@ -369,7 +391,7 @@ def test_agent_killed_mid_response_aborts_client(procs: list[Proc]) -> None:
 
 def test_agent_lost_before_response_is_502(procs: list[Proc]) -> None:
     upstream = start_upstream(procs)
-    _, gateway = start_gateway(procs)
+    _, gateway, public = start_gateway(procs)
     agent = start_agent(procs, gateway, "victim", "--upstream", upstream)
 
     async def run() -> httpx.Response:
@@ -377,7 +399,7 @@ def test_agent_lost_before_response_is_502(procs: list[Proc]) -> None:
             result: list[httpx.Response] = []
 
             async def call() -> None:
-                result.append(await client.get(f"{gateway}/a/victim/hang"))
+                result.append(await client.get(f"{public}/a/victim/hang"))
 
             nursery.start_soon(call)
             await trio.sleep(0.5)
@@ -400,7 +422,7 @@ def test_two_agents_routed_separately(stack: Stack, procs: list[Proc]) -> None:
 
 def test_replacement_mid_traffic(procs: list[Proc]) -> None:
     upstream = start_upstream(procs)
-    _, gateway = start_gateway(procs)
+    _, gateway, public = start_gateway(procs)
     old = start_agent(procs, gateway, "svc", "--upstream", upstream)
 
     async def run() -> list[int]:
@@ -408,7 +430,7 @@ def test_replacement_mid_traffic(procs: list[Proc]) -> None:
         async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
 
             async def call() -> None:
-                r = await client.get(f"{gateway}/a/svc/slow?s=1")
+                r = await client.get(f"{public}/a/svc/slow?s=1")
                 statuses.append(r.status_code)
 
             for _ in range(5):
@@ -423,33 +445,32 @@ def test_replacement_mid_traffic(procs: list[Proc]) -> None:
     assert old.wait() == 4
     # In-flight requests on the replaced session fail fast with a clear error, never hang.
     assert set(statuses) <= {200, 502}
-    r = httpx.get(f"{gateway}/a/svc/status/200")
+    r = httpx.get(f"{public}/a/svc/status/200")
     assert r.status_code == 200
 
 
 def test_asgi_app_agent(procs: list[Proc]) -> None:
-    _, gateway = start_gateway(procs)
+    _, gateway, public = start_gateway(procs)
     start_agent(procs, gateway, "inproc", "--app", "tests.upstream_app:app")
-    r = httpx.get(f"{gateway}/a/inproc/echo/x%2Fy?z=1", headers={"X-Test": "1"})
+    r = httpx.get(f"{public}/a/inproc/echo/x%2Fy?z=1", headers={"X-Test": "1"})
     assert r.status_code == 200
     echo = r.json()
     assert echo["raw_path"] == "/echo/x%2Fy"
     assert echo["query"] == "z=1"
     data = pattern(3_000_000, 5)
-    r = httpx.post(f"{gateway}/a/inproc/upload", content=data)
+    r = httpx.post(f"{public}/a/inproc/upload", content=data)
     assert r.json() == {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    r = httpx.get(f"{gateway}/a/inproc/status/204")
+    r = httpx.get(f"{public}/a/inproc/status/204")
     assert r.status_code == 204
 
 
 def test_demo_page(procs: list[Proc]) -> None:
     gw = Proc([*executable("revconn-gateway"), "--bind", "127.0.0.1:0", "--demo"])
     procs.append(gw)
-    gateway = gw.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
-    gw.wait_for(r"curl http://127\.0\.0\.1:\d+/a/demo/", stream="out")
+    page = gw.wait_for(r"curl (http://127\.0\.0\.1:\d+/a/demo/)", stream="out").group(1)
     deadline = time.monotonic() + 10
     while True:
-        r = httpx.get(f"{gateway}/a/demo/")
+        r = httpx.get(page)
         if r.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -461,7 +482,7 @@ def test_demo_page(procs: list[Proc]) -> None:
 
 def test_agent_sigterm_lets_requests_in_flight_finish(procs: list[Proc]) -> None:
     upstream = start_upstream(procs)
-    _, gateway = start_gateway(procs)
+    _, gateway, public = start_gateway(procs)
     agent = start_agent(procs, gateway, "leaving", "--upstream", upstream)
 
     async def run() -> tuple[httpx.Response, httpx.Response]:
@@ -469,13 +490,13 @@ def test_agent_sigterm_lets_requests_in_flight_finish(procs: list[Proc]) -> None
             slow: list[httpx.Response] = []
 
             async def call() -> None:
-                slow.append(await client.get(f"{gateway}/a/leaving/slow?s=1.5"))
+                slow.append(await client.get(f"{public}/a/leaving/slow?s=1.5"))
 
             nursery.start_soon(call)
             await trio.sleep(0.4)
             agent.signal(signal.SIGTERM)
             await trio.sleep(0.3)
-            late = await client.get(f"{gateway}/a/leaving/status/200")
+            late = await client.get(f"{public}/a/leaving/status/200")
         return slow[0], late
 
     slow, late = trio.run(run)

@@ -24,6 +24,7 @@ __all__ = [
     "Route",
     "agent_busy",
     "agent_offline",
+    "header_list_too_large",
     "json_reply",
     "route",
     "stream_failure",
@@ -99,6 +100,20 @@ def route(path: bytes, query: bytes) -> Route | Reply:
         location = b"/a/" + name_bytes + b"/" + (b"?" + query if query else b"")
         return json_reply(308, {"error": "redirect", "agent": name}, [(b"location", location)])
     return Route(name, b"/" + rest + (b"?" + query if query else b""))
+
+
+MAX_HEADER_LIST = 65_536
+"""The agent's SETTINGS_MAX_HEADER_LIST_SIZE (h2's default): a larger request
+head is answered 431 here rather than refused by the agent."""
+
+
+def header_list_too_large(headers: Headers) -> Reply | None:
+    """431 if ``headers`` exceed the tunnel's header list size (RFC 9113 6.5.2:
+    name + value + 32 octets per field)."""
+    if sum(len(n) + len(v) + 32 for n, v in headers) <= MAX_HEADER_LIST:
+        return None
+    detail = f"request headers exceed {MAX_HEADER_LIST} bytes"
+    return json_reply(431, {"error": "request_header_too_large", "detail": detail})
 
 
 def tunnel_request_headers(

@@ -42,6 +42,7 @@ from ._forward import (
     Reply,
     agent_busy,
     agent_offline,
+    header_list_too_large,
     route,
     stream_failure,
     tunnel_request_headers,
@@ -343,6 +344,10 @@ class Gateway:
             client=client[0] if client else None,
             proto=scope.get("scheme", "http"),
         )
+        too_large = header_list_too_large(headers)
+        if too_large is not None:
+            await _send_reply(send, too_large)
+            return
         message = await receive()
         if message["type"] != "http.request":
             return  # the client is already gone

@@ -20,6 +20,7 @@ that writes the response. Semantics match the ASGI route exactly (both use
 
 from __future__ import annotations
 
+import http
 import logging
 import math
 import socket
@@ -35,6 +36,7 @@ from ._forward import (
     Reply,
     agent_busy,
     agent_offline,
+    header_list_too_large,
     json_reply,
     route,
     stream_failure,
@@ -55,6 +57,7 @@ LINGER = 2.0
 """After answering before the request body was read: how long to keep reading
 (and discarding) it, so the client sees the answer rather than a reset."""
 LINGER_BYTES = 1 << 20
+_REASONS = {int(status): status.phrase.encode("ascii") for status in http.HTTPStatus}
 SEND_JOIN_LIMIT = 64 * 1024
 """Pieces of a write are joined into one send below this size (one syscall);
 larger bodies go out as they are (no copy)."""
@@ -167,7 +170,10 @@ class _Connection:
     async def _reply(self, reply: Reply, *, close: bool = False) -> None:
         headers = [*reply.headers, (b"connection", b"close")] if close else reply.headers
         body = b"" if self._method == b"HEAD" else reply.body
-        events: list[h11.Event] = [h11.Response(status_code=reply.status, headers=headers)]
+        response = h11.Response(
+            status_code=reply.status, headers=headers, reason=_REASONS.get(reply.status, b"")
+        )
+        events: list[h11.Event] = [response]
         if body:
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
@@ -265,6 +271,10 @@ class _Connection:
             client=self.client,
             proto="http",
         )
+        too_large = header_list_too_large(headers)
+        if too_large is not None:
+            await self._answer_early(too_large)
+            return None
         first = self.h11.next_event()  # EndOfMessage right away for a bodiless request
         bodiless = isinstance(first, h11.EndOfMessage)
         try:
@@ -391,7 +401,11 @@ class _Connection:
             await self._reply(reply, close=True)
             self._abort()
             return
-        head = h11.Response(status_code=status, headers=clean_headers(response.headers))
+        head = h11.Response(
+            status_code=status,
+            headers=clean_headers(response.headers),
+            reason=_REASONS.get(status, b""),
+        )
         try:
             if response.end_stream:
                 await self._write(head, h11.EndOfMessage())

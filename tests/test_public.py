@@ -1,0 +1,201 @@
+"""The dedicated public listener (trio + h11) at the HTTP/1.1 byte level:
+keep-alive, pipelining, 100-continue, malformed input, timeouts.
+
+An in-process gateway with ``public_binds`` and an in-process agent serving
+the test upstream app; clients are raw sockets, parsed with h11.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import h11
+import pytest
+import trio
+
+from revconn import Agent, AgentConfig, Backoff
+
+from ._gateway_helpers import SECRET, RunningGateway, running_gateway, wait_for
+from .upstream_app import app, pattern
+
+pytestmark = pytest.mark.e2e
+
+
+@asynccontextmanager
+async def public_stack(**config: object) -> AsyncIterator[tuple[RunningGateway, int]]:
+    """A gateway with a public listener and agent "web" online; yields the public port."""
+    async with running_gateway(public_binds=("127.0.0.1:0",), **config) as gw:
+        agent = Agent(
+            AgentConfig(gateway=gw.url, name="web", secret=SECRET, backoff=Backoff(0.1, 1)),
+            app=app,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent.run)
+            await wait_for(lambda: gw.gateway.registry.lookup("web") is not None)
+            port = int(gw.gateway.public_urls[0].rsplit(":", 1)[1])
+            yield gw, port
+            nursery.cancel_scope.cancel()
+
+
+class Client:
+    """A raw HTTP/1.1 client connection: requests go out as bytes (so they can be
+    pipelined or malformed); each response is parsed by a fresh h11 connection."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+        self.h11 = self._parser("POST")
+
+    def _parser(self, method: str) -> h11.Connection:
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+        conn.send(h11.EndOfMessage())
+        if self.buffer:  # (h11 reads b"" as end of file)
+            conn.receive_data(self.buffer)
+        self.buffer = b""
+        return conn
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def next_event(self) -> h11.Event:
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                self.h11.receive_data(await self.stream.receive_some(65536))
+                continue
+            assert event is not h11.PAUSED
+            return event  # type: ignore[return-value]
+
+    async def response(self, method: str = "GET") -> tuple[h11.Response, bytes]:
+        """The next complete response (informational ones skipped)."""
+        head = await self.next_event()
+        while isinstance(head, h11.InformationalResponse):
+            head = await self.next_event()
+        assert isinstance(head, h11.Response), head
+        body = b""
+        while not isinstance(event := await self.next_event(), h11.EndOfMessage):
+            assert isinstance(event, h11.Data), event
+            body += event.data
+        self.buffer = self.h11.trailing_data[0]
+        self.h11 = self._parser(method)
+        return head, body
+
+    async def closed_by_peer(self) -> bool:
+        with trio.fail_after(5):
+            try:
+                return await self.stream.receive_some(65536) == b""
+            except trio.BrokenResourceError:
+                return True
+
+
+@asynccontextmanager
+async def connect(port: int) -> AsyncIterator[Client]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        yield Client(stream)
+
+
+def get(path: str, *extra: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: example.test", *extra, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+async def test_keep_alive_and_pipelined_requests_answered_in_order() -> None:
+    async with public_stack() as (_, port), connect(port) as client:
+        # Two requests in one write (pipelining), then a third on the same connection.
+        await client.send_raw(get("/a/web/echo/one") + get("/a/web/echo/two?x=1"))
+        first, body1 = await client.response()
+        second, body2 = await client.response()
+        assert first.status_code == second.status_code == 200
+        assert json.loads(body1)["raw_path"] == "/echo/one"
+        assert json.loads(body2)["query"] == "x=1"
+        await client.send_raw(get("/a/web/bytes?n=100000&seed=3"))
+        third, body3 = await client.response()
+        assert third.status_code == 200
+        assert body3 == pattern(100000, 3)
+
+
+async def test_expect_100_continue_upload() -> None:
+    data = pattern(300_000, 9)
+    async with public_stack() as (_, port), connect(port) as client:
+        head = (
+            "POST /a/web/upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        await client.send_raw(head)
+        # The body is sent only after the interim 100 arrives.
+        interim = await client.next_event()
+        assert isinstance(interim, h11.InformationalResponse)
+        assert interim.status_code == 100
+        await client.send_raw(data)
+        response, body = await client.response()
+        assert response.status_code == 200
+        assert json.loads(body) == {
+            "length": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "error"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+        (b"GET /a/web/ HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400, "bad_request"),
+        (b"GET /a/web/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431, None),
+        (get("/endpoints"), 404, "not_found"),
+        (get("/a/Not_A_Name/x"), 404, "not_found"),
+        (get("/a/nobody/x"), 503, "agent_offline"),
+    ],
+)
+async def test_bad_input_gets_a_clear_status_and_the_listener_keeps_serving(
+    raw: bytes, status: int, error: str | None
+) -> None:
+    async with public_stack() as (_, port):
+        async with connect(port) as client:
+            await client.send_raw(raw)
+            response, body = await client.response()
+            assert response.status_code == status
+            if error is not None:
+                assert json.loads(body)["error"] == error
+        async with connect(port) as client:
+            await client.send_raw(get("/a/web/status/200"))
+            ok, _ = await client.response()
+            assert ok.status_code == 200
+
+
+async def test_early_answer_with_a_body_pending_closes_the_connection() -> None:
+    async with public_stack() as (_, port), connect(port) as client:
+        head = b"POST /a/nobody/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        await client.send_raw(head + b"x" * 1000)
+        response, body = await client.response()
+        assert response.status_code == 503
+        assert json.loads(body)["error"] == "agent_offline"
+        assert (b"connection", b"close") in response.headers
+        assert await client.closed_by_peer()
+
+
+async def test_slow_request_head_gets_408_and_idle_connection_is_closed() -> None:
+    async with public_stack(public_idle_timeout=0.3) as (_, port):
+        async with connect(port) as client:
+            await client.send_raw(b"GET /a/web/ HTTP/1.1\r\nHost: x\r\n")  # never finished
+            response, body = await client.response()
+            assert response.status_code == 408
+            assert json.loads(body)["error"] == "request_timeout"
+        async with connect(port) as client:
+            await client.send_raw(get("/a/web/status/204"))
+            ok, _ = await client.response()
+            assert ok.status_code == 204
+            assert await client.closed_by_peer()  # idle after the response: closed
+
+
+async def test_response_reason_phrase_and_chunked_streaming() -> None:
+    async with public_stack() as (_, port), connect(port) as client:
+        await client.send_raw(get("/a/web/stream?n=3&interval=0.01"))
+        response, body = await client.response()
+        assert response.status_code == 200
+        assert response.reason == b"OK"
+        assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
