@@ -16,10 +16,17 @@ from revconn._session import Role, TunnelSession
 SECRET = "test-secret-0123456789"
 
 
+FRONT = "hypercorn"
+"""Which listener agents dial in ``running_gateway``: "hypercorn" (``--bind``) or
+"public" (the lean listener of ``--public-bind``). Test modules switch it."""
+
+
 @attrs.define
 class RunningGateway:
     gateway: Gateway
     url: str
+    agent_url: str
+    """Where agents dial (and public requests go): ``url`` or the public listener."""
 
     @property
     def ws_url(self) -> str:
@@ -30,13 +37,16 @@ class RunningGateway:
 async def running_gateway(
     heartbeat: Heartbeat = Heartbeat(15, 10), **config: object
 ) -> AsyncIterator[RunningGateway]:
+    if FRONT == "public":
+        config.setdefault("public_binds", ("127.0.0.1:0",))
     cfg = GatewayConfig(binds=("127.0.0.1:0",), heartbeat=heartbeat, **config)  # type: ignore[arg-type]
     gateway = Gateway(cfg, SharedSecretPolicy(SECRET))
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(partial(gateway.serve, shutdown_trigger=stop.wait))
         try:
-            yield RunningGateway(gateway, urls[0])
+            public = gateway.public_urls[0] if gateway.public_urls else urls[0]
+            yield RunningGateway(gateway, urls[0], public if FRONT == "public" else urls[0])
         finally:
             stop.set()
             with trio.move_on_after(5) as scope:
@@ -59,7 +69,7 @@ async def raw_agent(
     The TCP stream is ours and is closed on exit (trio-websocket would leak it
     if its nursery were just cancelled).
     """
-    port = int(gw.url.rsplit(":", 1)[1])
+    port = int(gw.agent_url.rsplit(":", 1)[1])
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream, trio.open_nursery() as nursery:
         ws = await wrap_client_stream(

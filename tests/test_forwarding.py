@@ -69,9 +69,21 @@ def start_gateway(procs: list[Proc], *extra: str, front: str = "public") -> tupl
     )
 
 
-def start_agent(procs: list[Proc], gateway: str, name: str, *extra: str) -> Proc:
+def start_agent(
+    procs: list[Proc], gateway: str, name: str, *extra: str, dial: str | None = None
+) -> Proc:
+    """An agent for ``gateway`` (main URL, for /endpoints) dialing ``dial``
+    (default: the main URL; the public listener accepts agents too)."""
     agent = Proc(
-        [*executable("revconn-agent"), "serve", "--gateway", gateway, "--name", name, *extra],
+        [
+            *executable("revconn-agent"),
+            "serve",
+            "--gateway",
+            dial or gateway,
+            "--name",
+            name,
+            *extra,
+        ],
         {"REVCONN_SECRET": SECRET, "PYTHONPATH": str(ROOT)},
     )
     procs.append(agent)
@@ -98,6 +110,11 @@ class Stack:
     gw: Proc
     agent: Proc
 
+    @property
+    def dial(self) -> str:
+        """Where agents dial: the public listener when there is one."""
+        return self.public
+
     def url(self, path: str, name: str = "web") -> str:
         return f"{self.public}/a/{name}{path}"
 
@@ -110,7 +127,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         upstream = start_upstream(procs)
         gw, gateway, public = start_gateway(procs, front=request.param)
         agent = start_agent(
-            procs, gateway, "web", "--upstream", upstream, "--upstream-timeout", "2"
+            procs, gateway, "web", "--upstream", upstream, "--upstream-timeout", "2", dial=public
         )
         yield Stack(upstream, gateway, public, gw, agent)
     finally:
@@ -243,7 +260,9 @@ def test_upstream_down_is_502(stack: Stack, procs: list[Proc]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    start_agent(procs, stack.gateway, "deadend", "--upstream", f"http://127.0.0.1:{dead}")
+    start_agent(
+        procs, stack.gateway, "deadend", "--upstream", f"http://127.0.0.1:{dead}", dial=stack.dial
+    )
     r = httpx.get(stack.url("/x", name="deadend"))
     assert r.status_code == 502
     assert r.json()["error"] == "upstream_unreachable"
@@ -251,7 +270,16 @@ def test_upstream_down_is_502(stack: Stack, procs: list[Proc]) -> None:
 
 
 def test_agent_busy_is_503(stack: Stack, procs: list[Proc]) -> None:
-    start_agent(procs, stack.gateway, "narrow", "--upstream", stack.upstream, "--max-streams", "2")
+    start_agent(
+        procs,
+        stack.gateway,
+        "narrow",
+        "--upstream",
+        stack.upstream,
+        "--max-streams",
+        "2",
+        dial=stack.dial,
+    )
 
     async def run() -> list[int]:
         statuses: list[int] = []
@@ -375,7 +403,7 @@ def test_client_disconnect_cancels_upstream_call(stack: Stack) -> None:
 def test_agent_killed_mid_response_aborts_client(procs: list[Proc]) -> None:
     upstream = start_upstream(procs)
     _, gateway, public = start_gateway(procs)
-    agent = start_agent(procs, gateway, "victim", "--upstream", upstream)
+    agent = start_agent(procs, gateway, "victim", "--upstream", upstream, dial=public)
     got = b""
     with (
         pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)),
@@ -392,7 +420,7 @@ def test_agent_killed_mid_response_aborts_client(procs: list[Proc]) -> None:
 def test_agent_lost_before_response_is_502(procs: list[Proc]) -> None:
     upstream = start_upstream(procs)
     _, gateway, public = start_gateway(procs)
-    agent = start_agent(procs, gateway, "victim", "--upstream", upstream)
+    agent = start_agent(procs, gateway, "victim", "--upstream", upstream, dial=public)
 
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
@@ -412,7 +440,7 @@ def test_agent_lost_before_response_is_502(procs: list[Proc]) -> None:
 
 
 def test_two_agents_routed_separately(stack: Stack, procs: list[Proc]) -> None:
-    start_agent(procs, stack.gateway, "other", "--upstream", stack.upstream)
+    start_agent(procs, stack.gateway, "other", "--upstream", stack.upstream, dial=stack.dial)
     a = httpx.get(stack.url("/echo")).json()
     b = httpx.get(stack.url("/echo", name="other")).json()
     prefix = {k: v for k, v in a["headers"]}["x-forwarded-prefix"]
@@ -423,7 +451,7 @@ def test_two_agents_routed_separately(stack: Stack, procs: list[Proc]) -> None:
 def test_replacement_mid_traffic(procs: list[Proc]) -> None:
     upstream = start_upstream(procs)
     _, gateway, public = start_gateway(procs)
-    old = start_agent(procs, gateway, "svc", "--upstream", upstream)
+    old = start_agent(procs, gateway, "svc", "--upstream", upstream, dial=public)
 
     async def run() -> list[int]:
         statuses: list[int] = []
@@ -437,7 +465,7 @@ def test_replacement_mid_traffic(procs: list[Proc]) -> None:
                 nursery.start_soon(call)
             await trio.sleep(0.3)
             await trio.to_thread.run_sync(
-                lambda: start_agent(procs, gateway, "svc", "--upstream", upstream)
+                lambda: start_agent(procs, gateway, "svc", "--upstream", upstream, dial=public)
             )
         return statuses
 
@@ -451,7 +479,7 @@ def test_replacement_mid_traffic(procs: list[Proc]) -> None:
 
 def test_asgi_app_agent(procs: list[Proc]) -> None:
     _, gateway, public = start_gateway(procs)
-    start_agent(procs, gateway, "inproc", "--app", "tests.upstream_app:app")
+    start_agent(procs, gateway, "inproc", "--app", "tests.upstream_app:app", dial=public)
     r = httpx.get(f"{public}/a/inproc/echo/x%2Fy?z=1", headers={"X-Test": "1"})
     assert r.status_code == 200
     echo = r.json()
@@ -483,7 +511,7 @@ def test_demo_page(procs: list[Proc]) -> None:
 def test_agent_sigterm_lets_requests_in_flight_finish(procs: list[Proc]) -> None:
     upstream = start_upstream(procs)
     _, gateway, public = start_gateway(procs)
-    agent = start_agent(procs, gateway, "leaving", "--upstream", upstream)
+    agent = start_agent(procs, gateway, "leaving", "--upstream", upstream, dial=public)
 
     async def run() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:

@@ -18,9 +18,19 @@ from revconn import (
 )
 from revconn._session import SessionEnded
 
+from . import _gateway_helpers
 from ._gateway_helpers import SECRET, raw_agent, running_gateway, wait_for
 
 AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
+@pytest.fixture(autouse=True, params=["hypercorn", "public"])
+def front(request: pytest.FixtureRequest) -> object:
+    """Every test here runs with agents dialing hypercorn (``--bind``) and the
+    lean public listener (``--public-bind``)."""
+    _gateway_helpers.FRONT = request.param
+    yield request.param
+    _gateway_helpers.FRONT = "hypercorn"
 
 
 def agent_for(url: str, name: str, **kw: object) -> Agent:
@@ -59,7 +69,7 @@ async def test_healthz_and_endpoints_auth() -> None:
 
 async def test_agent_online_with_rtt_then_offline() -> None:
     async with running_gateway(heartbeat=Heartbeat(0.1, 1.0)) as gw:
-        agent = agent_for(gw.url, "svc-1", heartbeat=Heartbeat(0.1, 1.0))
+        agent = agent_for(gw.agent_url, "svc-1", heartbeat=Heartbeat(0.1, 1.0))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
             await agent.connected.wait()
@@ -81,11 +91,11 @@ async def test_agent_online_with_rtt_then_offline() -> None:
 
 async def test_wrong_secret_is_401_and_leaves_registry_alone() -> None:
     async with running_gateway() as gw:
-        good = agent_for(gw.url, "svc")
+        good = agent_for(gw.agent_url, "svc")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(good.run)
             await wait_for(lambda: gw.gateway.registry.lookup("svc") is not None)
-            bad = agent_for(gw.url, "svc", secret="not-the-secret-at-all")
+            bad = agent_for(gw.agent_url, "svc", secret="not-the-secret-at-all")
             with pytest.raises(AuthError) as info:
                 await bad.run()
             assert info.value.status == 401
@@ -120,10 +130,10 @@ async def upgrade(url: str, query: str, headers: dict[str, str] | None = None) -
 )
 async def test_missing_or_wrong_credentials_is_401(headers: dict[str, str]) -> None:
     async with running_gateway() as gw:
-        r = await upgrade(gw.url, "name=svc", headers)
+        r = await upgrade(gw.agent_url, "name=svc", headers)
         assert r.status_code == 401
         assert r.json()["error"] == "unauthorized"
-        r = await upgrade(gw.url, f"name=svc&token={SECRET}", headers)
+        r = await upgrade(gw.agent_url, f"name=svc&token={SECRET}", headers)
         assert r.status_code == 401
 
 
@@ -144,7 +154,7 @@ async def test_missing_or_wrong_credentials_is_401(headers: dict[str, str]) -> N
 )
 async def test_invalid_names_are_400(query: str) -> None:
     async with running_gateway() as gw:
-        r = await upgrade(gw.url, query, AUTH)
+        r = await upgrade(gw.agent_url, query, AUTH)
         assert r.status_code == 400
         assert r.json()["error"] == "invalid_name"
         assert len(gw.gateway.registry) == 0  # type: ignore[arg-type]
@@ -153,7 +163,7 @@ async def test_invalid_names_are_400(query: str) -> None:
 async def test_longest_valid_name_accepted() -> None:
     name = "a" + "-" * 61 + "z"
     async with running_gateway() as gw:
-        agent = agent_for(gw.url, name)
+        agent = agent_for(gw.agent_url, name)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
             await wait_for(lambda: gw.gateway.registry.lookup(name) is not None)
@@ -162,7 +172,7 @@ async def test_longest_valid_name_accepted() -> None:
 
 async def test_replaced_agent_exits_and_newer_stays() -> None:
     async with running_gateway() as gw:
-        first, second = agent_for(gw.url, "twin"), agent_for(gw.url, "twin")
+        first, second = agent_for(gw.agent_url, "twin"), agent_for(gw.agent_url, "twin")
         errors: list[BaseException] = []
 
         async def run_first() -> None:
@@ -221,7 +231,7 @@ async def test_oversized_message_closes_1009_and_is_dropped_by_heartbeat() -> No
     telling the app: the heartbeat is what takes the agent off the list."""
     hb = Heartbeat(0.2, 0.3)
     async with running_gateway(heartbeat=hb) as gw, trio.open_nursery() as nursery:
-        other = agent_for(gw.url, "bystander", heartbeat=hb)
+        other = agent_for(gw.agent_url, "bystander", heartbeat=hb)
         nursery.start_soon(other.run)
         await other.connected.wait()
         async with raw_agent(gw, "big") as (ws, _):
@@ -266,7 +276,7 @@ async def test_gateway_shutdown_says_goodbye() -> None:
         assert info.value.reason.code == 1001
         assert SessionEnded(0, "shutdown") in events
         # New agents are refused while shutting down.
-        r = await upgrade(gw.url, "name=late", AUTH)
+        r = await upgrade(gw.agent_url, "name=late", AUTH)
         assert r.status_code == 503
 
 
@@ -314,7 +324,7 @@ async def test_replacement_storm_does_not_take_the_gateway_down() -> None:
         replaced = 0
         async with trio.open_nursery() as nursery:
             for _ in range(40):
-                agent = agent_for(gw.url, "storm")
+                agent = agent_for(gw.agent_url, "storm")
 
                 async def run(a: Agent = agent) -> None:
                     nonlocal replaced

@@ -15,10 +15,11 @@ from contextlib import asynccontextmanager
 import h11
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from revconn import Agent, AgentConfig, Backoff
 
-from ._gateway_helpers import SECRET, RunningGateway, running_gateway, wait_for
+from ._gateway_helpers import SECRET, RunningGateway, raw_agent, running_gateway, wait_for
 from .upstream_app import app, pattern
 
 pytestmark = pytest.mark.e2e
@@ -199,3 +200,36 @@ async def test_response_reason_phrase_and_chunked_streaming() -> None:
         assert response.status_code == 200
         assert response.reason == b"OK"
         assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ("Sec-WebSocket-Version: 13", 400),  # no key
+        ("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8", 426),
+    ],
+)
+async def test_bad_websocket_handshake_is_refused_in_plain_http(extra: str, status: int) -> None:
+    async with public_stack() as (_, port), connect(port) as client:
+        await client.send_raw(
+            (
+                "GET /ws/connect?name=x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nAuthorization: Bearer {SECRET}\r\n{extra}\r\n\r\n"
+            ).encode()
+        )
+        response, body = await client.response()
+        assert response.status_code == status
+        assert json.loads(body)["error"] == "bad_websocket_handshake"
+
+
+async def test_agent_websocket_answers_pings_and_rejects_text() -> None:
+    async with public_stack() as (gw, port):
+        gw.agent_url = f"http://127.0.0.1:{port}"
+        async with raw_agent(gw, "pinger") as (ws, _):
+            with trio.fail_after(5):
+                await ws.ping(b"are you there")  # returns when the pong arrives
+            await ws.send_message("text is not allowed")
+            with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+            assert closed.value.reason.code == 1003

@@ -9,8 +9,9 @@ from __future__ import annotations
 WS_NORMAL = 1000
 WS_GOING_AWAY = 1001  # gateway or agent shutting down
 WS_PROTOCOL_ERROR = 1002  # tunnel protocol violated
+WS_UNSUPPORTED_DATA = 1003  # a text message on the binary tunnel
 WS_POLICY = 1008
-WS_MESSAGE_TOO_BIG = 1009  # hypercorn closes with this above websocket_max_message_size
+WS_MESSAGE_TOO_BIG = 1009  # a message above the gateway's max message size (1 MiB)
 WS_INTERNAL_ERROR = 1011
 WS_TIMEOUT = 4408  # tunnel handshake or heartbeat timed out
 WS_REPLACED = 4409  # a newer agent with the same name took over

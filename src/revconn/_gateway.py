@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -43,6 +43,7 @@ from ._forward import (
     agent_busy,
     agent_offline,
     header_list_too_large,
+    json_reply,
     route,
     stream_failure,
     tunnel_request_headers,
@@ -52,7 +53,14 @@ from ._headers import clean_headers
 from ._public import PublicServer
 from ._registry import InMemoryRegistry, Registration, Registry
 from ._session import Role, TunnelSession
-from ._tunnel import Heartbeat, HeartbeatScheduler, Tunnel, TunnelEnd, TunnelStream
+from ._tunnel import (
+    Heartbeat,
+    HeartbeatScheduler,
+    MessageTransport,
+    Tunnel,
+    TunnelEnd,
+    TunnelStream,
+)
 
 __all__ = ["Gateway", "GatewayConfig", "parse_bind", "valid_agent_name"]
 
@@ -254,32 +262,44 @@ class Gateway:
         return app
 
     # -- agent tunnels ------------------------------------------------------------
+    def admit_agent(
+        self, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+    ) -> str | Reply:
+        """Check a ``/ws/connect`` upgrade: the agent's name, or the refusal to answer
+        with (400 invalid name, 401 bad credentials, 503 shutting down)."""
+        query = parse_qs(query_string.decode("latin-1"))
+        names = query.get("name", [])
+        if len(names) != 1 or not valid_agent_name(names[0]):
+            detail = "name must be one lowercase DNS label: [a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+            return json_reply(400, {"error": "invalid_name", "detail": detail})
+        name = names[0]
+        credential = bearer_credential(headers)
+        if not self.auth.allows(credential, agent=name, scope=Scope.CONNECT):
+            log.info("agent %r rejected: bad or missing credentials", name)
+            return json_reply(
+                401,
+                {"error": "unauthorized", "detail": "missing or invalid bearer credential"},
+                [(b"www-authenticate", b'Bearer realm="revconn"')],
+            )
+        if self._shutting_down:
+            return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
+        return name
+
     async def _agent_connect(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        names = query.get("name", [])
-        if len(names) != 1 or not valid_agent_name(names[0]):
-            await _deny(
-                send,
-                400,
-                "invalid_name",
-                "name must be one lowercase DNS label: [a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
-            )
-            return
-        name = names[0]
-        credential = bearer_credential(scope.get("headers", []))
-        if not self.auth.allows(credential, agent=name, scope=Scope.CONNECT):
-            log.info("agent %r rejected: bad or missing credentials", name)
-            await _deny(send, 401, "unauthorized", "missing or invalid bearer credential")
-            return
-        if self._shutting_down:
-            await _deny(send, 503, "shutting_down", "gateway is shutting down")
+        admitted = self.admit_agent(scope.get("query_string", b""), scope.get("headers", []))
+        if isinstance(admitted, Reply):
+            await _deny(send, admitted)
             return
         await send({"type": "websocket.accept"})
-
         remote = _format_client(scope.get("client"))
+        await self.serve_agent(admitted, _AsgiTransport(receive, send), remote)
+
+    async def serve_agent(self, name: str, transport: MessageTransport, remote: str) -> None:
+        """Run an admitted agent's tunnel over ``transport`` (an accepted WebSocket)
+        until it ends: handshake, register, serve, unregister."""
         registration: Registration | None = None
 
         def on_end(end: TunnelEnd) -> None:
@@ -290,7 +310,7 @@ class Gateway:
 
         tunnel = Tunnel(
             TunnelSession(Role.GATEWAY),
-            _AsgiTransport(receive, send),
+            transport,
             heartbeat=self.config.heartbeat,
             handshake_timeout=self.config.handshake_timeout,
             on_end=on_end,
@@ -438,7 +458,12 @@ class Gateway:
 
         async with trio.open_nursery() as nursery:
             if public_sockets:
-                public = PublicServer(self.registry, idle_timeout=self.config.public_idle_timeout)
+                public = PublicServer(
+                    self.registry,
+                    agents=self,
+                    idle_timeout=self.config.public_idle_timeout,
+                    max_message_size=self.config.max_message_size,
+                )
                 await nursery.start(public.serve, public_sockets)
             await worker_serve(
                 wrap_app(self, hc.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
@@ -581,15 +606,8 @@ def _unauthorized() -> Response:
     return response
 
 
-async def _deny(send: ASGISend, status: int, error: str, detail: str) -> None:
+async def _deny(send: ASGISend, reply: Reply) -> None:
     """Refuse a WebSocket upgrade with a plain HTTP response (Denial Response extension)."""
-    headers = [(b"content-type", b"application/json")]
-    if status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="revconn"'))
-    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-    await send(
-        {
-            "type": "websocket.http.response.body",
-            "body": _json_body({"error": error, "detail": detail}),
-        }
-    )
+    start = {"type": "websocket.http.response.start", "status": reply.status}
+    await send({**start, "headers": reply.headers})
+    await send({"type": "websocket.http.response.body", "body": reply.body})

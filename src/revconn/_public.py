@@ -24,7 +24,8 @@ import http
 import logging
 import math
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import h11
 import trio
@@ -44,7 +45,8 @@ from ._forward import (
 )
 from ._headers import clean_headers
 from ._registry import Registry
-from ._tunnel import Tunnel, TunnelStream
+from ._tunnel import MessageTransport, Tunnel, TunnelStream
+from ._websocket import WebSocketTransport, upgrade_response
 
 __all__ = ["PublicServer"]
 
@@ -63,17 +65,36 @@ SEND_JOIN_LIMIT = 64 * 1024
 larger bodies go out as they are (no copy)."""
 
 
+class AgentHost(Protocol):
+    """What the listener needs to accept agent tunnels (the Gateway)."""
+
+    def admit_agent(
+        self, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+    ) -> str | Reply:
+        """The agent's name, or the refusal to answer the upgrade with."""
+        ...
+
+    async def serve_agent(self, name: str, transport: MessageTransport, remote: str) -> None:
+        """Run the admitted agent's tunnel until it ends."""
+        ...
+
+
 class PublicServer:
-    """Serves ``/a/NAME/...`` on the listening sockets given to ``serve``."""
+    """Serves ``/a/NAME/...`` (and, with ``agents``, agent tunnels on
+    ``/ws/connect``) on the listening sockets given to ``serve``."""
 
     def __init__(
         self,
         registry: Registry,
         *,
+        agents: AgentHost | None = None,
         idle_timeout: float = 60.0,
+        max_message_size: int = 1 << 20,
     ) -> None:
         self.registry = registry
+        self.agents = agents
         self.idle_timeout = idle_timeout
+        self.max_message_size = max_message_size
         self.connections = 0
 
     async def serve(
@@ -131,6 +152,7 @@ class _Connection:
         "_timeout",
         "client",
         "h11",
+        "remote",
         "server",
         "stream",
     )
@@ -150,6 +172,12 @@ class _Connection:
         self._nursery: trio.Nursery | None = None
         self._timeout = trio.CancelScope()
         self._method = b""
+        self.remote = "unknown"
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            self.remote = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        except OSError:
+            pass
 
     # -- writing (the relay task, and the reader for 100/4xx) ----------------------
     async def _write(self, *events: h11.Event) -> None:
@@ -248,6 +276,9 @@ class _Connection:
         read while watching for the client going away."""
         target = request.target
         path, _, query = target.partition(b"?")
+        if path == b"/ws/connect" and self.server.agents is not None:
+            await self._agent_tunnel(self.server.agents, request, query)
+            return h11.ConnectionClosed()  # the connection was the agent's WebSocket
         if not path.startswith(PREFIX):
             reply = json_reply(
                 404, {"error": "not_found", "detail": "public routes are /a/NAME/..."}
@@ -305,6 +336,32 @@ class _Connection:
             raise trio.BrokenResourceError("client closed the connection")
         return event  # the next request, PAUSED (pipelined) or ConnectionClosed
 
+    async def _agent_tunnel(self, agents: AgentHost, request: h11.Request, query: bytes) -> None:
+        """An agent dialing in: answer the WebSocket handshake (101) and run its
+        tunnel on this connection, or refuse with a plain HTTP response."""
+        headers = list(request.headers)
+        accept = upgrade_response(request.method, headers)
+        admitted = agents.admit_agent(query, headers) if not isinstance(accept, Reply) else accept
+        if isinstance(accept, Reply) or isinstance(admitted, Reply):
+            refusal = accept if isinstance(accept, Reply) else admitted
+            assert isinstance(refusal, Reply)
+            await self._answer_early(refusal, close=True)
+            return
+        if not isinstance(self.h11.next_event(), h11.EndOfMessage):
+            reply = json_reply(
+                400, {"error": "bad_websocket_handshake", "detail": "unexpected request body"}
+            )
+            await self._answer_early(reply, close=True)
+            return
+        switch = h11.InformationalResponse(
+            status_code=101, headers=accept, reason=b"Switching Protocols"
+        )
+        await self.stream.send_all(self.h11.send(switch) or b"")
+        trailing, _ = self.h11.trailing_data
+        self._timeout.deadline = math.inf
+        transport = WebSocketTransport(self.stream, trailing, self.server.max_message_size)
+        await agents.serve_agent(admitted, transport, self.remote)
+
     async def _upload(self, exchange: _Exchange, first: _Next) -> None:
         """Send the request body up the stream; a reset or an early response ends it."""
         conn = self.h11
@@ -351,13 +408,13 @@ class _Connection:
                     break
         raise trio.BrokenResourceError("closing after an early response")
 
-    async def _answer_early(self, reply: Reply) -> None:
+    async def _answer_early(self, reply: Reply, *, close: bool = False) -> None:
         """Answer without the agent; keep the connection only if no body is pending."""
-        pending = not isinstance(self.h11.next_event(), h11.EndOfMessage)
+        close = close or not isinstance(self.h11.next_event(), h11.EndOfMessage)
         self._exchange = None
-        await self._reply(reply, close=pending)
-        if pending:
-            raise trio.BrokenResourceError("closing: request body not read")
+        await self._reply(reply, close=close)
+        if close:
+            raise trio.BrokenResourceError("closing after the answer")
         self.h11.start_next_cycle()
 
     def _client_gone(self, exchange: _Exchange) -> None:

@@ -1,0 +1,148 @@
+"""The server side of an agent's WebSocket on the public listener: wsproto
+over a trio stream, as a :class:`~revconn._tunnel.MessageTransport`.
+
+The opening handshake is answered by the listener's h11 connection (a 101
+response); after it the socket belongs to this transport. One object per
+agent, no task of its own: the tunnel's reader calls ``receive_message`` and
+its flush calls ``send_message``.
+"""
+
+from __future__ import annotations
+
+import trio
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping
+from wsproto.utilities import generate_accept_token
+
+from . import _codes
+from ._errors import ConnectionLost
+from ._forward import Reply, json_reply
+
+__all__ = ["WebSocketTransport", "upgrade_response"]
+
+READ_SIZE = 256 * 1024
+
+
+def upgrade_response(
+    method: bytes, headers: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]] | Reply:
+    """The 101 response headers for a WebSocket opening handshake (RFC 6455
+    4.2), or the 400/426 reply that explains what is wrong with it."""
+
+    def values(name: bytes) -> list[bytes]:
+        return [v for n, v in headers if n == name]
+
+    def tokens(name: bytes) -> set[bytes]:
+        return {t.strip().lower() for v in values(name) for t in v.split(b",")}
+
+    def bad(detail: str, status: int = 400) -> Reply:
+        extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
+        return json_reply(status, {"error": "bad_websocket_handshake", "detail": detail}, extra)
+
+    if method != b"GET":
+        return bad("the WebSocket handshake must be a GET")
+    if b"websocket" not in tokens(b"upgrade") or b"upgrade" not in tokens(b"connection"):
+        return bad("expected 'Upgrade: websocket' and 'Connection: Upgrade'")
+    if values(b"sec-websocket-version") != [b"13"]:
+        return bad("only WebSocket version 13 is supported", 426)
+    keys = values(b"sec-websocket-key")
+    if len(keys) != 1 or not keys[0]:
+        return bad("missing Sec-WebSocket-Key")
+    return [
+        (b"upgrade", b"websocket"),
+        (b"connection", b"Upgrade"),
+        (b"sec-websocket-accept", generate_accept_token(keys[0])),
+    ]
+
+
+class WebSocketTransport:
+    """Binary messages over an accepted WebSocket (no extensions)."""
+
+    __slots__ = ("_buffer", "_closed", "_send_lock", "_stream", "_ws", "max_message_size")
+
+    def __init__(self, stream: trio.SocketStream, trailing_data: bytes, max_message_size: int):
+        self._stream = stream
+        self._ws = Connection(ConnectionType.SERVER, trailing_data=trailing_data)
+        self._send_lock = trio.Lock()
+        self._buffer: list[bytes] = []
+        self._closed = False
+        self.max_message_size = max_message_size
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._closed = True
+                raise ConnectionLost(f"websocket send failed: {exc}") from None
+
+    async def send_message(self, data: bytes) -> None:
+        if self._closed or self._ws.state is not ConnectionState.OPEN:
+            raise ConnectionLost("websocket closed")
+        await self._send(self._ws.send(Message(data=data)))
+
+    async def receive_message(self) -> bytes:
+        size = sum(map(len, self._buffer))
+        while True:
+            for event in self._ws.events():
+                if isinstance(event, BytesMessage):
+                    self._buffer.append(bytes(event.data))
+                    size += len(event.data)
+                    if size > self.max_message_size:
+                        await self._fail(_codes.WS_MESSAGE_TOO_BIG, "message too big")
+                    if event.message_finished:
+                        message = b"".join(self._buffer)
+                        self._buffer.clear()
+                        return message
+                elif isinstance(event, Message):  # text
+                    await self._fail(_codes.WS_UNSUPPORTED_DATA, "text message on a binary tunnel")
+                elif isinstance(event, Ping):
+                    await self._send(self._ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    # Answer the close (if still open) and report it.
+                    if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                        try:
+                            await self._send(self._ws.send(event.response()))
+                        except ConnectionLost:
+                            pass
+                    self._closed = True
+                    raise ConnectionLost(
+                        f"websocket closed (code {event.code})", close_code=event.code
+                    )
+            if self._closed:
+                raise ConnectionLost("websocket closed")
+            try:
+                data = await self._stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._closed = True
+                raise ConnectionLost(f"websocket connection lost: {exc}", close_code=1006) from None
+            if not data:
+                self._closed = True
+                raise ConnectionLost("websocket closed (code 1006)", close_code=1006)
+            self._ws.receive_data(data)
+
+    async def _fail(self, code: int, reason: str) -> None:
+        await self.close(code, reason)
+        raise ConnectionLost(f"websocket closed: {reason}", close_code=code)
+
+    def _closing(self) -> bool:
+        for _ in self._ws.events():
+            pass
+        return self._ws.state is ConnectionState.LOCAL_CLOSING
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send the close frame, wait (the caller bounds it) for the peer's, then
+        close the socket."""
+        try:
+            if not self._closed and self._ws.state is ConnectionState.OPEN:
+                await self._send(self._ws.send(CloseConnection(code=code, reason=reason)))
+                while self._closing():  # until the peer's close frame arrives
+                    data = await self._stream.receive_some(READ_SIZE)
+                    if not data:
+                        break
+                    self._ws.receive_data(data)
+        except (ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._closed = True
+            await trio.aclose_forcefully(self._stream)
