@@ -214,72 +214,67 @@ def main() -> None:
             )
             procs.append(upload_app)
             upload_url = f"http://127.0.0.1:{up_port}"
-            gw_port = free_port()
+            gw_port, pub_port = free_port(), free_port()
             gateway = start(
                 [
                     str(bindir / "revconn-gateway"),
                     "--bind",
                     f"127.0.0.1:{gw_port}",
+                    "--public-bind",
+                    f"127.0.0.1:{pub_port}",
                     "--log-level",
                     "warning",
                 ]
             )
             procs.append(gateway)
             gw_url = f"http://127.0.0.1:{gw_port}"
+            pub_url = f"http://127.0.0.1:{pub_port}"
             wait_http(gw_url + "/healthz")
-            agent = start(
-                [
-                    str(bindir / "revconn-agent"),
-                    "serve",
-                    "--gateway",
-                    gw_url,
-                    "--name",
-                    "bench",
-                    "--upstream",
-                    nginx_url,
-                    "--log-level",
-                    "warning",
-                ]
-            )
-            up_agent = start(
-                [
-                    str(bindir / "revconn-agent"),
-                    "serve",
-                    "--gateway",
-                    gw_url,
-                    "--name",
-                    "upload",
-                    "--upstream",
-                    upload_url,
-                    "--log-level",
-                    "warning",
-                ]
-            )
-            procs += [agent, up_agent]
-            wait_http(gw_url + "/a/bench/small.bin")
-            wait_http(upload_url + "/status/200")
-            wait_http(gw_url + "/a/upload/status/200")
 
-            targets = {"direct": nginx_url, "revconn": gw_url + "/a/bench"}
+            def agent(name: str, dial: str, upstream: str) -> subprocess.Popen[str]:
+                cmd = [str(bindir / "revconn-agent"), "serve", "--gateway", dial, "--name", name]
+                proc = start([*cmd, "--upstream", upstream, "--log-level", "warning"])
+                procs.append(proc)
+                return proc
+
+            # "public": the dedicated listener (--public-bind) for requests and the
+            # agent's tunnel; "hypercorn": /a/ and /ws/connect on --bind.
+            agents = {
+                "public": agent("bench", pub_url, nginx_url),
+                "hypercorn": agent("benchh", gw_url, nginx_url),
+            }
+            agent("upload", pub_url, upload_url)
+            targets = {
+                "direct": nginx_url,
+                "public": pub_url + "/a/bench",
+                "hypercorn": gw_url + "/a/benchh",
+            }
+            for base in targets.values():
+                wait_http(base + "/small.bin")
+            wait_http(upload_url + "/status/200")
+            wait_http(pub_url + "/a/upload/status/200")
+
             results: dict[tuple[str, str], list[dict[str, float]]] = {}
-            cpu: dict[str, list[float]] = {"gateway": [], "agent": []}
+            cpu: dict[tuple[str, str], list[float]] = {}
             plan = [("c1", "/small.bin", 1), ("c32", "/small.bin", 32), ("dl10m", "/big.bin", 4)]
             for _ in range(args.reps):
                 for label, path, conns in plan:
                     for kind, base in targets.items():
-                        before = (cpu_seconds(gateway.pid), cpu_seconds(agent.pid))
+                        pids = [] if kind == "direct" else [gateway.pid, agents[kind].pid]
+                        before = [cpu_seconds(pid) for pid in pids]
                         r = wrk(base + path, conns, args.seconds)
-                        after = (cpu_seconds(gateway.pid), cpu_seconds(agent.pid))
+                        after = [cpu_seconds(pid) for pid in pids]
                         results.setdefault((label, kind), []).append(r)
-                        if kind == "revconn" and label != "dl10m":
-                            cpu["gateway"].append((after[0] - before[0]) / r["requests"] * 1000)
-                            cpu["agent"].append((after[1] - before[1]) / r["requests"] * 1000)
+                        if pids and label != "dl10m":
+                            for role, b, a in zip(("gateway", "agent"), before, after, strict=True):
+                                per_request = (a - b) / r["requests"] * 1000
+                                cpu.setdefault((kind, role), []).append(per_request)
             upload_file = workdir / "upload.bin"
             upload_file.write_bytes(os.urandom(100 * 1024 * 1024))
-            uploads = {"direct": [], "revconn": []}
+            uploads: dict[str, list[float]] = {"direct": [], "public": []}
             for _ in range(args.reps):
                 uploads["direct"].append(curl_upload(upload_url + "/upload", upload_file))
-                uploads["revconn"].append(curl_upload(gw_url + "/a/upload/upload", upload_file))
+                uploads["public"].append(curl_upload(pub_url + "/a/upload/upload", upload_file))
 
             def med(label: str, kind: str, key: str) -> float:
                 return statistics.median(r[key] for r in results[(label, kind)])
@@ -287,27 +282,36 @@ def main() -> None:
             print(
                 f"# forwarding: python benchmarks/forwarding.py --seconds {args.seconds} --reps {args.reps}"
             )
-            print("| measure | direct (nginx) | through revconn | ratio revconn/direct |")
-            print("|---|---|---|---|")
+            print(
+                "| measure | direct (nginx) | revconn, public listener | ratio | "
+                "revconn, hypercorn front | ratio |"
+            )
+            print("|---|---|---|---|---|---|")
+
+            def row(name: str, label: str, key: str, fmt: str) -> None:
+                d = med(label, "direct", key)
+                p, h = med(label, "public", key), med(label, "hypercorn", key)
+                print(f"| {name} | {d:{fmt}} | {p:{fmt}} | {p / d:.3f} | {h:{fmt}} | {h / d:.3f} |")
+
             for label, name in (("c1", "1 KiB, c=1"), ("c32", "1 KiB, c=32")):
-                d, v = med(label, "direct", "rps"), med(label, "revconn", "rps")
-                print(f"| {name}: req/s | {d:,.0f} | {v:,.0f} | {v / d:.3f} |")
-                for q in ("p50", "p99"):
-                    d, v = med(label, "direct", q), med(label, "revconn", q)
-                    print(f"| {name}: {q} latency (ms) | {d:.2f} | {v:.2f} | {v / d:.1f} |")
-            d, v = med("dl10m", "direct", "mbs"), med("dl10m", "revconn", "mbs")
-            print(f"| 10 MiB download, c=4: MB/s | {d:,.0f} | {v:,.0f} | {v / d:.3f} |")
-            d, v = statistics.median(uploads["direct"]), statistics.median(uploads["revconn"])
+                row(f"{name}: req/s", label, "rps", ",.0f")
+                row(f"{name}: p50 latency (ms)", label, "p50", ".2f")
+                row(f"{name}: p99 latency (ms)", label, "p99", ".2f")
+            row("10 MiB download, c=4: MB/s", "dl10m", "mbs", ",.0f")
+            d, v = statistics.median(uploads["direct"]), statistics.median(uploads["public"])
             print(
-                f"| 100 MiB upload (hypercorn upstream): MB/s | {d:,.0f} | {v:,.0f} | {v / d:.3f} |"
+                f"| 100 MiB upload (hypercorn upstream): MB/s | {d:,.0f} | {v:,.0f} | {v / d:.3f} | | |"
             )
-            errors = sum(r["errors"] for rs in results.values() for r in rs)
-            print(f"| non-2xx responses in all wrk runs | | {errors} | |")
-            print(f"| gateway CPU per request (ms) | | {statistics.median(cpu['gateway']):.3f} | |")
-            print(f"| agent CPU per request (ms) | | {statistics.median(cpu['agent']):.3f} | |")
-            print(
-                f"| peak RSS gateway / agent (MiB) | | {peak_rss_mib(gateway.pid):.0f} / {peak_rss_mib(agent.pid):.0f} | |"
-            )
+            for kind in ("public", "hypercorn"):
+                errors = sum(r["errors"] for (_, k), rs in results.items() if k == kind for r in rs)
+                g = statistics.median(cpu[(kind, "gateway")])
+                a = statistics.median(cpu[(kind, "agent")])
+                print(f"| {kind}: non-2xx responses in all wrk runs | | {errors} | | | |")
+                print(
+                    f"| {kind}: CPU ms per small request, gateway / agent | | {g:.3f} / {a:.3f} | | | |"
+                )
+            rss = f"{peak_rss_mib(gateway.pid):.0f} / {peak_rss_mib(agents['public'].pid):.0f}"
+            print(f"| peak RSS gateway / agent (MiB) | | {rss} | | | |")
         finally:
             for p in procs:
                 try:

@@ -283,3 +283,20 @@ def test_late_response_on_a_stream_the_gateway_reset_is_ignored() -> None:
     ag.send_response(sid2, 204, [], end_stream=True)
     ev_gw, _ = pump(gw, ag)
     assert ev_gw == [ResponseReceived(sid2, 204, [], True)]
+
+
+def test_malformed_response_head_is_an_event_not_a_connection_error() -> None:
+    """A broken :status or header from one upstream must not end the session
+    (h2's inbound validation would make it a connection error): the status
+    arrives as 0 (the front ends answer 502) and bad headers are left to
+    clean_headers()."""
+    gw, ag = connected_pair()
+    sid = gw.open_stream(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")],
+        end_stream=True,
+    )
+    pump(gw, ag)
+    ag._conn.send_headers(sid, [(b":status", b"2x0"), (b"Bad Name", b"v\x00")], end_stream=True)
+    ev_gw, _ = pump(gw, ag)
+    assert ev_gw == [ResponseReceived(sid, 0, [(b"Bad Name", b"v\x00")], True)]
+    assert not gw.closed

@@ -24,6 +24,7 @@ __all__ = [
     "Route",
     "agent_busy",
     "agent_offline",
+    "bad_status",
     "header_list_too_large",
     "json_reply",
     "route",
@@ -76,6 +77,15 @@ def stream_failure(exc: StreamError, name: str) -> Reply:
         return agent_busy(name, str(exc))
     error = "agent_disconnected" if exc.error_code is None else "agent_reset"
     return json_reply(502, {"error": error, "agent": name, "detail": str(exc)})
+
+
+def bad_status(status: int, name: str) -> Reply | None:
+    """502 if the agent's final status is not a 3-digit code >= 200 (a missing or
+    malformed ``:status`` arrives as 0)."""
+    if 200 <= status <= 999:
+        return None
+    detail = f"agent answered with an invalid status ({status or 'none'})"
+    return json_reply(502, {"error": "bad_response", "agent": name, "detail": detail})
 
 
 @attrs.frozen(slots=True)

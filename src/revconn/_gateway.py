@@ -42,6 +42,7 @@ from ._forward import (
     Reply,
     agent_busy,
     agent_offline,
+    bad_status,
     header_list_too_large,
     json_reply,
     route,
@@ -555,6 +556,10 @@ async def _relay_response(stream: TunnelStream, send: ASGISend, name: str) -> No
         response = await stream.receive_response()
     except StreamError as exc:
         await _send_reply(send, stream_failure(exc, name))
+        return
+    invalid = bad_status(response.status, name)
+    if invalid is not None:
+        await _send_reply(send, invalid)
         return
     await send(
         {

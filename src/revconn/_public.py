@@ -37,6 +37,7 @@ from ._forward import (
     Reply,
     agent_busy,
     agent_offline,
+    bad_status,
     header_list_too_large,
     json_reply,
     route,
@@ -450,12 +451,9 @@ class _Connection:
             self._finish_cycle()
             return
         status = response.status
-        if not 200 <= status <= 999:
-            detail = f"agent answered with status {status}"
-            reply = json_reply(
-                502, {"error": "bad_response", "agent": exchange.name, "detail": detail}
-            )
-            await self._reply(reply, close=True)
+        invalid = bad_status(status, exchange.name)
+        if invalid is not None:
+            await self._reply(invalid, close=True)
             self._abort()
             return
         head = h11.Response(
