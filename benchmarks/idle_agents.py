@@ -4,7 +4,9 @@ Runs, in one invocation and on 127.0.0.1 only:
 
 * **revconn**: the real `revconn-gateway` process; N lightweight agents (a
   WebSocket + the tunnel handshake, answering PINGs) from one or two client
-  processes.
+  processes, dialing `/ws/connect` on `--bind` (hypercorn).
+* **revconn-public**: the same, the agents dialing the lean public listener
+  (`--public-bind`, trio + h11 + wsproto).
 * **baseline**: a bare ASGI WebSocket handler on hypercorn's trio worker (accept,
   then wait), the same clients doing only the WebSocket upgrade.
 
@@ -172,21 +174,25 @@ def start(args: list[str]) -> subprocess.Popen[str]:
 
 
 def measure(kind: str, n: int, client_procs: int) -> dict[str, float]:
-    if kind == "revconn":
+    if kind.startswith("revconn"):
         gw_exe = Path(sys.executable).parent / "revconn-gateway"
-        server = start([str(gw_exe), "--bind", "127.0.0.1:0", "--log-level", "warning"])
+        public = ["--public-bind", "127.0.0.1:0"] if kind == "revconn-public" else []
+        server = start([str(gw_exe), "--bind", "127.0.0.1:0", *public, "--log-level", "warning"])
     else:
         server = start([sys.executable, str(HERE), "_baseline"])
     clients: list[subprocess.Popen[str]] = []
     try:
         url = wait_line(server, "listening on", 30).split("listening on ")[1].split(",")[0]
+        dial = url
+        if kind == "revconn-public":
+            dial = wait_line(server, "public traffic on", 30).split(" on ")[1].split(",")[0]
         time.sleep(1.0)
         rss0 = rss_kib(server.pid)
         per = [n // client_procs + (1 if i < n % client_procs else 0) for i in range(client_procs)]
         t0 = time.perf_counter()
         for i, count in enumerate(per):
             clients.append(
-                start([sys.executable, str(HERE), "_clients", url, f"c{i}", str(count), kind])
+                start([sys.executable, str(HERE), "_clients", dial, f"c{i}", str(count), kind])
             )
         # Wait until every client reports all its agents connected.
         deadline = time.monotonic() + 600
@@ -194,7 +200,7 @@ def measure(kind: str, n: int, client_procs: int) -> dict[str, float]:
             while wait_line(c, "connected", deadline - time.monotonic()) != f"connected {count}":
                 pass
         connect_s = time.perf_counter() - t0
-        if kind == "revconn":
+        if kind != "baseline":
             deadline = time.monotonic() + 60
             while endpoints_count(url) < n:
                 if time.monotonic() > deadline:
@@ -209,7 +215,7 @@ def measure(kind: str, n: int, client_procs: int) -> dict[str, float]:
             "kib_per_agent": (rss1 - rss0) / n,
             "connect_per_s": n / connect_s,
         }
-        if kind == "revconn":
+        if kind != "baseline":
             p50, p95 = endpoints_latency(url)
             result["endpoints_p50_ms"] = p50
             result["endpoints_p95_ms"] = p95
@@ -226,7 +232,7 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_clients":
         url, prefix, count, kind = sys.argv[2:6]
-        run_clients(url, prefix, int(count), tunnel=(kind == "revconn"))
+        run_clients(url, prefix, int(count), tunnel=(kind != "baseline"))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, action="append", help="agent counts (repeatable)")
@@ -241,7 +247,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for n in counts:
-        rows = {kind: measure(kind, n, args.client_procs) for kind in ("baseline", "revconn")}
+        kinds = ("baseline", "revconn", "revconn-public")
+        rows = {kind: measure(kind, n, args.client_procs) for kind in kinds}
         for kind, r in rows.items():
             lat = (
                 f"{r['endpoints_p50_ms']:.1f} / {r['endpoints_p95_ms']:.1f}"
@@ -253,8 +260,9 @@ def main() -> None:
                 f"{r['kib_per_agent']:.1f} | {r['connect_per_s']:.0f} | {lat} |",
                 flush=True,
             )
-        ratio = rows["revconn"]["kib_per_agent"] / rows["baseline"]["kib_per_agent"]
-        print(f"| {n} | ratio revconn/baseline (memory) | | | {ratio:.2f} | | |", flush=True)
+        for kind in kinds[1:]:
+            ratio = rows[kind]["kib_per_agent"] / rows["baseline"]["kib_per_agent"]
+            print(f"| {n} | ratio {kind}/baseline (memory) | | | {ratio:.2f} | | |", flush=True)
 
 
 if __name__ == "__main__":
