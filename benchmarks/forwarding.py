@@ -255,7 +255,7 @@ def main() -> None:
             wait_http(pub_url + "/a/upload/status/200")
 
             results: dict[tuple[str, str], list[dict[str, float]]] = {}
-            cpu: dict[tuple[str, str], list[float]] = {}
+            cpu: dict[tuple[str, str, str], list[float]] = {}
             plan = [("c1", "/small.bin", 1), ("c32", "/small.bin", 32), ("dl10m", "/big.bin", 4)]
             for _ in range(args.reps):
                 for label, path, conns in plan:
@@ -268,7 +268,7 @@ def main() -> None:
                         if pids and label != "dl10m":
                             for role, b, a in zip(("gateway", "agent"), before, after, strict=True):
                                 per_request = (a - b) / r["requests"] * 1000
-                                cpu.setdefault((kind, role), []).append(per_request)
+                                cpu.setdefault((kind, role, label), []).append(per_request)
             upload_file = workdir / "upload.bin"
             upload_file.write_bytes(os.urandom(100 * 1024 * 1024))
             uploads: dict[str, list[float]] = {"direct": [], "public": []}
@@ -304,12 +304,14 @@ def main() -> None:
             )
             for kind in ("public", "hypercorn"):
                 errors = sum(r["errors"] for (_, k), rs in results.items() if k == kind for r in rs)
-                g = statistics.median(cpu[(kind, "gateway")])
-                a = statistics.median(cpu[(kind, "agent")])
                 print(f"| {kind}: non-2xx responses in all wrk runs | | {errors} | | | |")
-                print(
-                    f"| {kind}: CPU ms per small request, gateway / agent | | {g:.3f} / {a:.3f} | | | |"
-                )
+                for label in ("c1", "c32"):
+                    g = statistics.median(cpu[(kind, "gateway", label)])
+                    a = statistics.median(cpu[(kind, "agent", label)])
+                    print(
+                        f"| {kind}: CPU ms per small request at {label.replace('c', 'c=')}, "
+                        f"gateway / agent | | {g:.3f} / {a:.3f} | | | |"
+                    )
             rss = f"{peak_rss_mib(gateway.pid):.0f} / {peak_rss_mib(agents['public'].pid):.0f}"
             print(f"| peak RSS gateway / agent (MiB) | | {rss} | | | |")
         finally:

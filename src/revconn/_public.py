@@ -112,17 +112,27 @@ class PublicServer:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.connections += 1
-        conn = _Connection(self, stream)
+        first = _Connection(self, stream)
+        conn: _Connection | None = first
+        remote = first.remote
         try:
-            await conn.run()
+            tunnel = await first.run()
+            del first
+            if tunnel is not None and self.agents is not None:
+                # An agent: its WebSocket outlives the HTTP state (freed first:
+                # a gateway holds thousands of these).
+                conn = None
+                name, transport = tunnel
+                await self.agents.serve_agent(name, transport, remote)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; its stream (if any) is reset below
         except* Exception:
             # A bug must cost one connection, never the listener (and every other client).
-            log.exception("public connection from %s failed", conn.client)
+            log.exception("public connection from %s failed", remote)
         finally:
             self.connections -= 1
-            conn.abandon()
+            if conn is not None:
+                conn.abandon()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -151,6 +161,7 @@ class _Connection:
         "_nursery",
         "_send_lock",
         "_timeout",
+        "_tunnel",
         "client",
         "h11",
         "remote",
@@ -173,6 +184,7 @@ class _Connection:
         self._nursery: trio.Nursery | None = None
         self._timeout = trio.CancelScope()
         self._method = b""
+        self._tunnel: tuple[str, WebSocketTransport] | None = None
         self.remote = "unknown"
         try:
             host, port = stream.socket.getpeername()[:2]
@@ -209,7 +221,9 @@ class _Connection:
         await self._write(*events)
 
     # -- the reader (this connection's own task) ----------------------------------
-    async def run(self) -> None:
+    async def run(self) -> tuple[str, WebSocketTransport] | None:
+        """Serve HTTP requests until the connection ends; returns the agent's
+        name and WebSocket if it turned into an agent tunnel."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             with self._timeout:
@@ -217,6 +231,7 @@ class _Connection:
             if self._timeout.cancelled_caught:
                 await self._timed_out()
             nursery.cancel_scope.cancel()
+        return self._tunnel
 
     async def _read_loop(self) -> None:
         conn = self.h11
@@ -279,7 +294,7 @@ class _Connection:
         path, _, query = target.partition(b"?")
         if path == b"/ws/connect" and self.server.agents is not None:
             await self._agent_tunnel(self.server.agents, request, query)
-            return h11.ConnectionClosed()  # the connection was the agent's WebSocket
+            return h11.ConnectionClosed()  # this connection is an agent's WebSocket now
         if not path.startswith(PREFIX):
             reply = json_reply(
                 404, {"error": "not_found", "detail": "public routes are /a/NAME/..."}
@@ -359,9 +374,8 @@ class _Connection:
         )
         await self.stream.send_all(self.h11.send(switch) or b"")
         trailing, _ = self.h11.trailing_data
-        self._timeout.deadline = math.inf
         transport = WebSocketTransport(self.stream, trailing, self.server.max_message_size)
-        await agents.serve_agent(admitted, transport, self.remote)
+        self._tunnel = (admitted, transport)  # run() hands it to serve_agent
 
     async def _upload(self, exchange: _Exchange, first: _Next) -> None:
         """Send the request body up the stream; a reset or an early response ends it."""
