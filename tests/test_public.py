@@ -48,9 +48,11 @@ class Client:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buffer = b""
-        self.h11 = self._parser("POST")
+        self.h11 = self._parser("GET")
 
     def _parser(self, method: str) -> h11.Connection:
+        """A client-side h11 connection that has 'sent' a ``method`` request, fed
+        with whatever arrived after the previous response."""
         conn = h11.Connection(h11.CLIENT)
         conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
         conn.send(h11.EndOfMessage())
@@ -72,7 +74,11 @@ class Client:
             return event  # type: ignore[return-value]
 
     async def response(self, method: str = "GET") -> tuple[h11.Response, bytes]:
-        """The next complete response (informational ones skipped)."""
+        """The next complete response (informational ones skipped) to a
+        ``method`` request."""
+        if method != "GET":
+            self.buffer = self.h11.trailing_data[0]
+            self.h11 = self._parser(method)
         head = await self.next_event()
         while isinstance(head, h11.InformationalResponse):
             head = await self.next_event()
@@ -82,7 +88,7 @@ class Client:
             assert isinstance(event, h11.Data), event
             body += event.data
         self.buffer = self.h11.trailing_data[0]
-        self.h11 = self._parser(method)
+        self.h11 = self._parser("GET")
         return head, body
 
     async def closed_by_peer(self) -> bool:
@@ -233,3 +239,32 @@ async def test_agent_websocket_answers_pings_and_rejects_text() -> None:
                 while True:
                     await ws.get_message()
             assert closed.value.reason.code == 1003
+
+
+async def test_http10_client_gets_a_close_delimited_streaming_response() -> None:
+    async with public_stack() as (_, port), connect(port) as client:
+        await client.send_raw(b"GET /a/web/stream?n=2&interval=0.01 HTTP/1.0\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await client.stream.receive_some(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert b"transfer-encoding" not in head.lower()
+        assert body == b"data: 0\n\ndata: 1\n\n"
+
+
+async def test_head_and_bodiless_statuses_keep_the_connection_usable() -> None:
+    async with public_stack() as (_, port), connect(port) as client:
+        await client.send_raw(b"HEAD /a/web/bytes?n=5000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, body = await client.response("HEAD")
+        assert head.status_code == 200
+        assert (b"content-length", b"5000") in head.headers
+        assert body == b""
+        for status in (204, 304):
+            await client.send_raw(get(f"/a/web/status/{status}"))
+            response, body = await client.response()
+            assert (response.status_code, body) == (status, b"")
+        await client.send_raw(get("/a/web/bytes?n=10&seed=1"))
+        last, body = await client.response()
+        assert (last.status_code, body) == (200, pattern(10, 1))
