@@ -20,7 +20,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from . import _codes
+from . import _codes, _wsmask
 from ._errors import (
     AuthError,
     ConfigError,
@@ -192,6 +192,7 @@ class Agent:
         return self._supervisor.statistics()
 
     async def run(self) -> None:
+        _wsmask.install()
         try:
             async with self.upstream.running():
                 await self._supervisor.run()

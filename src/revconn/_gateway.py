@@ -28,7 +28,7 @@ from hypercorn.utils import wrap_app
 from quart import Response
 from quart_trio import QuartTrio
 
-from . import _codes
+from . import _codes, _wsmask
 from ._auth import AuthPolicy, Scope, bearer_credential
 from ._errors import (
     AgentBusy,
@@ -436,6 +436,7 @@ class Gateway:
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until ``shutdown_trigger`` returns (or forever); reports the bound URLs."""
+        _wsmask.install()
         public_sockets = _listen_all(self.config.public_binds, self.config.backlog, None)
         try:
             sockets = self.create_sockets()
