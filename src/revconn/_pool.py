@@ -111,7 +111,7 @@ class PoolResponse:
             if isinstance(event, h11.Data):
                 if pending is not None:
                     yield pending, False
-                pending = bytes(event.data)
+                pending = event.data  # a fresh bytearray from h11: no copy needed
             elif isinstance(event, h11.EndOfMessage):
                 yield (pending if pending is not None else b""), True
                 return

@@ -405,7 +405,7 @@ class TunnelSession:
         except h2.exceptions.StreamClosedError:
             return 0
 
-    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> int:
+    def send_data(self, stream_id: int, data: bytes | memoryview, *, end_stream: bool) -> int:
         """Queue as much of ``data`` as the flow-control window allows; returns how
         many bytes were queued. ``end_stream`` applies only if all of it fit."""
         self._require_open()
@@ -417,7 +417,7 @@ class TunnelSession:
         frame_size = self._conn.max_outbound_frame_size
         pos = 0
         while True:
-            chunk = data[pos : min(pos + frame_size, n)]
+            chunk = data[pos : min(pos + frame_size, n)]  # (a memoryview: no copy)
             pos += len(chunk)
             last = pos >= n
             self._conn.send_data(stream_id, chunk, end_stream=end_stream and last)

@@ -288,7 +288,7 @@ class TunnelStream:
                     session.send_data(self.id, b"", end_stream=True)
                     self.local_ended = True
                 break
-            n = session.send_data(self.id, bytes(view), end_stream=end_stream)
+            n = session.send_data(self.id, view, end_stream=end_stream)
             if n == len(view):
                 self.local_ended = end_stream
                 break
