@@ -25,7 +25,7 @@ import logging
 import math
 import socket
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import h11
 import trio
@@ -56,10 +56,10 @@ log = logging.getLogger("revconn.public")
 MAX_HEAD = 64 * 1024
 """Largest request head (request line + headers) accepted: 431 beyond."""
 READ_SIZE = 64 * 1024
-LINGER = 2.0
-"""After answering before the request body was read: how long to keep reading
-(and discarding) it, so the client sees the answer rather than a reset."""
-LINGER_BYTES = 1 << 20
+LINGER = 5.0
+"""After answering before the request body was read: how long at most to keep
+reading (and discarding) it, so the client sees the answer rather than a reset
+(closing a socket with unread data sends RST, which can destroy the answer)."""
 _REASONS = {int(status): status.phrase.encode("ascii") for status in http.HTTPStatus}
 SEND_JOIN_LIMIT = 64 * 1024
 """Pieces of a write are joined into one send below this size (one syscall);
@@ -395,7 +395,7 @@ class _Connection:
                         raise trio.BrokenResourceError("client closed during the upload")
                     conn.receive_data(data)
                 elif isinstance(event, h11.Data):
-                    await stream.send_body(bytes(event.data))
+                    await stream.send_body(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     await stream.end()
                     return
@@ -413,15 +413,18 @@ class _Connection:
 
     async def _discard_body(self) -> None:
         await self._cycle_done.wait()
+        await self._linger()
+
+    async def _linger(self) -> NoReturn:
+        """The answer is out but the client is still sending: end our side
+        (FIN after the answer), read and drop what still comes (up to LINGER
+        seconds, constant memory), then close."""
         with trio.move_on_after(LINGER):
-            seen = 0
-            while seen < LINGER_BYTES:
-                event = await self._next_event()
-                if isinstance(event, h11.Data):
-                    seen += len(event.data)
-                else:
-                    break
-        raise trio.BrokenResourceError("closing after an early response")
+            async with self._send_lock:
+                await self.stream.send_eof()
+            while await self.stream.receive_some(READ_SIZE):
+                pass
+        raise trio.BrokenResourceError("closed after an early answer")
 
     async def _answer_early(self, reply: Reply, *, close: bool = False) -> None:
         """Answer without the agent; keep the connection only if no body is pending."""
@@ -429,7 +432,7 @@ class _Connection:
         self._exchange = None
         await self._reply(reply, close=close)
         if close:
-            raise trio.BrokenResourceError("closing after the answer")
+            await self._linger()
         self.h11.start_next_cycle()
 
     def _client_gone(self, exchange: _Exchange) -> None:
