@@ -173,11 +173,14 @@ class _Connection:
         self.server = server
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.client: str | None = None
+        self.remote = "unknown"
         try:
-            peer = stream.socket.getpeername()
-            self.client: str | None = str(peer[0])
+            host, port = stream.socket.getpeername()[:2]
+            self.client = str(host)
+            self.remote = f"[{host}]:{port}" if ":" in self.client else f"{host}:{port}"
         except OSError:
-            self.client = None
+            pass
         self._send_lock = trio.Lock()
         self._exchange: _Exchange | None = None
         self._cycle_done = trio.Event()
@@ -185,12 +188,6 @@ class _Connection:
         self._timeout = trio.CancelScope()
         self._method = b""
         self._tunnel: tuple[str, WebSocketTransport] | None = None
-        self.remote = "unknown"
-        try:
-            host, port = stream.socket.getpeername()[:2]
-            self.remote = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-        except OSError:
-            pass
 
     # -- writing (the relay task, and the reader for 100/4xx) ----------------------
     async def _write(self, *events: h11.Event) -> None:
