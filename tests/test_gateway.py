@@ -280,7 +280,7 @@ async def test_gateway_shutdown_says_goodbye() -> None:
         assert r.status_code == 503
 
 
-async def test_shutdown_lets_requests_in_flight_finish() -> None:
+async def test_shutdown_lets_requests_in_flight_finish(front: str) -> None:
     async def slow_app(scope, receive, send):  # type: ignore[no-untyped-def]
         if scope["type"] != "http":
             return
@@ -293,11 +293,14 @@ async def test_shutdown_lets_requests_in_flight_finish() -> None:
 
     from revconn import Gateway, GatewayConfig, SharedSecretPolicy
 
-    gateway = Gateway(GatewayConfig(binds=("127.0.0.1:0",)), SharedSecretPolicy(SECRET))
+    public = ("127.0.0.1:0",) if front == "public" else ()
+    config = GatewayConfig(binds=("127.0.0.1:0",), public_binds=public)
+    gateway = Gateway(config, SharedSecretPolicy(SECRET))
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(partial(gateway.serve, shutdown_trigger=stop.wait))
+        base = gateway.public_urls[0] if public else urls[0]
         agent = Agent(
-            AgentConfig(gateway=urls[0], name="slow", secret=SECRET, backoff=Backoff(5, 10)),
+            AgentConfig(gateway=base, name="slow", secret=SECRET, backoff=Backoff(5, 10)),
             app=slow_app,
         )
         nursery.start_soon(agent.run)
@@ -306,7 +309,7 @@ async def test_shutdown_lets_requests_in_flight_finish() -> None:
 
         async def call() -> None:
             async with httpx.AsyncClient(timeout=10) as client:
-                results.append(await client.get(urls[0] + "/a/slow/"))
+                results.append(await client.get(base + "/a/slow/"))
 
         nursery.start_soon(call)
         await trio.sleep(0.3)
