@@ -40,6 +40,7 @@ __all__ = [
     "ResponseReceived",
     "Role",
     "SessionEnded",
+    "StreamLimitReached",
     "StreamReset",
     "TunnelSession",
     "WindowOpened",
@@ -142,6 +143,10 @@ STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 """Connection receive window: the most body bytes buffered for one agent."""
 MAX_STREAM_ID = 2**31 - 1
+
+
+class StreamLimitReached(LocalProtocolError):
+    """(gateway) The agent's SETTINGS_MAX_CONCURRENT_STREAMS is reached."""
 
 
 class _SlimDeque(list):  # type: ignore[type-arg]
@@ -378,12 +383,20 @@ class TunnelSession:
         return bool(self._conn.highest_outbound_stream_id >= MAX_STREAM_ID - 2)
 
     def open_stream(self, headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> int:
-        """(gateway) Start a request stream; ``headers`` include the pseudo-headers."""
+        """(gateway) Start a request stream; ``headers`` include the pseudo-headers.
+
+        Raises StreamLimitReached at the agent's SETTINGS_MAX_CONCURRENT_STREAMS
+        (checked by h2 itself: its count of open streams walks every stream, so
+        it is not asked twice) and LocalProtocolError when ids are used up.
+        """
         self._require_open()
-        if not self.can_open_stream():
-            raise LocalProtocolError("no stream available (agent busy or ids exhausted)")
+        if self.stream_ids_exhausted:
+            raise LocalProtocolError("stream ids exhausted: the session must be redialled")
         stream_id: int = self._conn.get_next_available_stream_id()
-        self._conn.send_headers(stream_id, headers, end_stream=end_stream)
+        try:
+            self._conn.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.TooManyStreamsError:
+            raise StreamLimitReached("the agent's concurrent stream limit is reached") from None
         return stream_id
 
     def send_response(

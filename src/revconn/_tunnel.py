@@ -37,6 +37,7 @@ from ._session import (
     ResponseReceived,
     Role,
     SessionEnded,
+    StreamLimitReached,
     StreamReset,
     TunnelSession,
     WindowOpened,
@@ -411,13 +412,14 @@ class Tunnel:
         StreamError (tunnel ending)."""
         if self.end is not None or not self.accepting or self.session.peer_draining:
             raise StreamError("tunnel is closing")
-        if not self.session.can_open_stream():
-            if self.session.stream_ids_exhausted:
-                # Redial for fresh stream ids once the current requests are done.
-                self.drain(_codes.WS_GOING_AWAY, "stream ids exhausted")
-                raise StreamError("stream ids exhausted; the agent will reconnect")
-            raise AgentBusy("too many concurrent requests for this agent")
-        stream_id = self.session.open_stream(headers, end_stream=end_stream)
+        if self.session.stream_ids_exhausted:
+            # Redial for fresh stream ids once the current requests are done.
+            self.drain(_codes.WS_GOING_AWAY, "stream ids exhausted")
+            raise StreamError("stream ids exhausted; the agent will reconnect")
+        try:
+            stream_id = self.session.open_stream(headers, end_stream=end_stream)
+        except StreamLimitReached:
+            raise AgentBusy("too many concurrent requests for this agent") from None
         stream = TunnelStream(self, stream_id)
         stream.local_ended = end_stream
         self._streams[stream_id] = stream
