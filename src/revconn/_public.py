@@ -96,7 +96,6 @@ class PublicServer:
         self.agents = agents
         self.idle_timeout = idle_timeout
         self.max_message_size = max_message_size
-        self.connections = 0
 
     async def serve(
         self,
@@ -111,7 +110,6 @@ class PublicServer:
             task_status.started()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        self.connections += 1
         first = _Connection(self, stream)
         conn: _Connection | None = first
         remote = first.remote
@@ -130,7 +128,6 @@ class PublicServer:
             # A bug must cost one connection, never the listener (and every other client).
             log.exception("public connection from %s failed", remote)
         finally:
-            self.connections -= 1
             if conn is not None:
                 conn.abandon()
             with trio.CancelScope(shield=True):
@@ -143,12 +140,11 @@ _Next = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
 class _Exchange:
     """One request in flight on a connection."""
 
-    __slots__ = ("done", "method", "name", "scope", "stream")
+    __slots__ = ("done", "name", "scope", "stream")
 
-    def __init__(self, stream: TunnelStream, name: str, method: bytes) -> None:
+    def __init__(self, stream: TunnelStream, name: str) -> None:
         self.stream = stream
         self.name = name
-        self.method = method
         self.scope = trio.CancelScope()
         self.done = False
 
@@ -329,7 +325,7 @@ class _Connection:
         except StreamError:  # the tunnel began to close since the lookup
             await self._answer_early(agent_offline(name))
             return None
-        exchange = _Exchange(stream, name, request.method)
+        exchange = _Exchange(stream, name)
         self._exchange = exchange
         self._cycle_done = trio.Event()
         assert self._nursery is not None
