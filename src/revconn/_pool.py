@@ -227,11 +227,14 @@ class Pool:
         body: AsyncIterator[bytes] | None,
     ) -> PoolResponse:
         try:
-            await conn.send(h11.Request(method=method, target=target, headers=headers))
-            if body is not None:
+            head = conn.h11.send(h11.Request(method=method, target=target, headers=headers)) or b""
+            if body is None:  # head and end in one write
+                await conn.stream.send_all(head + (conn.h11.send(h11.EndOfMessage()) or b""))
+            else:
+                await conn.stream.send_all(head)
                 async for chunk in body:
                     await conn.send(h11.Data(data=chunk))
-            await conn.send(h11.EndOfMessage())
+                await conn.send(h11.EndOfMessage())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise UpstreamClosed(f"upstream connection lost while sending: {exc}") from None
         while True:
