@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import attrs
 
@@ -25,11 +26,13 @@ __all__ = [
     "agent_busy",
     "agent_offline",
     "bad_status",
+    "format_peer",
     "header_list_too_large",
     "json_reply",
     "route",
     "stream_failure",
     "tunnel_request_headers",
+    "unauthorized",
     "valid_agent_name",
 ]
 
@@ -59,6 +62,23 @@ def json_reply(status: int, payload: object, extra: Iterable[tuple[bytes, bytes]
         *extra,
     ]
     return Reply(status, headers, body)
+
+
+def unauthorized() -> Reply:
+    """401 for a missing or wrong bearer credential (agents and operators)."""
+    return json_reply(
+        401,
+        {"error": "unauthorized", "detail": "missing or invalid bearer credential"},
+        [(b"www-authenticate", b'Bearer realm="revconn"')],
+    )
+
+
+def format_peer(peer: Sequence[Any] | None) -> str:
+    """``host:port`` (``[v6]:port``) of a socket peer or ASGI client; "unknown" if absent."""
+    if not peer:
+        return "unknown"
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def agent_offline(name: str) -> Reply:

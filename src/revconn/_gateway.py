@@ -11,7 +11,6 @@ accept cost); ``/healthz`` and ``/endpoints`` are served by a QuartTrio app.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import socket
@@ -27,6 +26,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 from quart import Response
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 
 from . import _codes, _wsmask
 from ._auth import AuthPolicy, Scope, bearer_credential
@@ -43,11 +43,13 @@ from ._forward import (
     agent_busy,
     agent_offline,
     bad_status,
+    format_peer,
     header_list_too_large,
     json_reply,
     route,
     stream_failure,
     tunnel_request_headers,
+    unauthorized,
     valid_agent_name,
 )
 from ._headers import clean_headers
@@ -238,7 +240,7 @@ class Gateway:
 
         @app.get("/healthz")
         async def healthz() -> Response:
-            return _json_response({"status": "ok"})
+            return _quart(json_reply(200, {"status": "ok"}))
 
         @app.get("/endpoints")
         async def endpoints() -> Response:
@@ -248,17 +250,17 @@ class Gateway:
                 (k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
             )
             if not gateway.auth.allows(credential, agent=None, scope=Scope.ADMIN):
-                return _unauthorized()
+                return _quart(unauthorized())
             rows = await gateway.registry.snapshot()
-            return _json_response({"endpoints": [row.to_json() for row in rows]})
+            return _quart(json_reply(200, {"endpoints": [row.to_json() for row in rows]}))
 
         @app.errorhandler(404)
         async def not_found(_: Exception) -> Response:
-            return _json_response({"error": "not_found"}, 404)
+            return _quart(json_reply(404, {"error": "not_found"}))
 
         @app.errorhandler(405)
         async def not_allowed(_: Exception) -> Response:
-            return _json_response({"error": "method_not_allowed"}, 405)
+            return _quart(json_reply(405, {"error": "method_not_allowed"}))
 
         return app
 
@@ -277,11 +279,7 @@ class Gateway:
         credential = bearer_credential(headers)
         if not self.auth.allows(credential, agent=name, scope=Scope.CONNECT):
             log.info("agent %r rejected: bad or missing credentials", name)
-            return json_reply(
-                401,
-                {"error": "unauthorized", "detail": "missing or invalid bearer credential"},
-                [(b"www-authenticate", b'Bearer realm="revconn"')],
-            )
+            return unauthorized()
         if self._shutting_down:
             return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
         return name
@@ -295,7 +293,7 @@ class Gateway:
             await _deny(send, admitted)
             return
         await send({"type": "websocket.accept"})
-        remote = _format_client(scope.get("client"))
+        remote = format_peer(scope.get("client"))
         await self.serve_agent(admitted, _AsgiTransport(receive, send), remote)
 
     async def serve_agent(self, name: str, transport: MessageTransport, remote: str) -> None:
@@ -589,27 +587,16 @@ async def _send_reply(send: ASGISend, reply: Reply) -> None:
     await send({"type": "http.response.body", "body": reply.body, "more_body": False})
 
 
-def _format_client(client: Any) -> str:
-    if not client:
-        return "unknown"
-    host, port = client[0], client[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def _json_body(payload: object) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode()
-
-
-def _json_response(payload: object, status: int = 200) -> Response:
-    return Response(_json_body(payload), status=status, content_type="application/json")
-
-
-def _unauthorized() -> Response:
-    response = _json_response(
-        {"error": "unauthorized", "detail": "missing or invalid bearer credential"}, 401
+def _quart(reply: Reply) -> Response:
+    """A Reply as a Quart response (Quart sets Content-Length itself)."""
+    headers = Headers(
+        [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in reply.headers
+            if n != b"content-length"
+        ]
     )
-    response.headers["WWW-Authenticate"] = 'Bearer realm="revconn"'
-    return response
+    return Response(reply.body, status=reply.status, headers=headers)
 
 
 async def _deny(send: ASGISend, reply: Reply) -> None:

@@ -38,6 +38,7 @@ from ._forward import (
     agent_busy,
     agent_offline,
     bad_status,
+    format_peer,
     header_list_too_large,
     json_reply,
     route,
@@ -110,28 +111,36 @@ class PublicServer:
             task_status.started()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        first = _Connection(self, stream)
-        conn: _Connection | None = first
-        remote = first.remote
         try:
-            tunnel = await first.run()
-            del first
+            peer = stream.socket.getpeername()
+        except OSError:
+            peer = None
+        remote = format_peer(peer)
+        try:
+            tunnel = await self._http(stream, str(peer[0]) if peer else None)
             if tunnel is not None and self.agents is not None:
-                # An agent: its WebSocket outlives the HTTP state (freed first:
-                # a gateway holds thousands of these).
-                conn = None
+                # An agent: its WebSocket outlives the HTTP state, which _http
+                # has released (a gateway holds thousands of these).
                 name, transport = tunnel
                 await self.agents.serve_agent(name, transport, remote)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the client went away; its stream (if any) is reset below
+            pass  # the client went away; its stream (if any) was reset
         except* Exception:
             # A bug must cost one connection, never the listener (and every other client).
             log.exception("public connection from %s failed", remote)
         finally:
-            if conn is not None:
-                conn.abandon()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _http(
+        self, stream: trio.SocketStream, client: str | None
+    ) -> tuple[str, WebSocketTransport] | None:
+        """HTTP/1.1 on the connection until it ends or becomes an agent tunnel."""
+        conn = _Connection(self, stream, client)
+        try:
+            return await conn.run()
+        finally:
+            conn.abandon()
 
 
 _Next = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
@@ -160,23 +169,15 @@ class _Connection:
         "_tunnel",
         "client",
         "h11",
-        "remote",
         "server",
         "stream",
     )
 
-    def __init__(self, server: PublicServer, stream: trio.SocketStream) -> None:
+    def __init__(self, server: PublicServer, stream: trio.SocketStream, client: str | None):
         self.server = server
         self.stream = stream
+        self.client = client
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.client: str | None = None
-        self.remote = "unknown"
-        try:
-            host, port = stream.socket.getpeername()[:2]
-            self.client = str(host)
-            self.remote = f"[{host}]:{port}" if ":" in self.client else f"{host}:{port}"
-        except OSError:
-            pass
         self._send_lock = trio.Lock()
         self._exchange: _Exchange | None = None
         self._cycle_done = trio.Event()
@@ -350,11 +351,12 @@ class _Connection:
         tunnel on this connection, or refuse with a plain HTTP response."""
         headers = list(request.headers)
         accept = upgrade_response(request.method, headers)
-        admitted = agents.admit_agent(query, headers) if not isinstance(accept, Reply) else accept
-        if isinstance(accept, Reply) or isinstance(admitted, Reply):
-            refusal = accept if isinstance(accept, Reply) else admitted
-            assert isinstance(refusal, Reply)
-            await self._answer_early(refusal, close=True)
+        if isinstance(accept, Reply):
+            await self._answer_early(accept, close=True)
+            return
+        admitted = agents.admit_agent(query, headers)
+        if isinstance(admitted, Reply):
+            await self._answer_early(admitted, close=True)
             return
         if not isinstance(self.h11.next_event(), h11.EndOfMessage):
             reply = json_reply(

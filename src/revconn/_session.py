@@ -48,7 +48,6 @@ __all__ = [
 
 CLIENT_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER_LEN: Final = 9
-DEFAULT_MAX_FRAME_SIZE: Final = 16_384
 MAX_FRAME_SIZE: Final = 128 * 1024
 """SETTINGS_MAX_FRAME_SIZE both ends advertise: a 10 MiB body is 80 DATA frames
 instead of 640, and h2's cost is mostly per frame. Below the 1 MiB WebSocket
@@ -358,14 +357,6 @@ class TunnelSession:
         self._conn.close_connection(error_code=error_code, additional_data=data)
 
     # -- streams (outbound) --------------------------------------------------
-    def can_open_stream(self) -> bool:
-        """(gateway) False when the agent's SETTINGS_MAX_CONCURRENT_STREAMS is reached
-        or stream ids are nearly used up (the session must then be redialled)."""
-        if self.closed or self.stream_ids_exhausted:
-            return False
-        conn = self._conn
-        return bool(conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams)
-
     def stop_accepting_streams(self) -> None:
         """(agent) Advertise SETTINGS_MAX_CONCURRENT_STREAMS = 0: the gateway opens no
         new streams; those in flight are unaffected. The drain signal, since GOAWAY
