@@ -46,6 +46,7 @@ from ._forward import (
     tunnel_request_headers,
 )
 from ._headers import clean_headers
+from ._locks import WriteLock
 from ._registry import Registry
 from ._tunnel import MessageTransport, Tunnel, TunnelStream
 from ._websocket import WebSocketTransport, upgrade_response
@@ -178,7 +179,7 @@ class _Connection:
         self.stream = stream
         self.client = client
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self._send_lock = trio.Lock()
+        self._send_lock = WriteLock()
         self._exchange: _Exchange | None = None
         self._cycle_done = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -196,6 +197,8 @@ class _Connection:
                 data = self.h11.send(event)
                 if data:
                     parts.append(data)
+        if not parts:
+            return  # e.g. the end of a Content-Length body: nothing to write
         async with self._send_lock:
             if len(parts) > 1 and sum(map(len, parts)) <= SEND_JOIN_LIMIT:
                 parts = [b"".join(parts)]

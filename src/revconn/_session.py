@@ -451,6 +451,10 @@ class TunnelSession:
             # The stream is gone; the connection window still needs the credit.
             self._conn.increment_flow_control_window(flow_length)
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._conn._data_to_send)
+
     def data_to_send(self) -> bytes:
         data: bytes = self._conn.data_to_send()
         return data

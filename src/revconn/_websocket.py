@@ -17,6 +17,7 @@ from wsproto.utilities import generate_accept_token
 from . import _codes
 from ._errors import ConnectionLost
 from ._forward import Reply, json_reply
+from ._locks import WriteLock
 
 __all__ = ["WebSocketTransport", "upgrade_response"]
 
@@ -63,7 +64,7 @@ class WebSocketTransport:
     def __init__(self, stream: trio.SocketStream, trailing_data: bytes, max_message_size: int):
         self._stream = stream
         self._ws = Connection(ConnectionType.SERVER, trailing_data=trailing_data)
-        self._send_lock = trio.Lock()
+        self._send_lock = WriteLock()
         self._buffer: list[bytes] = []
         self._closed = False
         self.max_message_size = max_message_size
