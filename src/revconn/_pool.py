@@ -21,6 +21,8 @@ from contextlib import asynccontextmanager
 import h11
 import trio
 
+from ._fastpath import send_all
+
 __all__ = ["Pool", "PoolResponse", "UpstreamClosed", "UpstreamConnectError"]
 
 READ_SIZE = 256 * 1024
@@ -46,6 +48,12 @@ class _Conn:
         self.sock = raw.socket
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
 
+    async def write(self, data: bytes) -> None:
+        if isinstance(self.stream, trio.SocketStream):
+            await send_all(self.stream, data)  # no schedule point if sent at once
+        else:
+            await self.stream.send_all(data)
+
     def stale(self) -> bool:
         """An idle connection the server has closed (or sent junk on) is readable."""
         try:
@@ -56,7 +64,7 @@ class _Conn:
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
         if data:
-            await self.stream.send_all(data)
+            await self.write(data)
 
     def next_event_nowait(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         """The next event from what is already buffered (NEED_DATA if none)."""
@@ -186,8 +194,11 @@ class Pool:
         """Send a request and yield the response (status and headers read; body to
         be read inside the block). The connection returns to the pool if the
         exchange completed cleanly, else it is closed."""
-        with trio.fail_after(self.io_timeout):
-            await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()  # no schedule point while below the limit
+        except trio.WouldBlock:
+            with trio.fail_after(self.io_timeout):
+                await self._slots.acquire()
         try:
             conn = self._take_idle()
             reused = conn is not None
@@ -229,9 +240,9 @@ class Pool:
         try:
             head = conn.h11.send(h11.Request(method=method, target=target, headers=headers)) or b""
             if body is None:  # head and end in one write
-                await conn.stream.send_all(head + (conn.h11.send(h11.EndOfMessage()) or b""))
+                await conn.write(head + (conn.h11.send(h11.EndOfMessage()) or b""))
             else:
-                await conn.stream.send_all(head)
+                await conn.write(head)
                 async for chunk in body:
                     await conn.send(h11.Data(data=chunk))
                 await conn.send(h11.EndOfMessage())

@@ -32,6 +32,7 @@ import trio
 
 from . import _codes
 from ._errors import AgentBusy, StreamError
+from ._fastpath import WriteLock, send_all
 from ._forward import (
     PREFIX,
     Reply,
@@ -46,7 +47,6 @@ from ._forward import (
     tunnel_request_headers,
 )
 from ._headers import clean_headers
-from ._locks import WriteLock
 from ._registry import Registry
 from ._tunnel import MessageTransport, Tunnel, TunnelStream
 from ._websocket import WebSocketTransport, upgrade_response
@@ -203,7 +203,7 @@ class _Connection:
             if len(parts) > 1 and sum(map(len, parts)) <= SEND_JOIN_LIMIT:
                 parts = [b"".join(parts)]
             for part in parts:
-                await self.stream.send_all(part)
+                await send_all(self.stream, part)
 
     async def _reply(self, reply: Reply, *, close: bool = False) -> None:
         headers = [*reply.headers, (b"connection", b"close")] if close else reply.headers

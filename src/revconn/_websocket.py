@@ -16,8 +16,8 @@ from wsproto.utilities import generate_accept_token
 
 from . import _codes
 from ._errors import ConnectionLost
+from ._fastpath import WriteLock, send_all
 from ._forward import Reply, json_reply
-from ._locks import WriteLock
 
 __all__ = ["WebSocketTransport", "upgrade_response"]
 
@@ -72,7 +72,7 @@ class WebSocketTransport:
     async def _send(self, data: bytes) -> None:
         async with self._send_lock:
             try:
-                await self._stream.send_all(data)
+                await send_all(self._stream, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._closed = True
                 raise ConnectionLost(f"websocket send failed: {exc}") from None
