@@ -1,0 +1,193 @@
+"""The write-path helpers that skip trio's schedule points (revconn._fastpath),
+and the tunnel flush policy built on them: no detour through the scheduler
+with one stream in flight, one shared message when several streams write at
+once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from revconn._fastpath import WriteLock, send_all
+
+from .test_streams import REQ, echo_handler, tunnels
+
+
+class _Bystander:
+    """A task started before an operation: if it has run, the operation yielded
+    to the scheduler. (trio runs a batch in random order, so one yield goes
+    unseen half the time: callers repeat the operation, see TRIALS.)"""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.ran = False
+        nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        self.ran = True
+
+
+TRIALS = 20
+
+
+async def test_free_write_lock_is_taken_without_a_schedule_point() -> None:
+    lock = WriteLock()
+    for _ in range(TRIALS):
+        async with trio.open_nursery() as nursery:
+            bystander = _Bystander(nursery)
+            async with lock:
+                assert lock.locked()
+            assert not bystander.ran
+        assert not lock.locked()
+
+
+async def test_contended_write_lock_is_exclusive_and_fifo() -> None:
+    lock = WriteLock()
+    log: list[str] = []
+
+    async def writer(name: str) -> None:
+        async with lock:
+            log.append(f"{name}+")
+            await trio.sleep(0)  # let the others try to get in
+            await trio.sleep(0)
+            log.append(f"{name}-")
+
+    async with trio.open_nursery() as nursery:
+        for name in "abc":
+            nursery.start_soon(writer, name)
+            await trio.testing.wait_all_tasks_blocked()
+    assert log == ["a+", "a-", "b+", "b-", "c+", "c-"]
+
+
+async def test_write_lock_is_released_on_error() -> None:
+    lock = WriteLock()
+    with pytest.raises(ValueError, match="boom"):
+        async with lock:
+            raise ValueError("boom")
+    assert not lock.locked()
+
+
+def _stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def _read_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        assert chunk, "peer closed early"
+        data += chunk
+    return bytes(data)
+
+
+async def test_send_all_small_write_has_no_schedule_point() -> None:
+    left, right = _stream_pair()
+    async with left, right:
+        for i in range(TRIALS):
+            async with trio.open_nursery() as nursery:
+                bystander = _Bystander(nursery)
+                await send_all(left, b"hello %d" % i)
+                assert not bystander.ran
+            assert await _read_exactly(right, len(b"hello %d" % i)) == b"hello %d" % i
+
+
+async def test_send_all_waits_for_a_slow_reader_and_keeps_every_byte() -> None:
+    left, right = _stream_pair()
+    payload = os.urandom(8 << 20)  # far above a socket buffer: partial writes, then waits
+    received = bytearray()
+
+    async def slow_reader() -> None:
+        while len(received) < len(payload):
+            received.extend(await right.receive_some(64 * 1024))
+            await trio.sleep(0.0001)
+
+    async with left, right:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_reader)
+                await send_all(left, memoryview(payload))
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_send_all_on_a_closed_stream_is_closed_resource_error() -> None:
+    left, right = _stream_pair()
+    await left.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await send_all(left, b"x")
+    await right.aclose()
+
+
+async def test_send_all_to_a_vanished_peer_is_broken_resource_error() -> None:
+    left, right = _stream_pair()
+    await right.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first write may still be accepted by the kernel
+            await send_all(left, b"x" * 65536)
+    await left.aclose()
+
+
+async def test_send_all_honours_cancellation() -> None:
+    left, right = _stream_pair()
+    async with left, right:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await send_all(left, b"never")
+        assert scope.cancelled_caught
+        with trio.move_on_after(0.05):
+            data = await right.receive_some(10)
+            pytest.fail(f"cancelled send wrote {data!r}")
+
+
+# -- the tunnel's flush policy ------------------------------------------------------
+
+
+async def test_flush_with_one_stream_needs_no_schedule_point(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with tunnels(echo_handler) as gw:
+        for _ in range(TRIALS):
+            async with trio.open_nursery() as nursery:
+                bystander = _Bystander(nursery)
+                await gw.flush()
+                assert not bystander.ran  # nothing queued: returns at once
+        transport = gw.transport
+        assert hasattr(transport, "sent")
+        before = len(transport.sent)
+        stream = gw.open_request(REQ, end_stream=True)
+        await gw.flush()
+        assert len(transport.sent) == before + 1  # sent at once, on its own
+        response = await stream.receive_response()
+        assert response.status == 200
+        stream.close()
+
+
+async def test_concurrent_streams_share_one_message(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with tunnels(echo_handler, max_streams=10) as gw:
+        transport = gw.transport
+        assert hasattr(transport, "sent")
+        first = gw.open_request(REQ, end_stream=False)  # in flight: batching is worth a wait
+        await gw.flush()
+        before = len(transport.sent)
+        streams = []
+
+        async def open_one() -> None:
+            stream = gw.open_request(REQ, end_stream=True)
+            streams.append(stream)
+            await gw.flush()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(open_one)
+        assert len(transport.sent) == before + 1  # three HEADERS, one WebSocket message
+        for stream in streams:
+            assert (await stream.receive_response()).status == 200
+            stream.close()
+        await first.end()
+        assert (await first.receive_response()).status == 200
+        first.close()
