@@ -51,8 +51,7 @@ async def test_contended_write_lock_is_exclusive_and_fifo() -> None:
     async def writer(name: str) -> None:
         async with lock:
             log.append(f"{name}+")
-            await trio.sleep(0)  # let the others try to get in
-            await trio.sleep(0)
+            await trio.testing.wait_all_tasks_blocked()  # the others queue up meanwhile
             log.append(f"{name}-")
 
     async with trio.open_nursery() as nursery:
