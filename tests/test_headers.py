@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given
 from hypothesis import strategies as st
 
+from revconn import _headers
 from revconn._headers import HOP_BY_HOP, clean_headers, forwarded_request_headers
 
 token = st.text(
@@ -98,3 +101,38 @@ def test_forwarded_for_appends_to_chain() -> None:
     assert (b"x-forwarded-for", b"203.0.113.1, 10.0.0.2") in out
     assert (b"x-forwarded-prefix", b"/a/svc") in out
     assert (b"x-forwarded-prefix", b"/evil") not in out
+
+
+def _reference_clean(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """clean_headers as the plain definition (no caching, regexes throughout)."""
+    token = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+    named = {
+        t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")
+    }
+    out = []
+    for raw_name, raw_value in headers:
+        name = raw_name.lower()
+        if name in HOP_BY_HOP or name in named or name.startswith(b"proxy-"):
+            continue
+        if not token.fullmatch(name):
+            continue
+        value = raw_value.strip(b" \t")
+        if re.search(rb"[\x00\r\n]", value):
+            continue
+        out.append((name, value))
+    return out
+
+
+@given(headers_st)
+def test_clean_headers_matches_its_definition(headers: list[tuple[bytes, bytes]]) -> None:
+    assert clean_headers(headers) == _reference_clean(headers)
+    assert clean_headers(headers) == _reference_clean(headers)  # again, names now cached
+
+
+def test_name_cache_is_bounded() -> None:
+    for i in range(_headers._NAMES_MAX + 100):
+        clean_headers([(f"x-random-{i}".encode(), b"v")])
+    assert len(_headers._NAMES) <= _headers._NAMES_MAX
+    assert clean_headers([(b"X-Uncached-Name-Beyond-The-Bound", b" v ")]) == [
+        (b"x-uncached-name-beyond-the-bound", b"v")
+    ]
