@@ -5,10 +5,17 @@ Needs Debian's `wrk`, `nginx` (nginx-light) and `curl` on PATH. Everything runs 
 
     python benchmarks/forwarding.py            # 3 x 10 s per configuration
     python benchmarks/forwarding.py --seconds 3 --reps 1
+    python benchmarks/forwarding.py --compare a1a398c   # also an older revision, interleaved
 
 Reports req/s and p50/p99 at c=1 and c=32 for a 1 KiB file, MB/s for a 10 MiB
 file at c=4, MB/s for a 100 MiB upload, CPU ms per forwarded request for the
 gateway and the agent (from /proc/PID/stat), and their peak RSS.
+
+``--compare REV`` also runs the public listener of git revision REV (its
+``src/`` extracted with ``git archive``, first on PYTHONPATH for a second
+gateway + agent) in the same interleaved loop, and prints this tree against
+it: on a machine whose speed drifts by +-15 % between runs, that is the
+comparison to trust.
 """
 
 from __future__ import annotations
@@ -105,6 +112,18 @@ http {{
     return proc, url
 
 
+def extract_src(rev: str, into: Path) -> str:
+    """``src/`` of git revision ``rev`` under ``into``; returns the path to put on PYTHONPATH."""
+    into.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        sys.exit(f"--compare {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return str(into / "src")
+
+
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     full = {**os.environ, "REVCONN_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
     # A session of its own, so teardown can kill it with its children (hypercorn workers).
@@ -186,6 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--compare", metavar="REV", help="also measure revision REV's public path")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "curl"):
         if shutil.which(tool) is None:
@@ -231,9 +251,11 @@ def main() -> None:
             pub_url = f"http://127.0.0.1:{pub_port}"
             wait_http(gw_url + "/healthz")
 
-            def agent(name: str, dial: str, upstream: str) -> subprocess.Popen[str]:
+            def agent(
+                name: str, dial: str, upstream: str, env: dict[str, str] | None = None
+            ) -> subprocess.Popen[str]:
                 cmd = [str(bindir / "revconn-agent"), "serve", "--gateway", dial, "--name", name]
-                proc = start([*cmd, "--upstream", upstream, "--log-level", "warning"])
+                proc = start([*cmd, "--upstream", upstream, "--log-level", "warning"], env)
                 procs.append(proc)
                 return proc
 
@@ -249,6 +271,28 @@ def main() -> None:
                 "public": pub_url + "/a/bench",
                 "hypercorn": gw_url + "/a/benchh",
             }
+            gateways = {"public": gateway, "hypercorn": gateway}
+            if args.compare:
+                old_env = {"PYTHONPATH": extract_src(args.compare, workdir / "compare")}
+                old_port, old_pub = free_port(), free_port()
+                old_gateway = start(
+                    [
+                        str(bindir / "revconn-gateway"),
+                        "--bind",
+                        f"127.0.0.1:{old_port}",
+                        "--public-bind",
+                        f"127.0.0.1:{old_pub}",
+                        "--log-level",
+                        "warning",
+                    ],
+                    old_env,
+                )
+                procs.append(old_gateway)
+                wait_http(f"http://127.0.0.1:{old_port}/healthz")
+                old_url = f"http://127.0.0.1:{old_pub}"
+                agents["compare"] = agent("bench", old_url, nginx_url, old_env)
+                gateways["compare"] = old_gateway
+                targets["compare"] = old_url + "/a/bench"
             for base in targets.values():
                 wait_http(base + "/small.bin")
             wait_http(upload_url + "/status/200")
@@ -260,7 +304,7 @@ def main() -> None:
             for _ in range(args.reps):
                 for label, path, conns in plan:
                     for kind, base in targets.items():
-                        pids = [] if kind == "direct" else [gateway.pid, agents[kind].pid]
+                        pids = [] if kind == "direct" else [gateways[kind].pid, agents[kind].pid]
                         before = [cpu_seconds(pid) for pid in pids]
                         r = wrk(base + path, conns, args.seconds)
                         after = [cpu_seconds(pid) for pid in pids]
@@ -314,6 +358,36 @@ def main() -> None:
                     )
             rss = f"{peak_rss_mib(gateway.pid):.0f} / {peak_rss_mib(agents['public'].pid):.0f}"
             print(f"| peak RSS gateway / agent (MiB) | | {rss} | | | |")
+            if args.compare:
+                print(f"\n# public listener: this tree against {args.compare}, same run")
+                print(f"| measure | {args.compare} | this tree | ratio |")
+                print("|---|---|---|---|")
+                for label, name, key, fmt in (
+                    ("c1", "1 KiB, c=1: req/s", "rps", ",.0f"),
+                    ("c1", "1 KiB, c=1: p50 latency (ms)", "p50", ".2f"),
+                    ("c32", "1 KiB, c=32: req/s", "rps", ",.0f"),
+                    ("c32", "1 KiB, c=32: p99 latency (ms)", "p99", ".2f"),
+                    ("dl10m", "10 MiB download, c=4: MB/s", "mbs", ",.0f"),
+                ):
+                    o, n = med(label, "compare", key), med(label, "public", key)
+                    print(f"| {name} | {o:{fmt}} | {n:{fmt}} | {n / o:.3f} |")
+                errs = {
+                    kind: sum(
+                        r["errors"] for (_, k), rs in results.items() if k == kind for r in rs
+                    )
+                    for kind in ("compare", "public")
+                }
+                print(
+                    f"| non-2xx responses in all wrk runs | {errs['compare']} | {errs['public']} | |"
+                )
+                for label in ("c1", "c32"):
+                    for role in ("gateway", "agent"):
+                        o = statistics.median(cpu[("compare", role, label)])
+                        n = statistics.median(cpu[("public", role, label)])
+                        print(
+                            f"| CPU ms per small request at {label.replace('c', 'c=')}, {role} "
+                            f"| {o:.3f} | {n:.3f} | {n / o:.3f} |"
+                        )
         finally:
             for p in procs:
                 try:
