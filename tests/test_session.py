@@ -301,3 +301,15 @@ def test_malformed_response_head_is_an_event_not_a_connection_error() -> None:
     ev_gw, _ = pump(gw, ag)
     assert ev_gw == [ResponseReceived(sid, 0, [(b"Bad Name", b"v\x00")], True)]
     assert not gw.closed
+
+
+def test_header_literals_travel_without_huffman_coding() -> None:
+    gw, ag = connected_pair()
+    value = b"a literal value, not yet in the table"
+    headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x")]
+    stream_id = gw.open_stream([*headers, (b":path", b"/"), (b"x-test", value)], end_stream=True)
+    block = gw.data_to_send()
+    assert value in block  # HPACK string literal with the H bit clear
+    [request] = [e for e in ag.receive_data(block) if isinstance(e, RequestReceived)]
+    assert request.stream_id == stream_id
+    assert (b"x-test", value) in request.headers

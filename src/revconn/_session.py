@@ -26,6 +26,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import hyperframe.frame
 
 from . import _codes
@@ -180,6 +181,19 @@ def _compact_h2(conn: h2.connection.H2Connection) -> None:
             hpack_table.dynamic_entries = _SlimDeque(entries)  # type: ignore[assignment]
 
 
+class _PlainEncoder(hpack.Encoder):
+    """HPACK without Huffman coding of literals (RFC 7541 5.2, H bit 0).
+
+    hpack Huffman-codes in pure Python, byte by byte, on both ends: a request
+    head whose values are not yet in the dynamic table took 58 us to decode
+    with it and 26 us without (19 vs 14 us to encode once indexed), for ~25 %
+    more bytes on a link where bytes are cheap. Decoders accept both forms,
+    so a peer that does use Huffman is still understood."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's connection without the ``repr(frame)`` it builds for every received
     frame for a trace log that is disabled: for a 16 KiB DATA frame that repr
@@ -297,6 +311,7 @@ class TunnelSession:
             validate_inbound_headers=False,
         )
         self._conn = _H2Connection(config=config)
+        self._conn.encoder = _PlainEncoder()
         # The gateway never accepts streams from the agent (it refuses them), but
         # advertises 1, not 0: h2 checks this limit *before* it recognises a
         # HEADERS frame on a stream we reset, so with 0 every late response (the
