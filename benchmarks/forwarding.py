@@ -234,22 +234,29 @@ def main() -> None:
             )
             procs.append(upload_app)
             upload_url = f"http://127.0.0.1:{up_port}"
-            gw_port, pub_port = free_port(), free_port()
-            gateway = start(
-                [
-                    str(bindir / "revconn-gateway"),
-                    "--bind",
-                    f"127.0.0.1:{gw_port}",
-                    "--public-bind",
-                    f"127.0.0.1:{pub_port}",
-                    "--log-level",
-                    "warning",
-                ]
-            )
-            procs.append(gateway)
-            gw_url = f"http://127.0.0.1:{gw_port}"
-            pub_url = f"http://127.0.0.1:{pub_port}"
-            wait_http(gw_url + "/healthz")
+
+            def start_gateway(
+                env: dict[str, str] | None = None,
+            ) -> tuple[subprocess.Popen[str], str, str]:
+                """A gateway with its admin (--bind) and public URLs, ready."""
+                port, public = free_port(), free_port()
+                proc = start(
+                    [
+                        str(bindir / "revconn-gateway"),
+                        "--bind",
+                        f"127.0.0.1:{port}",
+                        "--public-bind",
+                        f"127.0.0.1:{public}",
+                        "--log-level",
+                        "warning",
+                    ],
+                    env,
+                )
+                procs.append(proc)
+                wait_http(f"http://127.0.0.1:{port}/healthz")
+                return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{public}"
+
+            gateway, gw_url, pub_url = start_gateway()
 
             def agent(
                 name: str, dial: str, upstream: str, env: dict[str, str] | None = None
@@ -274,22 +281,7 @@ def main() -> None:
             gateways = {"public": gateway, "hypercorn": gateway}
             if args.compare:
                 old_env = {"PYTHONPATH": extract_src(args.compare, workdir / "compare")}
-                old_port, old_pub = free_port(), free_port()
-                old_gateway = start(
-                    [
-                        str(bindir / "revconn-gateway"),
-                        "--bind",
-                        f"127.0.0.1:{old_port}",
-                        "--public-bind",
-                        f"127.0.0.1:{old_pub}",
-                        "--log-level",
-                        "warning",
-                    ],
-                    old_env,
-                )
-                procs.append(old_gateway)
-                wait_http(f"http://127.0.0.1:{old_port}/healthz")
-                old_url = f"http://127.0.0.1:{old_pub}"
+                old_gateway, _, old_url = start_gateway(old_env)
                 agents["compare"] = agent("bench", old_url, nginx_url, old_env)
                 gateways["compare"] = old_gateway
                 targets["compare"] = old_url + "/a/bench"
