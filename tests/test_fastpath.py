@@ -11,8 +11,9 @@ import os
 import pytest
 import trio
 import trio.testing
+import trio_websocket
 
-from revconn._fastpath import WriteLock, send_all
+from revconn._fastpath import FastSendStream, WriteLock, send_all
 
 from .test_streams import REQ, echo_handler, tunnels
 
@@ -190,3 +191,68 @@ async def test_concurrent_streams_share_one_message(
         await first.end()
         assert (await first.receive_response()).status == 200
         first.close()
+
+
+async def _fast_stream_pair() -> tuple[FastSendStream, FastSendStream]:
+    left, right = _stream_pair()
+    return FastSendStream(left), FastSendStream(right)
+
+
+async def test_trio_websocket_runs_over_a_fast_send_stream() -> None:
+    # (trio.testing.check_half_closeable_stream does not apply: it requires
+    # send_all to be a schedule point, which is what this stream avoids.)
+    client_stream, server_stream = _stream_pair()
+    big = os.urandom(900 * 1024)
+    async with trio.open_nursery() as nursery:
+
+        async def accept_and_echo() -> None:
+            ws = await trio_websocket.wrap_server_stream(nursery, server_stream)
+            connection = await ws.accept()
+            while True:
+                try:
+                    message = await connection.get_message()
+                except trio_websocket.ConnectionClosed:
+                    return
+                await connection.send_message(message)
+
+        nursery.start_soon(accept_and_echo)
+        with trio.fail_after(10):
+            client = await trio_websocket.wrap_client_stream(
+                nursery, FastSendStream(client_stream), "localhost", "/", max_message_size=1 << 20
+            )
+            for message in (b"small", big, b"after the big one"):
+                await client.send_message(message)
+                assert await client.get_message() == message
+            await client.aclose(1000, "done")
+            assert client.closed is not None and client.closed.code == 1000
+
+
+async def test_fast_send_stream_half_close_and_close() -> None:
+    left, right = await _fast_stream_pair()
+    await left.send_all(b"last words")
+    await left.send_eof()
+    assert await _read_all(right) == b"last words"
+    await right.send_all(b"reply after the peer's EOF")
+    assert await left.receive_some(100) == b"reply after the peer's EOF"
+    await left.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await left.send_all(b"x")
+    await right.aclose()
+
+
+async def _read_all(stream: FastSendStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(100):
+        data += chunk
+    return data
+
+
+async def test_fast_send_stream_small_send_has_no_schedule_point() -> None:
+    left, right = await _fast_stream_pair()
+    async with left, right:
+        for i in range(TRIALS):
+            async with trio.open_nursery() as nursery:
+                bystander = _Bystander(nursery)
+                await left.send_all(b"message %d" % i)
+                assert not bystander.ran
+            assert await right.receive_some(100) == b"message %d" % i

@@ -19,7 +19,7 @@ from types import TracebackType
 
 import trio
 
-__all__ = ["WriteLock", "send_all"]
+__all__ = ["FastSendStream", "WriteLock", "send_all"]
 
 _CLOSED = frozenset({errno.EBADF, errno.ENOTSOCK})
 
@@ -68,3 +68,30 @@ async def send_all(stream: trio.SocketStream, data: bytes | bytearray | memoryvi
         raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
     if sent < len(data):
         await stream.send_all(memoryview(data)[sent:])
+
+
+class FastSendStream(trio.abc.HalfCloseableStream):
+    """A SocketStream whose ``send_all`` is :func:`send_all`: for a library that
+    writes through a trio Stream (the agent's trio-websocket), a message the
+    kernel takes whole costs no schedule point. Everything else is the
+    wrapped stream's; the library serialises its own sends."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await send_all(self.stream, data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
