@@ -16,6 +16,8 @@ from revconn import (
     RegistryEventKind,
     ReplacedError,
 )
+from revconn._errors import ConnectionLost
+from revconn._gateway import _AsgiTransport
 from revconn._session import SessionEnded
 
 from . import _gateway_helpers
@@ -342,3 +344,42 @@ async def test_replacement_storm_does_not_take_the_gateway_down() -> None:
             r = await get(gw.url, "/healthz")
             assert r.status_code == 200
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("error", [trio.BusyResourceError, trio.BrokenResourceError])
+async def test_asgi_transport_close_survives_hypercorns_teardown_race(
+    error: type[Exception],
+) -> None:
+    """When the agent closes at the same moment, hypercorn answers its close
+    frame and tears down (send_eof outside its send lock); our own close frame
+    then fails inside hypercorn. That must not escape: the transport contract
+    is that close() never raises for a dying socket (an escape here killed the
+    agent's handler before it logged the agent offline)."""
+    sent: list[str] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(str(message["type"]))
+        raise error("another task is currently sending data on this SocketStream")
+
+    async def receive() -> dict[str, object]:
+        return {"type": "websocket.disconnect", "code": 1001}
+
+    transport = _AsgiTransport(receive, send)
+    with trio.fail_after(1):
+        await transport.close(1001, "shutdown")
+    assert sent == ["websocket.close"]
+    with pytest.raises(ConnectionLost):
+        await transport.send_message(b"after the close")
+
+
+async def test_asgi_transport_send_race_is_connection_lost() -> None:
+    async def send(message: dict[str, object]) -> None:
+        raise trio.BusyResourceError("another task is currently sending data")
+
+    async def receive() -> dict[str, object]:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    transport = _AsgiTransport(receive, send)
+    with pytest.raises(ConnectionLost, match="websocket send failed"):
+        await transport.send_message(b"x")

@@ -129,6 +129,9 @@ class GatewayConfig:
         return self.heartbeat.interval + self.heartbeat.timeout
 
 
+_TEARDOWN_RACE = (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
 class _AsgiTransport:
     """An ASGI WebSocket connection as a MessageTransport."""
 
@@ -145,7 +148,7 @@ class _AsgiTransport:
         # hypercorn drops sends after the peer closed; the reader notices the close.
         try:
             await self._send({"type": "websocket.send", "bytes": data})
-        except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except _TEARDOWN_RACE as exc:
             # hypercorn's teardown writes outside its send lock: a send racing it
             # fails here; the connection is going away either way.
             self._closed = True
@@ -171,7 +174,13 @@ class _AsgiTransport:
         if self._closed:
             return
         self._closed = True
-        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except _TEARDOWN_RACE:
+            # The agent closed at the same moment: hypercorn answered its close
+            # frame and is tearing down (send_eof outside its send lock), so our
+            # close frame lost the race. Nothing to tell the peer any more.
+            pass
         # Stay until hypercorn reports the disconnect. Returning earlier lets
         # hypercorn's connection teardown (send_eof, not under its send lock)
         # race its reader task answering the agent's own close frame, which
