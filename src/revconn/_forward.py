@@ -1,5 +1,6 @@
-"""What both public front ends share (sans-I/O): routing ``/a/NAME/...``,
-the request head that travels on the tunnel, and the gateway's JSON errors.
+"""What both public front ends share (sans-I/O): routing ``/a/NAME/...`` to an
+agent's tunnel, the request head that travels on it, and the gateway's JSON
+errors.
 
 The gateway has two front ends for public traffic with identical semantics:
 the ASGI route in :class:`~revconn._gateway.Gateway` (embeddable, served by
@@ -17,16 +18,20 @@ from typing import Any
 import attrs
 
 from . import _codes
-from ._errors import StreamError
+from ._errors import AgentBusy, StreamError
 from ._headers import Headers, forwarded_request_headers
+from ._registry import Registry
+from ._tunnel import Tunnel, TunnelStream
 
 __all__ = [
+    "Forward",
     "Reply",
     "Route",
     "agent_busy",
     "agent_offline",
     "bad_status",
     "format_peer",
+    "forward",
     "header_list_too_large",
     "json_reply",
     "route",
@@ -168,3 +173,53 @@ def tunnel_request_headers(
             items, client=client, proto=proto, host=host or None, prefix=f"/a/{name}"
         ),
     ]
+
+
+@attrs.frozen(slots=True)
+class Forward:
+    """A public request bound for an online agent: its tunnel and the head to
+    open a stream with."""
+
+    name: str
+    tunnel: Tunnel
+    headers: Headers
+
+    def open(self, *, end_stream: bool) -> TunnelStream | Reply:
+        """Open the stream (flush it after), or the reply when the agent cannot
+        take it: 503 ``agent_busy`` at its stream limit, 503 ``agent_offline``
+        if the tunnel began to close since the lookup."""
+        try:
+            return self.tunnel.open_request(self.headers, end_stream=end_stream)
+        except AgentBusy:
+            return agent_busy(self.name)
+        except StreamError:
+            return agent_offline(self.name)
+
+
+def forward(
+    registry: Registry,
+    path: bytes,
+    query: bytes,
+    method: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    client: str | None,
+    proto: str,
+) -> Forward | Reply:
+    """A public request for ``/a/NAME/...`` (raw ``path`` and ``query``): where it
+    goes and with which head, or the reply that answers it instead (404/308
+    from :func:`route`, 503 ``agent_offline``, 431 for a head too large for
+    the tunnel)."""
+    found = route(path, query)
+    if isinstance(found, Reply):
+        return found
+    tunnel = registry.lookup(found.name)
+    if not isinstance(tunnel, Tunnel) or not tunnel.accepting:
+        return agent_offline(found.name)
+    tunnel_headers = tunnel_request_headers(
+        method, found.target, headers, name=found.name, client=client, proto=proto
+    )
+    too_large = header_list_too_large(tunnel_headers)
+    if too_large is not None:
+        return too_large
+    return Forward(found.name, tunnel, tunnel_headers)

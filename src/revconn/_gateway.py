@@ -31,7 +31,6 @@ from werkzeug.datastructures import Headers
 from . import _codes, _wsmask
 from ._auth import AuthPolicy, Scope, bearer_credential
 from ._errors import (
-    AgentBusy,
     ConfigError,
     ConnectionLost,
     ProtocolError,
@@ -40,15 +39,11 @@ from ._errors import (
 )
 from ._forward import (
     Reply,
-    agent_busy,
-    agent_offline,
     bad_status,
     format_peer,
-    header_list_too_large,
+    forward,
     json_reply,
-    route,
     stream_failure,
-    tunnel_request_headers,
     unauthorized,
     valid_agent_name,
 )
@@ -354,41 +349,29 @@ class Gateway:
     async def _forward(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         """``ANY /a/NAME/REST?QUERY`` -> one stream on NAME's tunnel -> its upstream."""
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        found = route(raw_path, scope.get("query_string", b""))
-        if isinstance(found, Reply):
-            await _send_reply(send, found)
-            return
-        name = found.name
-        tunnel = self.registry.lookup(name)
-        if not isinstance(tunnel, Tunnel) or not tunnel.accepting:
-            await _send_reply(send, agent_offline(name))
-            return
         client = scope.get("client")
-        headers = tunnel_request_headers(
+        outbound = forward(
+            self.registry,
+            raw_path,
+            scope.get("query_string", b""),
             scope["method"].encode("ascii"),
-            found.target,
             scope.get("headers", []),
-            name=name,
             client=client[0] if client else None,
             proto=scope.get("scheme", "http"),
         )
-        too_large = header_list_too_large(headers)
-        if too_large is not None:
-            await _send_reply(send, too_large)
+        if isinstance(outbound, Reply):
+            await _send_reply(send, outbound)
             return
         message = await receive()
         if message["type"] != "http.request":
             return  # the client is already gone
         body: bytes = message.get("body", b"")
         more: bool = message.get("more_body", False)
-        try:
-            stream = tunnel.open_request(headers, end_stream=not (body or more))
-        except AgentBusy:
-            await _send_reply(send, agent_busy(name))
+        stream = outbound.open(end_stream=not (body or more))
+        if isinstance(stream, Reply):
+            await _send_reply(send, stream)
             return
-        except StreamError:  # the tunnel began to close since the lookup
-            await _send_reply(send, agent_offline(name))
-            return
+        name, tunnel = outbound.name, outbound.tunnel
         try:
             async with trio.open_nursery() as nursery:
                 if not (body or more):

@@ -31,24 +31,20 @@ import h11
 import trio
 
 from . import _codes
-from ._errors import AgentBusy, StreamError
+from ._errors import StreamError
 from ._fastpath import WriteLock, send_all
 from ._forward import (
     PREFIX,
     Reply,
-    agent_busy,
-    agent_offline,
     bad_status,
     format_peer,
-    header_list_too_large,
+    forward,
     json_reply,
-    route,
     stream_failure,
-    tunnel_request_headers,
 )
 from ._headers import clean_headers
 from ._registry import Registry
-from ._tunnel import MessageTransport, Tunnel, TunnelStream
+from ._tunnel import MessageTransport, TunnelStream
 from ._websocket import WebSocketTransport, upgrade_response
 
 __all__ = ["PublicServer"]
@@ -298,38 +294,26 @@ class _Connection:
             )
             await self._answer_early(reply)
             return None
-        found = route(path, query)
-        if isinstance(found, Reply):
-            await self._answer_early(found)
-            return None
-        name = found.name
-        tunnel = self.server.registry.lookup(name)
-        if not isinstance(tunnel, Tunnel) or not tunnel.accepting:
-            await self._answer_early(agent_offline(name))
-            return None
-        headers = tunnel_request_headers(
+        outbound = forward(
+            self.server.registry,
+            path,
+            query,
             request.method,
-            found.target,
             request.headers,
-            name=name,
             client=self.client,
             proto="http",
         )
-        too_large = header_list_too_large(headers)
-        if too_large is not None:
-            await self._answer_early(too_large)
+        if isinstance(outbound, Reply):
+            await self._answer_early(outbound)
             return None
         first = self.h11.next_event()  # EndOfMessage right away for a bodiless request
         bodiless = isinstance(first, h11.EndOfMessage)
-        try:
-            stream = tunnel.open_request(headers, end_stream=bodiless)
-        except AgentBusy:
-            await self._answer_early(agent_busy(name))
+        stream = outbound.open(end_stream=bodiless)
+        if isinstance(stream, Reply):
+            await self._answer_early(stream)
             return None
-        except StreamError:  # the tunnel began to close since the lookup
-            await self._answer_early(agent_offline(name))
-            return None
-        exchange = _Exchange(stream, name)
+        tunnel = outbound.tunnel
+        exchange = _Exchange(stream, outbound.name)
         self._exchange = exchange
         self._cycle_done = trio.Event()
         assert self._nursery is not None
