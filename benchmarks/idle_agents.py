@@ -77,7 +77,7 @@ def run_clients(url: str, prefix: str, count: int, tunnel: bool) -> None:
     import trio
     from trio_websocket import ConnectionClosed, open_websocket_url
 
-    from revconn._session import Role, TunnelSession
+    from revconn._proto.session import Role, TunnelSession
 
     connected = 0
 

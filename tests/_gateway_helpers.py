@@ -11,7 +11,7 @@ import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from revconn import Gateway, GatewayConfig, Heartbeat, SharedSecretPolicy
-from revconn._session import Role, TunnelSession
+from revconn._proto.session import Role, TunnelSession
 
 SECRET = "test-secret-0123456789"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from revconn import ConfigError, Scope, SharedSecretPolicy, generate_secret
-from revconn._auth import bearer_credential
+from revconn._gateway.auth import bearer_credential
 
 SECRET = "s3cret-s3cret-s3cret"
 

@@ -1,4 +1,4 @@
-"""The write-path helpers that skip trio's schedule points (revconn._fastpath),
+"""The write-path helpers that skip trio's schedule points (revconn._runtime.fastpath),
 and the tunnel flush policy built on them: no detour through the scheduler
 with one stream in flight, one shared message when several streams write at
 once."""
@@ -13,7 +13,7 @@ import trio
 import trio.testing
 import trio_websocket
 
-from revconn._fastpath import FastSendStream, WriteLock, send_all
+from revconn._runtime.fastpath import FastSendStream, WriteLock, send_all
 
 from .test_streams import REQ, echo_handler, tunnels
 

@@ -17,8 +17,8 @@ from revconn import (
     ReplacedError,
 )
 from revconn._errors import ConnectionLost
-from revconn._gateway import _AsgiTransport
-from revconn._session import SessionEnded
+from revconn._gateway.gateway import _AsgiTransport
+from revconn._proto.session import SessionEnded
 
 from . import _gateway_helpers
 from ._gateway_helpers import SECRET, raw_agent, running_gateway, wait_for

@@ -7,8 +7,8 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from revconn import _headers
-from revconn._headers import HOP_BY_HOP, clean_headers, forwarded_request_headers
+from revconn._proto import headers as _headers
+from revconn._proto.headers import HOP_BY_HOP, clean_headers, forwarded_request_headers
 
 token = st.text(
     alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.",

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from revconn import InMemoryRegistry, Registration, RegistryEvent, RegistryEventKind
-from revconn._registry import FLAP_THRESHOLD, FLAP_WINDOW, AgentSession
+from revconn._gateway.registry import FLAP_THRESHOLD, FLAP_WINDOW, AgentSession
 
 
 class FakeSession:

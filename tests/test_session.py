@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from revconn import LocalProtocolError, RemoteProtocolError
-from revconn._session import (
+from revconn._proto.session import (
     CLIENT_PREFACE,
     STREAM_WINDOW,
     DataReceived,

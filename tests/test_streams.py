@@ -10,8 +10,10 @@ import trio
 import trio.testing
 
 from revconn import AgentBusy, Heartbeat, StreamError
-from revconn._session import STREAM_WINDOW, Role, TunnelSession
-from revconn._tunnel import HeartbeatScheduler, RequestHandler, Tunnel, TunnelStream
+from revconn._proto.session import STREAM_WINDOW, Role, TunnelSession
+from revconn._runtime.heartbeat import HeartbeatScheduler
+from revconn._runtime.streams import TunnelStream
+from revconn._runtime.tunnel import RequestHandler, Tunnel
 
 from ._memory import transport_pair
 

@@ -14,8 +14,8 @@ from revconn import (
     RemoteProtocolError,
     ReplacedError,
 )
-from revconn._session import Role, TunnelSession
-from revconn._tunnel import Tunnel, TunnelEnd
+from revconn._proto.session import Role, TunnelSession
+from revconn._runtime.tunnel import Tunnel, TunnelEnd
 
 from ._memory import MemoryTransport, transport_pair
 

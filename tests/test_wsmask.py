@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage
 
-from revconn import _wsmask
+from revconn._runtime import wsmask as _wsmask
 
 pytestmark = pytest.mark.skipif(
     _wsmask._apply_mask is None, reason="websockets' compiled speedups unavailable"

@@ -3,14 +3,15 @@
 Agents behind NAT dial one outbound WebSocket to the gateway; the WebSocket
 carries an HTTP/2 session (heartbeat PINGs, GOAWAY reasons, one stream per
 forwarded request). This module re-exports the public API; everything else is private.
+
+The errors are imported at once (they need nothing); every other name is
+loaded on first use, so that ``from revconn import Agent`` never loads the
+gateway's libraries (hypercorn, Quart) and the other way round.
 """
 
-from ._agent import Agent as Agent
-from ._agent import AgentConfig as AgentConfig
-from ._auth import AuthPolicy as AuthPolicy
-from ._auth import Scope as Scope
-from ._auth import SharedSecretPolicy as SharedSecretPolicy
-from ._auth import generate_secret as generate_secret
+import importlib as _importlib
+import typing as _typing
+
 from ._errors import AgentBusy as AgentBusy
 from ._errors import AuthError as AuthError
 from ._errors import ConfigError as ConfigError
@@ -26,17 +27,59 @@ from ._errors import ReplacedError as ReplacedError
 from ._errors import RevconnError as RevconnError
 from ._errors import RevconnTimeout as RevconnTimeout
 from ._errors import StreamError as StreamError
-from ._gateway import Gateway as Gateway
-from ._gateway import GatewayConfig as GatewayConfig
-from ._registry import AgentInfo as AgentInfo
-from ._registry import InMemoryRegistry as InMemoryRegistry
-from ._registry import Registration as Registration
-from ._registry import Registry as Registry
-from ._registry import RegistryEvent as RegistryEvent
-from ._registry import RegistryEventKind as RegistryEventKind
-from ._supervisor import Backoff as Backoff
-from ._supervisor import Supervisor as Supervisor
-from ._supervisor import SupervisorStatistics as SupervisorStatistics
-from ._tunnel import Heartbeat as Heartbeat
+
+if _typing.TYPE_CHECKING:
+    from ._agent.agent import Agent as Agent
+    from ._agent.agent import AgentConfig as AgentConfig
+    from ._gateway.auth import AuthPolicy as AuthPolicy
+    from ._gateway.auth import Scope as Scope
+    from ._gateway.auth import SharedSecretPolicy as SharedSecretPolicy
+    from ._gateway.auth import generate_secret as generate_secret
+    from ._gateway.gateway import Gateway as Gateway
+    from ._gateway.gateway import GatewayConfig as GatewayConfig
+    from ._gateway.registry import AgentInfo as AgentInfo
+    from ._gateway.registry import InMemoryRegistry as InMemoryRegistry
+    from ._gateway.registry import Registration as Registration
+    from ._gateway.registry import Registry as Registry
+    from ._gateway.registry import RegistryEvent as RegistryEvent
+    from ._gateway.registry import RegistryEventKind as RegistryEventKind
+    from ._runtime.heartbeat import Heartbeat as Heartbeat
+    from ._runtime.supervisor import Backoff as Backoff
+    from ._runtime.supervisor import Supervisor as Supervisor
+    from ._runtime.supervisor import SupervisorStatistics as SupervisorStatistics
+
+_LAZY = {
+    "Agent": "._agent.agent",
+    "AgentConfig": "._agent.agent",
+    "AuthPolicy": "._gateway.auth",
+    "Scope": "._gateway.auth",
+    "SharedSecretPolicy": "._gateway.auth",
+    "generate_secret": "._gateway.auth",
+    "Gateway": "._gateway.gateway",
+    "GatewayConfig": "._gateway.gateway",
+    "AgentInfo": "._gateway.registry",
+    "InMemoryRegistry": "._gateway.registry",
+    "Registration": "._gateway.registry",
+    "Registry": "._gateway.registry",
+    "RegistryEvent": "._gateway.registry",
+    "RegistryEventKind": "._gateway.registry",
+    "Heartbeat": "._runtime.heartbeat",
+    "Backoff": "._runtime.supervisor",
+    "Supervisor": "._runtime.supervisor",
+    "SupervisorStatistics": "._runtime.supervisor",
+}
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'revconn' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

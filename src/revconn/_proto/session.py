@@ -17,7 +17,7 @@ What this layer adds over plain h2:
 from __future__ import annotations
 
 import enum
-from typing import Any, Final
+from typing import Final
 
 import attrs
 import h2.config
@@ -26,11 +26,10 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import hpack
-import hyperframe.frame
 
-from . import _codes
-from ._errors import LocalProtocolError, RemoteProtocolError
+from .. import _codes
+from .._errors import LocalProtocolError, RemoteProtocolError
+from .h2compat import H2Connection, PlainEncoder, compact_h2
 
 __all__ = [
     "DataReceived",
@@ -149,86 +148,6 @@ class StreamLimitReached(LocalProtocolError):
     """(gateway) The agent's SETTINGS_MAX_CONCURRENT_STREAMS is reached."""
 
 
-class _SlimDeque(list):  # type: ignore[type-arg]
-    """The deque operations h2 and hpack use, on a list.
-
-    An idle ``collections.deque`` allocates a 64-slot block (~760 bytes); h2 keeps
-    about a dozen of them per connection (one per setting, plus the two HPACK
-    tables), which made h2 the largest cost of an idle agent. Their contents stay
-    tiny (a setting holds one value plus pending ones; the HPACK table is bounded
-    by SETTINGS_HEADER_TABLE_SIZE), so list operations are as fast.
-    """
-
-    __slots__ = ()
-
-    def popleft(self) -> object:
-        return self.pop(0)
-
-    def appendleft(self, item: object) -> None:
-        self.insert(0, item)
-
-
-def _compact_h2(conn: h2.connection.H2Connection) -> None:
-    """Swap h2's per-connection deques for _SlimDeque (same contents, same order)."""
-    for settings in (conn.local_settings, conn.remote_settings):
-        table: dict[Any, Any] = settings._settings
-        for key, values in table.items():
-            if type(values) is not _SlimDeque:
-                table[key] = _SlimDeque(values)
-    for hpack_table in (conn.encoder.header_table, conn.decoder.header_table):
-        entries: Any = hpack_table.dynamic_entries
-        if type(entries) is not _SlimDeque:
-            hpack_table.dynamic_entries = _SlimDeque(entries)  # type: ignore[assignment]
-
-
-class _PlainEncoder(hpack.Encoder):
-    """HPACK without Huffman coding of literals (RFC 7541 5.2, H bit 0).
-
-    hpack Huffman-codes in pure Python, byte by byte, on both ends: a request
-    head whose values are not yet in the dynamic table took 58 us to decode
-    with it and 26 us without (19 vs 14 us to encode once indexed), for ~25 %
-    more bytes on a link where bytes are cheap. Decoders accept both forms,
-    so a peer that does use Huffman is still understood."""
-
-    def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        return super().encode(headers, huffman=False)
-
-
-class _H2Connection(h2.connection.H2Connection):
-    """h2's connection without the ``repr(frame)`` it builds for every received
-    frame for a trace log that is disabled: for a 16 KiB DATA frame that repr
-    hex-encodes the whole payload (hyperframe's ``_raw_data_repr``), measured at
-    16 % of the gateway's CPU on a 10 MiB download. The body below is h2 4.x's
-    ``_receive_frame`` (same error handling) minus that log line."""
-
-    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
-        events: list[h2.events.Event]
-        try:
-            frames, events = self._frame_dispatch_table[frame.__class__](frame)
-        except h2.exceptions.StreamClosedError as e:
-            # Closed by RST_STREAM: a stream error, answered with RST_STREAM.
-            if self._stream_is_closed_by_reset(e.stream_id):
-                f = hyperframe.frame.RstStreamFrame(e.stream_id)
-                f.error_code = e.error_code
-                self._prepare_for_sending([f])
-                events = e._events
-            else:
-                raise
-        except h2.exceptions.StreamIDTooLowError as e:
-            if self._stream_is_closed_by_reset(e.stream_id):
-                f = hyperframe.frame.RstStreamFrame(e.stream_id)
-                f.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
-                self._prepare_for_sending([f])
-                events = []
-            elif self._stream_is_closed_by_end(e.stream_id):
-                raise h2.exceptions.StreamClosedError(e.stream_id) from e
-            else:
-                raise
-        else:
-            self._prepare_for_sending(frames)
-        return events
-
-
 class _FrameScanner:
     """Follows frame boundaries in the byte stream and checks each frame's length.
 
@@ -310,8 +229,8 @@ class TunnelSession:
             normalize_outbound_headers=False,
             validate_inbound_headers=False,
         )
-        self._conn = _H2Connection(config=config)
-        self._conn.encoder = _PlainEncoder()
+        self._conn = H2Connection(config=config)
+        self._conn.encoder = PlainEncoder()
         # The gateway never accepts streams from the agent (it refuses them), but
         # advertises 1, not 0: h2 checks this limit *before* it recognises a
         # HEADERS frame on a stream we reset, so with 0 every late response (the
@@ -333,7 +252,7 @@ class TunnelSession:
         )
         # (h2 reads this once in its constructor, before our settings exist)
         self._conn.max_inbound_frame_size = MAX_FRAME_SIZE
-        _compact_h2(self._conn)
+        compact_h2(self._conn)
         self._scanner = _FrameScanner(MAX_FRAME_SIZE, 0 if client else len(CLIENT_PREFACE))
         self._remote_settings_seen = False
         self._local_settings_acked = False
@@ -537,7 +456,7 @@ class TunnelSession:
 
             if not self._handshake_reported and self.handshake_complete:
                 self._handshake_reported = True
-                _compact_h2(self._conn)  # the peer's SETTINGS added new entries
+                compact_h2(self._conn)  # the peer's SETTINGS added new entries
                 out.append(HandshakeComplete())
         return out
 

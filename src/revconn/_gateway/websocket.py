@@ -14,10 +14,10 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 from wsproto.utilities import generate_accept_token
 
-from . import _codes
-from ._errors import ConnectionLost
-from ._fastpath import WriteLock, send_all
-from ._forward import Reply, json_reply
+from .. import _codes
+from .._errors import ConnectionLost
+from .._runtime.fastpath import WriteLock, send_all
+from .forward import Reply, json_reply
 
 __all__ = ["WebSocketTransport", "upgrade_response"]
 

@@ -28,16 +28,24 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 
-from . import _codes, _wsmask
-from ._auth import AuthPolicy, Scope, bearer_credential
-from ._errors import (
+from .. import _codes
+from .._errors import (
     ConfigError,
     ConnectionLost,
     ProtocolError,
     RevconnTimeout,
     StreamError,
 )
-from ._forward import (
+from .._proto.headers import clean_headers
+from .._proto.rules import MAX_MESSAGE_SIZE, valid_agent_name
+from .._proto.session import Role, TunnelSession
+from .._runtime import wsmask
+from .._runtime.heartbeat import Heartbeat, HeartbeatScheduler
+from .._runtime.streams import TunnelStream
+from .._runtime.transport import MessageTransport
+from .._runtime.tunnel import Tunnel, TunnelEnd
+from .auth import AuthPolicy, Scope, bearer_credential
+from .forward import (
     Reply,
     bad_status,
     format_peer,
@@ -45,22 +53,11 @@ from ._forward import (
     json_reply,
     stream_failure,
     unauthorized,
-    valid_agent_name,
 )
-from ._headers import clean_headers
-from ._public import PublicServer
-from ._registry import InMemoryRegistry, Registration, Registry
-from ._session import Role, TunnelSession
-from ._tunnel import (
-    Heartbeat,
-    HeartbeatScheduler,
-    MessageTransport,
-    Tunnel,
-    TunnelEnd,
-    TunnelStream,
-)
+from .listener import PublicServer
+from .registry import InMemoryRegistry, Registration, Registry
 
-__all__ = ["Gateway", "GatewayConfig", "parse_bind", "valid_agent_name"]
+__all__ = ["Gateway", "GatewayConfig", "parse_bind"]
 
 log = logging.getLogger("revconn.gateway")
 
@@ -69,7 +66,6 @@ ASGIMessage = MutableMapping[str, Any]
 ASGIReceive = Callable[[], Awaitable[ASGIMessage]]
 ASGISend = Callable[[ASGIMessage], Awaitable[None]]
 
-MAX_MESSAGE_SIZE = 1 << 20  # 1 MiB: far above one HTTP/2 frame (16 KiB + 9)
 CLOSE_GRACE = 2.0  # after forcing tunnels closed, how long to let them say goodbye
 
 
@@ -426,7 +422,7 @@ class Gateway:
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until ``shutdown_trigger`` returns (or forever); reports the bound URLs."""
-        _wsmask.install()
+        wsmask.install()
         public_sockets = _listen_all(self.config.public_binds, self.config.backlog, None)
         try:
             sockets = self.create_sockets()

@@ -1,26 +1,22 @@
 """The trio adapter that runs a :class:`TunnelSession` over a message transport.
 
 Thin by design: a reader loop feeds received WebSocket messages to the
-session, a single writer task sends whatever the session has queued, and a
-heartbeat task sends PINGs and waits for their acknowledgements. No protocol
-decisions are made here.
+session and wakes the streams they concern; whoever has queued frames flushes
+them under one lock; PINGs come from a :class:`HeartbeatScheduler`. No
+protocol decisions are made here.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 import attrs
 import trio
 
-from . import _codes
-from ._errors import (
+from .. import _codes
+from .._errors import (
     AgentBusy,
-    ConfigError,
     ConnectionLost,
     HandshakeTimeout,
     HeartbeatTimeout,
@@ -30,7 +26,7 @@ from ._errors import (
     RevconnError,
     StreamError,
 )
-from ._session import (
+from .._proto.session import (
     DataReceived,
     PingAcknowledged,
     RequestReceived,
@@ -42,16 +38,11 @@ from ._session import (
     TunnelSession,
     WindowOpened,
 )
+from .heartbeat import Heartbeat, HeartbeatScheduler
+from .streams import TunnelStream
+from .transport import MessageTransport
 
-__all__ = [
-    "Heartbeat",
-    "HeartbeatScheduler",
-    "MessageTransport",
-    "RequestHandler",
-    "Tunnel",
-    "TunnelEnd",
-    "TunnelStream",
-]
+__all__ = ["RequestHandler", "Tunnel", "TunnelEnd"]
 
 log = logging.getLogger("revconn.tunnel")
 
@@ -59,35 +50,6 @@ CLOSE_TIMEOUT = 2.0
 MAX_MESSAGE = 256 * 1024
 """Largest WebSocket message a tunnel sends: larger outbound data is split.
 Receivers accept up to 1 MiB (docs/protocol.md)."""
-
-
-class MessageTransport(Protocol):
-    """A WebSocket seen as a stream of binary messages."""
-
-    async def send_message(self, data: bytes) -> None:
-        """Send one binary message; raise ConnectionLost if the socket is gone."""
-        ...
-
-    async def receive_message(self) -> bytes:
-        """Next binary message; raise ConnectionLost (with the close code) at the end."""
-        ...
-
-    async def close(self, code: int, reason: str) -> None:
-        """Close the WebSocket with ``code``/``reason``; never raises for a dead socket."""
-        ...
-
-
-@attrs.frozen
-class Heartbeat:
-    """PING every ``interval`` seconds; the peer must answer within ``timeout``."""
-
-    interval: float = 15.0
-    timeout: float = 10.0
-
-    def __attrs_post_init__(self) -> None:
-        for label, value in (("interval", self.interval), ("timeout", self.timeout)):
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"heartbeat {label} must be > 0 seconds, got {value!r}")
 
 
 @attrs.frozen
@@ -98,234 +60,6 @@ class TunnelEnd:
     reason: str
     error: RevconnError | None
     by_peer: bool
-
-
-class HeartbeatScheduler:
-    """PINGs many tunnels on one schedule from a single task.
-
-    All tunnels share ``heartbeat.interval`` and ``heartbeat.timeout``, so both
-    the ping times and the ACK deadlines come due in insertion order: two
-    ordered dicts are the whole timer queue (O(1) per event, no task and no
-    cancel scope per tunnel). Sending a PING spawns a short flush task in the
-    scheduler's nursery, so a socket that cannot be written never delays the
-    timeout check of any tunnel; a tunnel whose ACK is late is ended at its
-    deadline by ``Tunnel.heartbeat_expired`` (no I/O needed for that).
-    """
-
-    def __init__(self, heartbeat: Heartbeat) -> None:
-        self.heartbeat = heartbeat
-        self._due: OrderedDict[Tunnel, float] = OrderedDict()
-        # tunnel -> (ACK deadline, PING payload, sent at)
-        self._waiting: OrderedDict[Tunnel, tuple[float, bytes, float]] = OrderedDict()
-        self._changed = trio.Event()
-        self._nursery: trio.Nursery | None = None
-        self._seq = 0
-
-    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        """Run ``fn`` in the scheduler's nursery (background flushes of its tunnels)."""
-        if self._nursery is not None:
-            self._nursery.start_soon(fn)
-
-    def add(self, tunnel: Tunnel) -> None:
-        self._due[tunnel] = trio.current_time() + self.heartbeat.interval
-        self._changed.set()
-
-    def remove(self, tunnel: Tunnel) -> None:
-        self._due.pop(tunnel, None)
-        self._waiting.pop(tunnel, None)
-
-    def acknowledged(self, tunnel: Tunnel, payload: bytes) -> None:
-        entry = self._waiting.get(tunnel)
-        if entry is None or entry[1] != payload:
-            return  # not ours, or already expired
-        del self._waiting[tunnel]
-        sent_at = entry[2]
-        tunnel.rtt = trio.current_time() - sent_at
-        self._due[tunnel] = sent_at + self.heartbeat.interval
-        self._changed.set()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await self._loop(nursery)
-            finally:
-                self._nursery = None  # closed to new arrivals from here on
-
-    async def _loop(self, nursery: trio.Nursery) -> None:
-        while True:
-            now = trio.current_time()
-            while self._waiting:
-                tunnel, (deadline, _, _) = next(iter(self._waiting.items()))
-                if deadline > now:
-                    break
-                del self._waiting[tunnel]
-                tunnel.heartbeat_expired()
-            while self._due:
-                tunnel, when = next(iter(self._due.items()))
-                if when > now:
-                    break
-                del self._due[tunnel]
-                self._seq += 1
-                payload = self._seq.to_bytes(8, "big")
-                if tunnel.queue_ping(payload):
-                    self._waiting[tunnel] = (now + self.heartbeat.timeout, payload, now)
-                    nursery.start_soon(tunnel.flush)
-            wake = next(iter(self._due.values())) if self._due else math.inf
-            if self._waiting:
-                wake = min(wake, next(iter(self._waiting.values()))[0])
-            self._changed = trio.Event()
-            with trio.move_on_at(wake):
-                await self._changed.wait()
-
-
-class TunnelStream:
-    """One request stream of a tunnel, as its owner (the gateway's forwarder or
-    the agent's request handler) sees it.
-
-    Received body chunks are buffered until ``read()`` consumes them, and their
-    flow-control credit is returned only then: a stalled reader stops its own
-    stream at the window (256 KiB) without slowing the others.
-    """
-
-    __slots__ = (
-        "_changed",
-        "_chunks",
-        "_unacked",
-        "cancel_scope",
-        "id",
-        "local_ended",
-        "remote_ended",
-        "request",
-        "reset_code",
-        "responded",
-        "response",
-        "tunnel",
-    )
-
-    def __init__(self, tunnel: Tunnel, stream_id: int) -> None:
-        self.tunnel = tunnel
-        self.id = stream_id
-        self.request: RequestReceived | None = None
-        self.response: ResponseReceived | None = None
-        self._chunks: list[DataReceived] = []
-        self._unacked = 0
-        self.remote_ended = False
-        self.local_ended = False
-        self.reset_code: int | None = None
-        self.responded = False
-        self.cancel_scope: trio.CancelScope | None = None
-        self._changed = trio.Event()
-
-    def _wake(self) -> None:
-        self._changed.set()
-
-    async def _wait(self) -> None:
-        self._changed = trio.Event()
-        await self._changed.wait()
-
-    def _check(self) -> None:
-        if self.reset_code is not None:
-            raise StreamError(
-                f"stream reset by the peer (HTTP/2 error {self.reset_code:#x})",
-                error_code=self.reset_code,
-            )
-        if self.tunnel.end is not None:
-            raise StreamError(f"tunnel lost: {self.tunnel.end.reason or 'closed'}")
-
-    async def receive_response(self) -> ResponseReceived:
-        """(gateway) Wait for the response headers."""
-        while self.response is None:
-            self._check()
-            await self._wait()
-        return self.response
-
-    async def read(self) -> bytes | None:
-        """The body bytes received so far (at most one stream window), or None at
-        the end of the body."""
-        if self._unacked:
-            self.tunnel.session.ack_data(self.id, self._unacked)
-            self._unacked = 0
-            await self.tunnel.flush()
-        while not self._chunks:
-            if self.remote_ended:
-                return None
-            self._check()
-            await self._wait()
-        # Everything buffered at once: fewer, larger writes downstream.
-        chunks, self._chunks = self._chunks, []
-        self._unacked += sum(c.flow_length for c in chunks)
-        data = chunks[0].data if len(chunks) == 1 else b"".join(c.data for c in chunks)
-        if not data:
-            return None if self.remote_ended else await self.read()
-        return data
-
-    async def respond(
-        self, status: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
-    ) -> None:
-        """(agent) Send the response headers (``headers`` already clean)."""
-        self.respond_nowait(status, headers, end_stream=end_stream)
-        await self.tunnel.flush()
-
-    def respond_nowait(
-        self, status: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False
-    ) -> None:
-        """(agent) Queue the response headers; they leave with the next flush (so
-        HEADERS and the first DATA share one WebSocket message)."""
-        self._check()
-        self.tunnel.session.send_response(self.id, status, headers, end_stream=end_stream)
-        self.responded = True
-        self.local_ended = end_stream
-
-    async def send_body(self, data: bytes, *, end_stream: bool = False) -> None:
-        """Send body bytes, waiting for flow-control credit as needed."""
-        session = self.tunnel.session
-        view = memoryview(data)
-        while True:
-            self._check()
-            if not view:
-                if end_stream:
-                    session.send_data(self.id, b"", end_stream=True)
-                    self.local_ended = True
-                break
-            n = session.send_data(self.id, view, end_stream=end_stream)
-            if n == len(view):
-                self.local_ended = end_stream
-                break
-            view = view[n:]
-            if n:
-                await self.tunnel.flush()
-            else:
-                await self.tunnel.wait_window()
-        await self.tunnel.flush()
-
-    async def end(self) -> None:
-        """Finish our side of the stream (END_STREAM on an empty DATA frame)."""
-        if not self.local_ended:
-            await self.send_body(b"", end_stream=True)
-
-    def reset(self, error_code: int = _codes.H2_CANCEL) -> None:
-        """Abandon the stream with RST_STREAM (sent in the background); idempotent."""
-        live = self.id in self.tunnel._streams
-        if live and self.reset_code is None and not (self.local_ended and self.remote_ended):
-            self.tunnel.session.reset_stream(self.id, error_code)
-            self.tunnel.flush_soon()
-        if self.reset_code is None:
-            self.reset_code = error_code
-        self.close()
-
-    def close(self) -> None:
-        """Forget the stream; credit for unread data goes back to the connection."""
-        if self.tunnel._streams.pop(self.id, None) is None:
-            return
-        unread = self._unacked + sum(c.flow_length for c in self._chunks)
-        self._chunks.clear()
-        self._unacked = 0
-        if unread:
-            self.tunnel.session.ack_data(self.id, unread)
-            self.tunnel.flush_soon()
-        self.tunnel._maybe_finish_drain()
 
 
 RequestHandler = Callable[[TunnelStream], Awaitable[None]]

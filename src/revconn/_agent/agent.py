@@ -20,8 +20,8 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from . import _codes, _wsmask
-from ._errors import (
+from .. import _codes
+from .._errors import (
     AuthError,
     ConfigError,
     ConnectError,
@@ -32,12 +32,15 @@ from ._errors import (
     ReplacedError,
     RevconnError,
 )
-from ._fastpath import FastSendStream
-from ._gateway import MAX_MESSAGE_SIZE, valid_agent_name
-from ._session import Role, TunnelSession
-from ._supervisor import Backoff, Supervisor, SupervisorStatistics
-from ._tunnel import Heartbeat, Tunnel, TunnelStream
-from ._upstream import ASGIApp, AsgiUpstream, HttpUpstream, Upstream, respond_error
+from .._proto.rules import MAX_MESSAGE_SIZE, valid_agent_name
+from .._proto.session import Role, TunnelSession
+from .._runtime import wsmask
+from .._runtime.fastpath import FastSendStream
+from .._runtime.heartbeat import Heartbeat
+from .._runtime.streams import TunnelStream
+from .._runtime.supervisor import Backoff, Supervisor, SupervisorStatistics
+from .._runtime.tunnel import Tunnel
+from .upstream import ASGIApp, AsgiUpstream, HttpUpstream, Upstream, respond_error
 
 __all__ = ["Agent", "AgentConfig", "tunnel_url"]
 
@@ -194,7 +197,7 @@ class Agent:
         return self._supervisor.statistics()
 
     async def run(self) -> None:
-        _wsmask.install()
+        wsmask.install()
         try:
             async with self.upstream.running():
                 await self._supervisor.run()

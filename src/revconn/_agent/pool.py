@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 import h11
 import trio
 
-from ._fastpath import send_all
+from .._runtime.fastpath import send_all
 
 __all__ = ["Pool", "PoolResponse", "UpstreamClosed", "UpstreamConnectError"]
 

@@ -11,17 +11,18 @@ hypercorn on ``--bind``) and the lean trio + h11 listener of ``_public.py``
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
 
-from . import _codes
-from ._errors import AgentBusy, StreamError
-from ._headers import Headers, forwarded_request_headers
-from ._registry import Registry
-from ._tunnel import Tunnel, TunnelStream
+from .. import _codes
+from .._errors import AgentBusy, StreamError
+from .._proto.headers import Headers, forwarded_request_headers
+from .._proto.rules import valid_agent_name
+from .._runtime.streams import TunnelStream
+from .._runtime.tunnel import Tunnel
+from .registry import Registry
 
 __all__ = [
     "Forward",
@@ -38,16 +39,9 @@ __all__ = [
     "stream_failure",
     "tunnel_request_headers",
     "unauthorized",
-    "valid_agent_name",
 ]
 
-_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 PREFIX = b"/a/"
-
-
-def valid_agent_name(name: str) -> bool:
-    """A lowercase DNS label: ``[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?``."""
-    return _NAME_RE.fullmatch(name) is not None
 
 
 @attrs.frozen(slots=True)

@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Protocol
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = [
     "AuthPolicy",

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import attrs
 import trio
 
-from . import _codes
+from .. import _codes
 
 __all__ = [
     "AgentInfo",

@@ -15,7 +15,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from ._errors import ConfigError, FatalError, RevconnError
+from .._errors import ConfigError, FatalError, RevconnError
 
 __all__ = ["Backoff", "ConnectFn", "Supervisor", "SupervisorStatistics"]
 

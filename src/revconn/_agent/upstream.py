@@ -26,11 +26,11 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from . import _codes
-from ._errors import ConfigError, StreamError
-from ._headers import Headers, clean_headers
-from ._pool import Pool, PoolResponse, UpstreamClosed, UpstreamConnectError
-from ._tunnel import TunnelStream
+from .. import _codes
+from .._errors import ConfigError, StreamError
+from .._proto.headers import Headers, clean_headers
+from .._runtime.streams import TunnelStream
+from .pool import Pool, PoolResponse, UpstreamClosed, UpstreamConnectError
 
 __all__ = ["AsgiUpstream", "HttpUpstream", "Upstream", "error_body"]
 

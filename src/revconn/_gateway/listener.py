@@ -30,10 +30,13 @@ from typing import NoReturn, Protocol
 import h11
 import trio
 
-from . import _codes
-from ._errors import StreamError
-from ._fastpath import WriteLock, send_all
-from ._forward import (
+from .. import _codes
+from .._errors import StreamError
+from .._proto.headers import clean_headers
+from .._runtime.fastpath import WriteLock, send_all
+from .._runtime.streams import TunnelStream
+from .._runtime.transport import MessageTransport
+from .forward import (
     PREFIX,
     Reply,
     bad_status,
@@ -42,10 +45,8 @@ from ._forward import (
     json_reply,
     stream_failure,
 )
-from ._headers import clean_headers
-from ._registry import Registry
-from ._tunnel import MessageTransport, TunnelStream
-from ._websocket import WebSocketTransport, upgrade_response
+from .registry import Registry
+from .websocket import WebSocketTransport, upgrade_response
 
 __all__ = ["PublicServer"]
 

@@ -1,0 +1,1 @@
+"""The two executables, one module each, with their shared helpers."""

@@ -1,0 +1,96 @@
+"""What both executables share: exit codes, logging set-up, signal handling,
+and mapping revconn's errors to a message and an exit code.
+
+The executables themselves are thin: parse flags into config records, run the
+library under trio, map expected failures to exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import click
+import trio
+
+from .._errors import AuthError, ConfigError, ReplacedError, RevconnError
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_CONFIG",
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_REPLACED",
+    "fail",
+    "run",
+    "setup_logging",
+    "until_signal",
+]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2  # also click's usage errors
+EXIT_AUTH = 3
+EXIT_REPLACED = 4
+
+log = logging.getLogger("revconn.cli")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # hypercorn and quart are chatty at INFO about things we log ourselves.
+    logging.getLogger("revconn.hypercorn").setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+async def until_signal(stop: Callable[[], None], grace: float, cancel: trio.CancelScope) -> None:
+    """On SIGTERM/SIGINT call ``stop()``; cancel ``cancel`` after ``grace`` seconds
+    or at a second signal."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            stop()
+            break
+        with trio.move_on_after(grace):
+            async for _ in signals:
+                break
+        cancel.cancel()
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    try:
+        trio.run(main)
+    except (RevconnError, BaseExceptionGroup) as exc:
+        error = _revconn_error(exc)
+        if error is None:
+            raise
+        if isinstance(error, AuthError):
+            fail(str(error), EXIT_AUTH)
+        elif isinstance(error, ReplacedError):
+            fail(f"{error}; not reconnecting (two agents must not share a name)", EXIT_REPLACED)
+        elif isinstance(error, ConfigError):
+            fail(str(error), EXIT_CONFIG)
+        else:
+            fail(str(error), EXIT_ERROR)
+
+
+def _revconn_error(exc: BaseException) -> RevconnError | None:
+    """The RevconnError behind ``exc``, seeing through nursery exception groups.
+
+    None if anything else is in there (a bug must show its traceback).
+    """
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, RevconnError) else None

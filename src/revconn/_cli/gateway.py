@@ -1,0 +1,144 @@
+"""``revconn-gateway``: flags -> GatewayConfig, then the gateway (and, with
+``--demo``, an in-process demo agent) until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+import trio
+
+from .._agent.agent import Agent, AgentConfig
+from .._agent.demo import demo_app
+from .._errors import ConfigError
+from .._gateway.auth import SharedSecretPolicy, generate_secret
+from .._gateway.gateway import Gateway, GatewayConfig
+from .._runtime.heartbeat import Heartbeat
+from .common import EXIT_CONFIG, fail, run, setup_logging, until_signal
+
+__all__ = ["main"]
+
+DEMO_NAME = "demo"
+
+
+def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, bool]:
+    """(secret, generated?) from --secret / --secret-file / REVCONN_SECRET."""
+    if secret is not None and secret_file is not None:
+        raise ConfigError("give either --secret (or REVCONN_SECRET) or --secret-file, not both")
+    if secret_file is not None:
+        try:
+            text = secret_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"--secret-file {secret_file}: {exc.strerror}") from None
+        if not text:
+            raise ConfigError(f"--secret-file {secret_file} is empty")
+        return text, False
+    if secret is not None:
+        return secret, False
+    if "REVCONN_SECRET" in os.environ:  # click reads an empty variable as unset
+        raise ConfigError(
+            "the gateway secret is empty (REVCONN_SECRET is set but empty): set it, "
+            "or unset it to have one generated"
+        )
+    return generate_secret(), True
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--bind",
+    "binds",
+    multiple=True,
+    default=("127.0.0.1:8080",),
+    show_default=True,
+    help="HOST:PORT to listen on; repeatable. Port 0 picks a free port.",
+)
+@click.option(
+    "--public-bind",
+    "public_binds",
+    multiple=True,
+    help="HOST:PORT for the dedicated public listener (/a/NAME/... only, the fast "
+    "path); repeatable. Without it, public traffic uses /a/ on --bind.",
+)
+@click.option("--secret", envvar="REVCONN_SECRET", help="Shared secret (env REVCONN_SECRET).")
+@click.option(
+    "--secret-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Read the shared secret from this file.",
+)
+@click.option("--heartbeat-interval", type=float, default=15.0, show_default=True)
+@click.option("--heartbeat-timeout", type=float, default=10.0, show_default=True)
+@click.option("--handshake-timeout", type=float, default=10.0, show_default=True)
+@click.option("--demo", is_flag=True, help="Also run an in-process demo agent named 'demo'.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def main(
+    binds: tuple[str, ...],
+    public_binds: tuple[str, ...],
+    secret: str | None,
+    secret_file: Path | None,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    handshake_timeout: float,
+    demo: bool,
+    log_level: str,
+) -> None:
+    """Run the revconn gateway: agents connect to /ws/connect, operators list /endpoints."""
+    setup_logging(log_level)
+    try:
+        key, generated = _load_secret(secret, secret_file)
+        policy = SharedSecretPolicy(key)
+        config = GatewayConfig(
+            binds=binds,
+            public_binds=public_binds,
+            heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
+            handshake_timeout=handshake_timeout,
+        )
+    except ConfigError as exc:
+        fail(str(exc), EXIT_CONFIG)
+        return
+    gateway = Gateway(config, policy)
+
+    async def main_task() -> None:
+        stop = trio.Event()
+        agents: list[Agent] = []
+
+        def begin_stop() -> None:
+            for agent in agents:
+                agent.stop()
+            stop.set()
+
+        async with trio.open_nursery() as nursery:
+
+            async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
+                await gateway.serve(shutdown_trigger=stop.wait, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(
+                until_signal, begin_stop, config.graceful_timeout + 5.0, nursery.cancel_scope
+            )
+            urls: list[str] = await nursery.start(serve)
+            base = urls[0]
+            click.echo(f"revconn-gateway listening on {', '.join(urls)}")
+            if gateway.public_urls:
+                click.echo(f"public traffic on {', '.join(gateway.public_urls)}")
+            public = (gateway.public_urls or urls)[0]
+            if generated:
+                click.echo(f"generated secret (shown once): {key}")
+            if demo:
+                # The demo agent dials the address actually bound (port 0 resolved).
+                agent = Agent(AgentConfig(gateway=base, name=DEMO_NAME, secret=key), app=demo_app)
+                agents.append(agent)
+                nursery.start_soon(agent.run)
+                click.echo(f"demo agent {DEMO_NAME!r} connecting; its page, through the tunnel:")
+                click.echo(f"  curl {public}/a/{DEMO_NAME}/")
+                click.echo("list the agents with:")
+                click.echo(f"  curl -H 'Authorization: Bearer {key}' {base}/endpoints")
+            sys.stdout.flush()
+
+    run(main_task)

@@ -1,0 +1,164 @@
+"""One request stream of a tunnel, as its owner sees it (flow control, reads, writes)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from .. import _codes
+from .._errors import StreamError
+from .._proto.session import DataReceived, RequestReceived, ResponseReceived
+
+if TYPE_CHECKING:
+    from .tunnel import Tunnel
+
+__all__ = ["TunnelStream"]
+
+
+class TunnelStream:
+    """One request stream of a tunnel, as its owner (the gateway's forwarder or
+    the agent's request handler) sees it.
+
+    Received body chunks are buffered until ``read()`` consumes them, and their
+    flow-control credit is returned only then: a stalled reader stops its own
+    stream at the window (256 KiB) without slowing the others.
+    """
+
+    __slots__ = (
+        "_changed",
+        "_chunks",
+        "_unacked",
+        "cancel_scope",
+        "id",
+        "local_ended",
+        "remote_ended",
+        "request",
+        "reset_code",
+        "responded",
+        "response",
+        "tunnel",
+    )
+
+    def __init__(self, tunnel: Tunnel, stream_id: int) -> None:
+        self.tunnel = tunnel
+        self.id = stream_id
+        self.request: RequestReceived | None = None
+        self.response: ResponseReceived | None = None
+        self._chunks: list[DataReceived] = []
+        self._unacked = 0
+        self.remote_ended = False
+        self.local_ended = False
+        self.reset_code: int | None = None
+        self.responded = False
+        self.cancel_scope: trio.CancelScope | None = None
+        self._changed = trio.Event()
+
+    def _wake(self) -> None:
+        self._changed.set()
+
+    async def _wait(self) -> None:
+        self._changed = trio.Event()
+        await self._changed.wait()
+
+    def _check(self) -> None:
+        if self.reset_code is not None:
+            raise StreamError(
+                f"stream reset by the peer (HTTP/2 error {self.reset_code:#x})",
+                error_code=self.reset_code,
+            )
+        if self.tunnel.end is not None:
+            raise StreamError(f"tunnel lost: {self.tunnel.end.reason or 'closed'}")
+
+    async def receive_response(self) -> ResponseReceived:
+        """(gateway) Wait for the response headers."""
+        while self.response is None:
+            self._check()
+            await self._wait()
+        return self.response
+
+    async def read(self) -> bytes | None:
+        """The body bytes received so far (at most one stream window), or None at
+        the end of the body."""
+        if self._unacked:
+            self.tunnel.session.ack_data(self.id, self._unacked)
+            self._unacked = 0
+            await self.tunnel.flush()
+        while not self._chunks:
+            if self.remote_ended:
+                return None
+            self._check()
+            await self._wait()
+        # Everything buffered at once: fewer, larger writes downstream.
+        chunks, self._chunks = self._chunks, []
+        self._unacked += sum(c.flow_length for c in chunks)
+        data = chunks[0].data if len(chunks) == 1 else b"".join(c.data for c in chunks)
+        if not data:
+            return None if self.remote_ended else await self.read()
+        return data
+
+    async def respond(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
+    ) -> None:
+        """(agent) Send the response headers (``headers`` already clean)."""
+        self.respond_nowait(status, headers, end_stream=end_stream)
+        await self.tunnel.flush()
+
+    def respond_nowait(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False
+    ) -> None:
+        """(agent) Queue the response headers; they leave with the next flush (so
+        HEADERS and the first DATA share one WebSocket message)."""
+        self._check()
+        self.tunnel.session.send_response(self.id, status, headers, end_stream=end_stream)
+        self.responded = True
+        self.local_ended = end_stream
+
+    async def send_body(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Send body bytes, waiting for flow-control credit as needed."""
+        session = self.tunnel.session
+        view = memoryview(data)
+        while True:
+            self._check()
+            if not view:
+                if end_stream:
+                    session.send_data(self.id, b"", end_stream=True)
+                    self.local_ended = True
+                break
+            n = session.send_data(self.id, view, end_stream=end_stream)
+            if n == len(view):
+                self.local_ended = end_stream
+                break
+            view = view[n:]
+            if n:
+                await self.tunnel.flush()
+            else:
+                await self.tunnel.wait_window()
+        await self.tunnel.flush()
+
+    async def end(self) -> None:
+        """Finish our side of the stream (END_STREAM on an empty DATA frame)."""
+        if not self.local_ended:
+            await self.send_body(b"", end_stream=True)
+
+    def reset(self, error_code: int = _codes.H2_CANCEL) -> None:
+        """Abandon the stream with RST_STREAM (sent in the background); idempotent."""
+        live = self.id in self.tunnel._streams
+        if live and self.reset_code is None and not (self.local_ended and self.remote_ended):
+            self.tunnel.session.reset_stream(self.id, error_code)
+            self.tunnel.flush_soon()
+        if self.reset_code is None:
+            self.reset_code = error_code
+        self.close()
+
+    def close(self) -> None:
+        """Forget the stream; credit for unread data goes back to the connection."""
+        if self.tunnel._streams.pop(self.id, None) is None:
+            return
+        unread = self._unacked + sum(c.flow_length for c in self._chunks)
+        self._chunks.clear()
+        self._unacked = 0
+        if unread:
+            self.tunnel.session.ack_data(self.id, unread)
+            self.tunnel.flush_soon()
+        self.tunnel._maybe_finish_drain()
