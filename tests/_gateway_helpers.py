@@ -16,17 +16,17 @@ from revconn._proto.session import Role, TunnelSession
 SECRET = "test-secret-0123456789"
 
 
-FRONT = "hypercorn"
-"""Which listener agents dial in ``running_gateway``: "hypercorn" (``--bind``) or
-"public" (the lean listener of ``--public-bind``). Test modules switch it."""
-
-
 @attrs.define
 class RunningGateway:
     gateway: Gateway
     url: str
-    agent_url: str
-    """Where agents dial (and public requests go): ``url`` or the public listener."""
+    """The data plane: agents dial it, public requests go to it."""
+    admin_url: str
+    """The operator surface (/endpoints)."""
+
+    @property
+    def agent_url(self) -> str:
+        return self.url
 
     @property
     def ws_url(self) -> str:
@@ -37,16 +37,15 @@ class RunningGateway:
 async def running_gateway(
     heartbeat: Heartbeat = Heartbeat(15, 10), **config: object
 ) -> AsyncIterator[RunningGateway]:
-    if FRONT == "public":
-        config.setdefault("public_binds", ("127.0.0.1:0",))
+    config.setdefault("admin_binds", ("127.0.0.1:0",))
     cfg = GatewayConfig(binds=("127.0.0.1:0",), heartbeat=heartbeat, **config)  # type: ignore[arg-type]
     gateway = Gateway(cfg, SharedSecretPolicy(SECRET))
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(partial(gateway.serve, shutdown_trigger=stop.wait))
         try:
-            public = gateway.public_urls[0] if gateway.public_urls else urls[0]
-            yield RunningGateway(gateway, urls[0], public if FRONT == "public" else urls[0])
+            admin = gateway.admin_urls[0] if gateway.admin_urls else ""
+            yield RunningGateway(gateway, urls[0], admin)
         finally:
             stop.set()
             with trio.move_on_after(5) as scope:

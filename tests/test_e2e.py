@@ -15,20 +15,37 @@ pytestmark = pytest.mark.e2e
 
 SECRET = "e2e-secret-abcdefghijklmnop"
 FAST_HB = ["--heartbeat-interval", "0.5", "--heartbeat-timeout", "0.5"]
+UPSTREAM = "http://127.0.0.1:9"  # discard: nothing here sends requests through
 
 
 def start_gateway(
-    procs: list[Proc], *extra: str, port: int = 0, secret: str | None = SECRET
-) -> tuple[Proc, str]:
-    args = [*executable("revconn-gateway"), "--bind", f"127.0.0.1:{port}", *extra]
+    procs: list[Proc],
+    *extra: str,
+    port: int = 0,
+    admin_port: int = 0,
+    secret: str | None = SECRET,
+) -> tuple[Proc, str, str]:
+    """A gateway; returns it, its data plane's URL (agents dial it) and its
+    admin URL (/endpoints)."""
+    args = [
+        *executable("revconn-gateway"),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--admin-bind",
+        f"127.0.0.1:{admin_port}",
+        *extra,
+    ]
     env = {"REVCONN_SECRET": secret} if secret is not None else {}
     gw = Proc(args, env)
     procs.append(gw)
     url = gw.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
-    return gw, url
+    admin = gw.wait_for(r"admin API on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
+    return gw, url, admin
 
 
 def start_agent(procs: list[Proc], url: str, name: str, *extra: str, secret: str = SECRET) -> Proc:
+    if "--upstream" not in extra and "--app" not in extra:
+        extra = (*extra, "--upstream", UPSTREAM)  # an agent needs something to serve
     args = [*executable("revconn-agent"), "serve", "--gateway", url, "--name", name, *extra]
     agent = Proc(args, {"REVCONN_SECRET": secret})
     procs.append(agent)
@@ -56,7 +73,7 @@ def eventually(predicate: object, timeout: float = 10.0) -> None:
 
 def test_verification_steps(procs: list[Proc]) -> None:
     """The original checklist: healthz, connect, online, gone after stop."""
-    gw, url = start_gateway(procs)
+    gw, url, admin = start_gateway(procs)
     # (1) healthz
     r = httpx.get(f"{url}/healthz")
     assert (r.status_code, r.json()) == (200, {"status": "ok"})
@@ -64,14 +81,14 @@ def test_verification_steps(procs: list[Proc]) -> None:
     agent = start_agent(procs, url, "laptop", "--upstream", "http://127.0.0.1:9")
     agent.wait_for(r"connected as 'laptop'")
     # (3) /endpoints lists it online
-    eventually(lambda: names(url) == ["laptop"])
-    (row,) = endpoints(url)
+    eventually(lambda: names(admin) == ["laptop"])
+    (row,) = endpoints(admin)
     assert row["status"] == "online"
     assert row["transport"] == "websocket"
     # (4) after serve stops it is gone at once
     agent.signal(signal.SIGTERM)
     assert agent.wait() == 0
-    assert names(url) == []
+    assert names(admin) == []
     gw.wait_for(r"agent 'laptop' offline")
     # The secret never appears in the agent's output.
     assert SECRET not in agent.stdout + agent.stderr
@@ -81,45 +98,45 @@ def test_verification_steps(procs: list[Proc]) -> None:
 
 
 def test_killed_agent_disappears_at_once(procs: list[Proc]) -> None:
-    _, url = start_gateway(procs)
+    _, url, admin = start_gateway(procs)
     agent = start_agent(procs, url, "victim")
     agent.wait_for("connected as")
-    eventually(lambda: names(url) == ["victim"])
+    eventually(lambda: names(admin) == ["victim"])
     agent.popen.kill()
     agent.wait()
-    eventually(lambda: names(url) == [], timeout=2)
+    eventually(lambda: names(admin) == [], timeout=2)
 
 
 def test_agent_retries_with_growing_delays_until_gateway_is_up(procs: list[Proc]) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    port, admin_port = free_port(), free_port()
+    url, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     agent = start_agent(procs, url, "patient", "--backoff-min", "0.2", "--backoff-max", "1.6")
     eventually(lambda: agent.count("retry in") >= 4, timeout=15)
     delays = [float(d) for d in re.findall(r"retry in ([\d.]+) s", agent.stderr)]
     caps = [0.4, 0.8, 1.6, 1.6, 1.6, 1.6, 1.6, 1.6]  # min * 2 ** (n + 1), capped at max
     assert all(0.2 <= d <= cap + 0.005 for d, cap in zip(delays, caps, strict=False)), delays
     assert "cannot reach the gateway" in agent.stderr
-    start_gateway(procs, port=port)
+    start_gateway(procs, port=port, admin_port=admin_port)
     agent.wait_for("connected as 'patient'", timeout=10)
-    eventually(lambda: names(url) == ["patient"])
+    eventually(lambda: names(admin) == ["patient"])
 
 
 def test_gateway_restart_agent_reconnects(procs: list[Proc]) -> None:
-    port = free_port()
-    gw, url = start_gateway(procs, port=port)
+    port, admin_port = free_port(), free_port()
+    gw, url, admin = start_gateway(procs, port=port, admin_port=admin_port)
     agent = start_agent(procs, url, "sticky", "--backoff-min", "0.2", "--backoff-max", "1")
     agent.wait_for("connected as")
     gw.signal(signal.SIGTERM)
     assert gw.wait() == 0
     agent.wait_for(r"disconnected: peer is shutting down")
     agent.wait_for(r"retry in")
-    start_gateway(procs, port=port)
+    start_gateway(procs, port=port, admin_port=admin_port)
     eventually(lambda: agent.count("connected as 'sticky'") == 2)
-    eventually(lambda: names(url) == ["sticky"])
+    eventually(lambda: names(admin) == ["sticky"])
 
 
 def test_replacement_older_agent_exits_with_replaced(procs: list[Proc]) -> None:
-    gw, url = start_gateway(procs)
+    gw, url, admin = start_gateway(procs)
     first = start_agent(procs, url, "twin")
     first.wait_for("connected as")
     second = start_agent(procs, url, "twin")
@@ -129,23 +146,23 @@ def test_replacement_older_agent_exits_with_replaced(procs: list[Proc]) -> None:
     time.sleep(0.5)
     assert second.popen.poll() is None  # the newer one stays, no fight
     assert gw.popen.poll() is None, gw.stderr
-    (row,) = endpoints(url)
+    (row,) = endpoints(admin)
     assert row["name"] == "twin"
 
 
 def test_wrong_secret_exits_non_zero_without_retry(procs: list[Proc]) -> None:
-    _, url = start_gateway(procs)
+    _, url, admin = start_gateway(procs)
     agent = start_agent(procs, url, "intruder", secret="wrong-secret-wrong-secret")
     assert agent.wait() == 3
     assert "rejected the credentials" in agent.stderr
     assert "retry" not in agent.stderr
     assert "wrong-secret-wrong-secret" not in agent.stderr + agent.stdout
-    assert names(url) == []
+    assert names(admin) == []
 
 
 @pytest.mark.parametrize("name", ["Bad_Name", "-x", "a" * 64])
 def test_invalid_name_is_refused_before_dialing(procs: list[Proc], name: str) -> None:
-    _, url = start_gateway(procs)
+    _, url, _ = start_gateway(procs)
     agent = start_agent(procs, url, name)
     assert agent.wait() == 2
     assert "lowercase DNS label" in agent.stderr
@@ -167,22 +184,22 @@ def test_bad_gateway_url_is_a_clear_cli_error(
 
 def test_half_open_agent_dropped_after_heartbeat_timeout(procs: list[Proc]) -> None:
     """A frozen agent process (SIGSTOP) stops answering PINGs: dropped within interval+timeout."""
-    _, url = start_gateway(procs, *FAST_HB)
+    _, url, admin = start_gateway(procs, *FAST_HB)
     agent = start_agent(procs, url, "frozen")
     agent.wait_for("connected as")
-    eventually(lambda: names(url) == ["frozen"])
+    eventually(lambda: names(admin) == ["frozen"])
     agent.signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
-    eventually(lambda: names(url) == [], timeout=5)
+    eventually(lambda: names(admin) == [], timeout=5)
     assert time.monotonic() - stopped_at < 2.5
     # Thawed, it notices and comes back on its own.
     agent.signal(signal.SIGCONT)
-    eventually(lambda: names(url) == ["frozen"], timeout=10)
+    eventually(lambda: names(admin) == ["frozen"], timeout=10)
 
 
 def test_agent_leaves_silent_gateway(procs: list[Proc]) -> None:
     """A frozen gateway (half-open from the agent's view): the agent redials."""
-    gw, url = start_gateway(procs)
+    gw, url, _ = start_gateway(procs)
     agent = start_agent(procs, url, "watchful", *FAST_HB, "--backoff-min", "0.2")
     agent.wait_for("connected as")
     gw.signal(signal.SIGSTOP)
@@ -195,10 +212,10 @@ def test_agent_leaves_silent_gateway(procs: list[Proc]) -> None:
 
 
 def test_gateway_generates_secret_when_none_given(procs: list[Proc]) -> None:
-    gw, url = start_gateway(procs, secret=None)
+    gw, _, admin = start_gateway(procs, secret=None)
     generated = gw.wait_for(r"generated secret \(shown once\): (\S+)", stream="out").group(1)
     assert len(generated) >= 32
-    r = httpx.get(f"{url}/endpoints", headers={"Authorization": f"Bearer {generated}"})
+    r = httpx.get(f"{admin}/endpoints", headers={"Authorization": f"Bearer {generated}"})
     assert r.status_code == 200
 
 
@@ -223,14 +240,24 @@ def test_gateway_bad_bind_is_a_clear_error(procs: list[Proc]) -> None:
 
 
 def test_demo_mode(procs: list[Proc]) -> None:
-    gw = Proc([*executable("revconn-gateway"), "--bind", "127.0.0.1:0", "--demo"])
+    gw = Proc(
+        [
+            *executable("revconn-gateway"),
+            "--bind",
+            "127.0.0.1:0",
+            "--admin-bind",
+            "127.0.0.1:0",
+            "--demo",
+        ]
+    )
     procs.append(gw)
-    url = gw.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
+    gw.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", stream="out")
     secret = gw.wait_for(r"generated secret \(shown once\): (\S+)", stream="out").group(1)
-    gw.wait_for(r"curl -H 'Authorization: Bearer ", stream="out")
+    admin = gw.wait_for(r"admin API on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
+    gw.wait_for(r"curl -H \"Authorization: Bearer ", stream="out")
 
     def demo_online() -> bool:
-        r = httpx.get(f"{url}/endpoints", headers={"Authorization": f"Bearer {secret}"})
+        r = httpx.get(f"{admin}/endpoints", headers={"Authorization": f"Bearer {secret}"})
         return [row["name"] for row in r.json()["endpoints"]] == ["demo"]
 
     eventually(demo_online)
@@ -239,9 +266,9 @@ def test_demo_mode(procs: list[Proc]) -> None:
 
 
 def test_repeated_replacement_keeps_gateway_alive(procs: list[Proc]) -> None:
-    """Simultaneous closes on replacement once crashed hypercorn's connection
-    handler and the whole gateway with it (see _AsgiTransport.close)."""
-    gw, url = start_gateway(procs)
+    """Simultaneous closes on replacement (both sides closing at once) must leave
+    the gateway serving (they once crashed its connection handler)."""
+    gw, url, admin = start_gateway(procs)
     previous = None
     for _ in range(6):
         agent = start_agent(procs, url, "flappy")
@@ -250,6 +277,6 @@ def test_repeated_replacement_keeps_gateway_alive(procs: list[Proc]) -> None:
             assert previous.wait() == 4
         previous = agent
         assert gw.popen.poll() is None, gw.stderr
-    (row,) = endpoints(url)
+    (row,) = endpoints(admin)
     assert row["flapping"] is True
     assert "flapping" in gw.stderr

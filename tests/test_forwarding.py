@@ -49,37 +49,34 @@ def start_upstream(procs: list[Proc]) -> str:
     return up.wait_for(r"Running on (http://127\.0\.0\.1:\d+)").group(1)
 
 
-def start_gateway(procs: list[Proc], *extra: str, front: str = "public") -> tuple[Proc, str, str]:
-    """A gateway; returns it, its main URL (agents, admin) and the URL public
-    traffic goes to: the dedicated listener (``front="public"``, the default)
-    or ``/a/`` on the main port through hypercorn (``front="hypercorn"``)."""
-    public = ["--public-bind", "127.0.0.1:0"] if front == "public" else []
+def start_gateway(procs: list[Proc], *extra: str) -> tuple[Proc, str, str]:
+    """A gateway; returns it, its admin URL (/endpoints) and its data plane's URL
+    (agents dial it, public traffic goes to it)."""
     gw = Proc(
-        [*executable("revconn-gateway"), "--bind", "127.0.0.1:0", *public, *extra],
+        [
+            *executable("revconn-gateway"),
+            "--bind",
+            "127.0.0.1:0",
+            "--admin-bind",
+            "127.0.0.1:0",
+            *extra,
+        ],
         {"REVCONN_SECRET": SECRET},
     )
     procs.append(gw)
-    base = gw.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
-    if not public:
-        return gw, base, base
-    return (
-        gw,
-        base,
-        gw.wait_for(r"public traffic on (http://127\.0\.0\.1:\d+)", stream="out").group(1),
-    )
+    public = gw.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
+    admin = gw.wait_for(r"admin API on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
+    return gw, admin, public
 
 
-def start_agent(
-    procs: list[Proc], gateway: str, name: str, *extra: str, dial: str | None = None
-) -> Proc:
-    """An agent for ``gateway`` (main URL, for /endpoints) dialing ``dial``
-    (default: the main URL; the public listener accepts agents too)."""
+def start_agent(procs: list[Proc], gateway: str, name: str, *extra: str, dial: str) -> Proc:
+    """An agent dialing ``dial`` (the data plane), seen online at ``gateway`` (admin)."""
     agent = Proc(
         [
             *executable("revconn-agent"),
             "serve",
             "--gateway",
-            dial or gateway,
+            dial,
             "--name",
             name,
             *extra,
@@ -112,20 +109,20 @@ class Stack:
 
     @property
     def dial(self) -> str:
-        """Where agents dial: the public listener when there is one."""
+        """Where agents dial: the data plane."""
         return self.public
 
     def url(self, path: str, name: str = "web") -> str:
         return f"{self.public}/a/{name}{path}"
 
 
-@pytest.fixture(scope="module", params=["public", "hypercorn"])
-def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """Every stack test runs against both public front ends."""
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    """One stack (gateway, agent "web", upstream) shared by the module's tests."""
     procs: list[Proc] = []
     try:
         upstream = start_upstream(procs)
-        gw, gateway, public = start_gateway(procs, front=request.param)
+        gw, gateway, public = start_gateway(procs)
         agent = start_agent(
             procs, gateway, "web", "--upstream", upstream, "--upstream-timeout", "2", dial=public
         )
@@ -493,9 +490,12 @@ def test_asgi_app_agent(procs: list[Proc]) -> None:
 
 
 def test_demo_page(procs: list[Proc]) -> None:
-    gw = Proc([*executable("revconn-gateway"), "--bind", "127.0.0.1:0", "--demo"])
+    args = ["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--demo"]
+    gw = Proc([*executable("revconn-gateway"), *args])
     procs.append(gw)
-    page = gw.wait_for(r"curl (http://127\.0\.0\.1:\d+/a/demo/)", stream="out").group(1)
+    data = gw.wait_for(r"listening on (http://127\.0\.0\.1:\d+)", stream="out").group(1)
+    page = gw.wait_for(r"curl '(http://127\.0\.0\.1:\d+/a/demo/)'", stream="out").group(1)
+    assert page == f"{data}/a/demo/"  # served on the data plane
     deadline = time.monotonic() + 10
     while True:
         r = httpx.get(page)

@@ -149,6 +149,27 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         EVENTS.append(f"disconnect {tag}")
+    elif path == "/form":
+        # A form handler with a size limit: a larger body is refused from its
+        # Content-Length alone, without reading it (hypercorn then closes).
+        limit = int(q("limit", "65536"))
+        headers = dict(scope["headers"])
+        if int(headers.get(b"content-length", b"0")) > limit:
+            body = json.dumps({"error": "too_large", "limit": limit}).encode()
+            await _respond(send, 413, body, [(b"content-type", b"application/json")])
+            return
+        length, sha, _ = await _read_body(receive)
+        await _respond(send, 200, json.dumps({"length": length, "sha256": sha}).encode())
+    elif path == "/private":
+        # Authorization is checked before a (large) PUT is read.
+        if (b"authorization", b"Bearer letmein") not in scope["headers"]:
+            challenge = [(b"www-authenticate", b'Bearer realm="private"')]
+            await _respond(
+                send, 401, b"who are you?", [*challenge, (b"content-type", b"text/plain")]
+            )
+            return
+        length, sha, _ = await _read_body(receive)
+        await _respond(send, 201, json.dumps({"length": length, "sha256": sha}).encode())
     elif path == "/_events":
         await _read_body(receive)
         await _respond(send, 200, json.dumps(EVENTS).encode())

@@ -10,7 +10,9 @@
     ├── AuthError                 credentials missing or rejected             [fatal]
     ├── ReplacedError             a newer agent with the same name took over  [fatal]
     ├── ConnectError              could not reach or talk to the peer         [transient]
-    │   └── ConnectionLost        an established session ended unexpectedly  [transient]
+    │   ├── ConnectionLost        an established session ended unexpectedly  [transient]
+    │   ├── UpstreamConnectError  (agent) its upstream service cannot be reached
+    │   └── UpstreamClosed        (agent) its upstream broke an HTTP/1.1 exchange
     ├── StreamError               one request stream failed (reset, or its tunnel was lost)
     │   └── AgentBusy             the agent's concurrent-stream limit is reached
     └── RevconnTimeout            a deadline passed                          [transient]
@@ -42,6 +44,8 @@ __all__ = [
     "RevconnError",
     "RevconnTimeout",
     "StreamError",
+    "UpstreamClosed",
+    "UpstreamConnectError",
 ]
 
 
@@ -106,6 +110,24 @@ class ConnectionLost(ConnectError):
     def __init__(self, message: str, *, close_code: int | None = None) -> None:
         super().__init__(message)
         self.close_code = close_code
+
+
+class UpstreamConnectError(ConnectError):
+    """(agent) The upstream service could not be reached (refused, no route, TLS failed).
+
+    ``reason`` says why, briefly ("connection refused"); the message also
+    names the address, which only the agent's log shows (the public answer
+    stays generic). Not an OSError: the socket error is its cause.
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class UpstreamClosed(ConnectError):
+    """(agent) The upstream broke an HTTP/1.1 exchange: it closed the connection
+    early, or sent a malformed response."""
 
 
 class StreamError(RevconnError):

@@ -10,7 +10,10 @@ Two kinds of upstream:
 Errors become JSON responses with a stable ``error`` field (502
 ``upstream_unreachable``, 504 ``upstream_timeout``); an upstream that fails
 after its response started gets the stream reset, so the gateway aborts the
-client instead of ending a truncated body cleanly.
+client instead of ending a truncated body cleanly. An upstream that answers
+before it has read the whole request body (a 413, a 401) has its answer
+relayed, then the stream reset with NO_ERROR: the gateway stops the upload
+and keeps the answer (RFC 9113 8.1).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ ASGIApp = Callable[
 
 NO_BODY_STATUS = frozenset({204, 304})
 LIFESPAN_TIMEOUT = 10.0
+# The public details of 502s name no address: the agent's network is its own
+# (its log says which upstream failed, and why).
+UNREACHABLE = "the agent could not reach its upstream service"
+BROKEN = "the agent's upstream service did not send a valid response"
 
 
 class Upstream(Protocol):
@@ -110,15 +117,6 @@ def response_headers(status: int, headers: Headers) -> Headers:
     return out
 
 
-async def _request_body(stream: TunnelStream) -> AsyncIterator[bytes]:
-    while True:
-        chunk = await stream.read()
-        if chunk is None:
-            return
-        if chunk:
-            yield chunk
-
-
 class HttpUpstream:
     """Forward request streams to an HTTP/1.1 (or HTTPS) server through a lean pool."""
 
@@ -152,6 +150,8 @@ class HttpUpstream:
             max_connections=max_connections,
             io_timeout=timeout,
         )
+        self._down = False
+        """The last connect failed (logged once until a response comes again)."""
 
     async def aclose(self) -> None:
         await self._pool.aclose()
@@ -168,27 +168,43 @@ class HttpUpstream:
             headers = [*headers, (b"transfer-encoding", b"chunked")]
         headers = [(b"host", self._host_header), *headers]
         t = self.timeout
-        body = _request_body(stream) if has_body else None
         try:
             async with self._pool.request(
-                req.method, self._prefix + req.target, headers, body
+                req.method, self._prefix + req.target, headers, stream.read if has_body else None
             ) as response:
+                self._reachable()
                 await self._relay(stream, req.method, response)
         except trio.TooSlowError:
-            if stream.local_ended or stream.reset_code is not None:
-                return
-            if stream.responded:
+            if stream.reset_code is None and not stream.responded:
+                detail = f"no response within {t:g} s"
+                await respond_error(stream, 504, "upstream_timeout", self.agent, detail)
+            elif not stream.local_ended:
                 stream.reset(_codes.H2_INTERNAL_ERROR)
-                return
-            detail = f"no response within {t:g} s"
-            await respond_error(stream, 504, "upstream_timeout", self.agent, detail)
-        except (UpstreamConnectError, UpstreamClosed) as exc:
-            if stream.responded:
+        except UpstreamConnectError as exc:
+            self._unreachable(exc)
+            await respond_error(stream, 502, "upstream_unreachable", self.agent, UNREACHABLE)
+        except UpstreamClosed as exc:
+            if not stream.responded:
+                log.info("upstream %s failed on stream %d: %s", self.url, stream.id, exc)
+                await respond_error(stream, 502, "upstream_unreachable", self.agent, BROKEN)
+            elif not stream.local_ended:
                 log.info("upstream failed mid-response on stream %d: %s", stream.id, exc)
                 stream.reset(_codes.H2_INTERNAL_ERROR)
-                return
-            detail = f"{self.url}: {exc}"
-            await respond_error(stream, 502, "upstream_unreachable", self.agent, detail)
+        if stream.local_ended and not stream.remote_ended:
+            # Answered before the whole request body came (a 413, a 401): tell
+            # the gateway to stop sending it, which keeps the answer (RFC 9113 8.1).
+            stream.reset(_codes.H2_NO_ERROR)
+
+    def _unreachable(self, exc: UpstreamConnectError) -> None:
+        """Log a failed connect once, when the upstream goes from reachable to not."""
+        if not self._down:
+            self._down = True
+            log.warning("upstream %s unreachable: %s", self.url, exc.reason)
+
+    def _reachable(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("upstream %s reachable again", self.url)
 
     async def _relay(self, stream: TunnelStream, method: bytes, response: PoolResponse) -> None:
         status = response.status
@@ -349,3 +365,5 @@ class AsgiUpstream:
                 await respond_error(stream, 500, "app_error", self.agent, detail)
             else:
                 stream.reset(_codes.H2_INTERNAL_ERROR)
+        elif not stream.remote_ended:
+            stream.reset(_codes.H2_NO_ERROR)  # answered without the whole body (RFC 9113 8.1)

@@ -4,6 +4,7 @@ SIGTERM/SIGINT. Loads nothing of the gateway side (tests check sys.modules)."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -45,6 +46,20 @@ def _load_app(ref: str, upstream: str | None) -> ASGIApp:
     return app
 
 
+def _secret(value: str | None) -> str:
+    """The --secret value; click reads an empty REVCONN_SECRET as unset, so tell
+    that apart from a missing one here."""
+    if value:
+        return value
+    if value is None and os.environ.get("REVCONN_SECRET") == "":
+        raise ConfigError(
+            "REVCONN_SECRET is set but empty: set it to the gateway's secret, or pass --secret"
+        )
+    if value is None:
+        raise ConfigError("no secret: pass --secret or set REVCONN_SECRET")
+    raise ConfigError("--secret is empty: pass the gateway's secret")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """revconn agent: makes a local service reachable through a revconn gateway."""
@@ -68,9 +83,7 @@ def main() -> None:
     envvar="REVCONN_UPSTREAM",
     help="Local service URL requests are forwarded to (env REVCONN_UPSTREAM).",
 )
-@click.option(
-    "--secret", envvar="REVCONN_SECRET", required=True, help="Gateway secret (env REVCONN_SECRET)."
-)
+@click.option("--secret", envvar="REVCONN_SECRET", help="Gateway secret (env REVCONN_SECRET).")
 @click.option(
     "--app",
     "app_ref",
@@ -82,7 +95,7 @@ def main() -> None:
     type=float,
     default=60.0,
     show_default=True,
-    help="Seconds to wait for the upstream's response (then 504 upstream_timeout).",
+    help="How long to wait for the upstream's response, in seconds (then 504 upstream_timeout).",
 )
 @click.option(
     "--max-streams",
@@ -91,11 +104,42 @@ def main() -> None:
     show_default=True,
     help="Concurrent requests this agent accepts (then 503 agent_busy).",
 )
-@click.option("--backoff-min", type=float, default=1.0, show_default=True)
-@click.option("--backoff-max", type=float, default=30.0, show_default=True)
-@click.option("--heartbeat-interval", type=float, default=15.0, show_default=True)
-@click.option("--heartbeat-timeout", type=float, default=10.0, show_default=True)
-@click.option("--handshake-timeout", type=float, default=10.0, show_default=True)
+@click.option(
+    "--backoff-min",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Shortest wait before redialing after a failure, in seconds.",
+)
+@click.option(
+    "--backoff-max",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Longest wait before redialing, in seconds (the wait doubles up to it, with jitter).",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=float,
+    default=15.0,
+    show_default=True,
+    help="Time between PINGs to the gateway on an idle tunnel, in seconds.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="How long to wait for a PING's acknowledgement before redialing, in seconds.",
+)
+@click.option(
+    "--handshake-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Time allowed for each of the TCP/TLS connect, the WebSocket upgrade and the "
+    "tunnel handshake, in seconds.",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -106,7 +150,7 @@ def agent_serve(
     gateway: str,
     name: str,
     upstream: str | None,
-    secret: str,
+    secret: str | None,
     app_ref: str | None,
     upstream_timeout: float,
     max_streams: int,
@@ -123,7 +167,7 @@ def agent_serve(
         config = AgentConfig(
             gateway=gateway,
             name=name,
-            secret=secret,
+            secret=_secret(secret),
             upstream=upstream,
             upstream_timeout=upstream_timeout,
             max_concurrent_streams=max_streams,
@@ -132,10 +176,10 @@ def agent_serve(
             handshake_timeout=handshake_timeout,
         )
         app = _load_app(app_ref, upstream) if app_ref is not None else None
+        agent = Agent(config, app=app)
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)
         return
-    agent = Agent(config, app=app)
 
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:

@@ -52,14 +52,17 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     multiple=True,
     default=("127.0.0.1:8080",),
     show_default=True,
-    help="HOST:PORT to listen on; repeatable. Port 0 picks a free port.",
+    help="HOST:PORT of the data plane: agents (/ws/connect), public requests "
+    "(/a/NAME/...), /healthz. Repeatable; port 0 picks a free port.",
 )
 @click.option(
-    "--public-bind",
-    "public_binds",
+    "--admin-bind",
+    "admin_binds",
     multiple=True,
-    help="HOST:PORT for the dedicated public listener (/a/NAME/... only, the fast "
-    "path); repeatable. Without it, public traffic uses /a/ on --bind.",
+    default=("127.0.0.1:8081",),
+    show_default=True,
+    help="HOST:PORT of the operator surface (/endpoints, /healthz); keep it "
+    "private. Repeatable; port 0 picks a free port.",
 )
 @click.option("--secret", envvar="REVCONN_SECRET", help="Shared secret (env REVCONN_SECRET).")
 @click.option(
@@ -67,9 +70,35 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     type=click.Path(path_type=Path, dir_okay=False),
     help="Read the shared secret from this file.",
 )
-@click.option("--heartbeat-interval", type=float, default=15.0, show_default=True)
-@click.option("--heartbeat-timeout", type=float, default=10.0, show_default=True)
-@click.option("--handshake-timeout", type=float, default=10.0, show_default=True)
+@click.option(
+    "--heartbeat-interval",
+    type=float,
+    default=15.0,
+    show_default=True,
+    help="Seconds between heartbeat PINGs to each agent.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds an agent has to answer a PING before its tunnel is closed.",
+)
+@click.option(
+    "--handshake-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds an agent has to complete the tunnel handshake after connecting.",
+)
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds a public connection may sit idle between requests, and the "
+    "time allowed to send a request head (then 408).",
+)
 @click.option("--demo", is_flag=True, help="Also run an in-process demo agent named 'demo'.")
 @click.option(
     "--log-level",
@@ -79,23 +108,26 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
 )
 def main(
     binds: tuple[str, ...],
-    public_binds: tuple[str, ...],
+    admin_binds: tuple[str, ...],
     secret: str | None,
     secret_file: Path | None,
     heartbeat_interval: float,
     heartbeat_timeout: float,
     handshake_timeout: float,
+    idle_timeout: float,
     demo: bool,
     log_level: str,
 ) -> None:
-    """Run the revconn gateway: agents connect to /ws/connect, operators list /endpoints."""
+    """Run the revconn gateway: agents dial /ws/connect and public requests for
+    /a/NAME/... reach them on --bind; operators list /endpoints on --admin-bind."""
     setup_logging(log_level)
     try:
         key, generated = _load_secret(secret, secret_file)
         policy = SharedSecretPolicy(key)
         config = GatewayConfig(
             binds=binds,
-            public_binds=public_binds,
+            admin_binds=admin_binds,
+            idle_timeout=idle_timeout,
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
             handshake_timeout=handshake_timeout,
         )
@@ -125,9 +157,8 @@ def main(
             urls: list[str] = await nursery.start(serve)
             base = urls[0]
             click.echo(f"revconn-gateway listening on {', '.join(urls)}")
-            if gateway.public_urls:
-                click.echo(f"public traffic on {', '.join(gateway.public_urls)}")
-            public = (gateway.public_urls or urls)[0]
+            click.echo(f"admin API on {', '.join(gateway.admin_urls)}")
+            admin = gateway.admin_urls[0]
             if generated:
                 click.echo(f"generated secret (shown once): {key}")
             if demo:
@@ -136,9 +167,11 @@ def main(
                 agents.append(agent)
                 nursery.start_soon(agent.run)
                 click.echo(f"demo agent {DEMO_NAME!r} connecting; its page, through the tunnel:")
-                click.echo(f"  curl {public}/a/{DEMO_NAME}/")
-                click.echo("list the agents with:")
-                click.echo(f"  curl -H 'Authorization: Bearer {key}' {base}/endpoints")
+                click.echo(f"  curl '{base}/a/{DEMO_NAME}/'")
+            # The secret is echoed only when it was generated (a given one stays unprinted).
+            bearer = key if generated else "$REVCONN_SECRET"
+            click.echo("list the agents with:")
+            click.echo(f"  curl -H \"Authorization: Bearer {bearer}\" '{admin}/endpoints'")
             sys.stdout.flush()
 
     run(main_task)

@@ -1,100 +1,48 @@
-"""The public listener: a lean trio + h11 HTTP/1.1 server for ``/a/NAME/...``.
+"""The data-plane listener: accepts TCP connections and runs the exchange on each.
 
-Public traffic is the gateway's hot path. Served through hypercorn's generic
-ASGI machinery it cost about half of the gateway's CPU per request (issue 3's
-profile, confirmed here), so ``--public-bind`` runs this dedicated listener
-instead; agents and the admin routes stay on hypercorn + quart-trio.
-
-Per connection there is one task that owns all reads (h11 parsing, request
-bodies, noticing a client that went away) and, per request, one relay task
-that writes the response. Semantics match the ASGI route exactly (both use
-``_forward.py``):
-
-* a client that disconnects resets its stream (the agent cancels the
-  upstream call);
-* an agent lost after the response started aborts the client connection, so
-  a truncated body never looks complete;
-* memory per connection is bounded: one h11 buffer (request heads up to
-  ``MAX_HEAD``) plus the stream's flow-control window.
+A thin adapter, as hypercorn's ``trio/tcp_server.py`` is around its protocol
+layer: listening sockets (TCP_NODELAY, TCP_USER_TIMEOUT, a large backlog), an
+accept loop, one task per connection running :class:`HttpConnection`, and the
+hand-over of a connection that became an agent's WebSocket to the gateway.
+A bug in one connection is logged and costs that connection only.
 """
 
 from __future__ import annotations
 
-import http
 import logging
-import math
 import socket
-from collections.abc import Iterable, Sequence
-from typing import NoReturn, Protocol
+from collections.abc import Sequence
+from typing import Protocol
 
-import h11
 import trio
 
-from .. import _codes
-from .._errors import StreamError
-from .._proto.headers import clean_headers
-from .._runtime.fastpath import WriteLock, send_all
-from .._runtime.streams import TunnelStream
+from .._errors import ConfigError
 from .._runtime.transport import MessageTransport
-from .forward import (
-    PREFIX,
-    Reply,
-    bad_status,
-    format_peer,
-    forward,
-    json_reply,
-    stream_failure,
-)
-from .registry import Registry
-from .websocket import WebSocketTransport, upgrade_response
+from .exchange import DataPlane, HttpConnection
+from .replies import format_peer
 
-__all__ = ["PublicServer"]
+__all__ = ["AgentHost", "Listener", "listen_all", "parse_bind", "socket_url"]
 
-log = logging.getLogger("revconn.public")
-
-MAX_HEAD = 64 * 1024
-"""Largest request head (request line + headers) accepted: 431 beyond."""
-READ_SIZE = 64 * 1024
-LINGER = 5.0
-"""After answering before the request body was read: how long at most to keep
-reading (and discarding) it, so the client sees the answer rather than a reset
-(closing a socket with unread data sends RST, which can destroy the answer)."""
-_REASONS = {int(status): status.phrase.encode("ascii") for status in http.HTTPStatus}
-SEND_JOIN_LIMIT = 64 * 1024
-"""Pieces of a write are joined into one send below this size (one syscall);
-larger bodies go out as they are (no copy)."""
+log = logging.getLogger("revconn.listener")
 
 
-class AgentHost(Protocol):
-    """What the listener needs to accept agent tunnels (the Gateway)."""
-
-    def admit_agent(
-        self, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
-    ) -> str | Reply:
-        """The agent's name, or the refusal to answer the upgrade with."""
-        ...
+class AgentHost(DataPlane, Protocol):
+    """The gateway as the listener sees it: the exchange's needs, plus running
+    an admitted agent's tunnel."""
 
     async def serve_agent(self, name: str, transport: MessageTransport, remote: str) -> None:
         """Run the admitted agent's tunnel until it ends."""
         ...
 
 
-class PublicServer:
-    """Serves ``/a/NAME/...`` (and, with ``agents``, agent tunnels on
-    ``/ws/connect``) on the listening sockets given to ``serve``."""
+class Listener:
+    """Serves the data plane on listening sockets until cancelled. During a
+    graceful shutdown it keeps accepting, so that new agents and requests get
+    a clear 503 (and ``/healthz`` says ``shutting_down``) rather than a refused
+    connection."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        *,
-        agents: AgentHost | None = None,
-        idle_timeout: float = 60.0,
-        max_message_size: int = 1 << 20,
-    ) -> None:
-        self.registry = registry
-        self.agents = agents
-        self.idle_timeout = idle_timeout
-        self.max_message_size = max_message_size
+    def __init__(self, host: AgentHost) -> None:
+        self.host = host
 
     async def serve(
         self,
@@ -104,9 +52,24 @@ class PublicServer:
     ) -> None:
         """Accept on ``sockets`` (listening, non-blocking) until cancelled."""
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._connection, listeners)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as connections:
+                for listener in listeners:
+                    connections.start_soon(self._accept, listener, connections)
+                task_status.started()
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off, keep serving the rest
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            connections.start_soon(self._connection, stream)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
@@ -116,384 +79,78 @@ class PublicServer:
         remote = format_peer(peer)
         try:
             tunnel = await self._http(stream, str(peer[0]) if peer else None)
-            if tunnel is not None and self.agents is not None:
+            if tunnel is not None:
                 # An agent: its WebSocket outlives the HTTP state, which _http
                 # has released (a gateway holds thousands of these).
                 name, transport = tunnel
-                await self.agents.serve_agent(name, transport, remote)
+                await self.host.serve_agent(name, transport, remote)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; its stream (if any) was reset
         except* Exception:
             # A bug must cost one connection, never the listener (and every other client).
-            log.exception("public connection from %s failed", remote)
+            log.exception("connection from %s failed", remote)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
     async def _http(
         self, stream: trio.SocketStream, client: str | None
-    ) -> tuple[str, WebSocketTransport] | None:
+    ) -> tuple[str, MessageTransport] | None:
         """HTTP/1.1 on the connection until it ends or becomes an agent tunnel."""
-        conn = _Connection(self, stream, client)
+        conn = HttpConnection(self.host, stream, client)
         try:
             return await conn.run()
         finally:
             conn.abandon()
 
 
-_Next = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
+def parse_bind(bind: str, flag: str = "--bind") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); ConfigError if malformed."""
+    host, sep, port_text = bind.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{flag} {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{flag} {bind!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{flag} {bind!r}: port must be 0-65535")
+    return host, port
 
 
-class _Exchange:
-    """One request in flight on a connection."""
-
-    __slots__ = ("done", "name", "scope", "stream")
-
-    def __init__(self, stream: TunnelStream, name: str) -> None:
-        self.stream = stream
-        self.name = name
-        self.scope = trio.CancelScope()
-        self.done = False
-
-
-class _Connection:
-    __slots__ = (
-        "_cycle_done",
-        "_exchange",
-        "_method",
-        "_nursery",
-        "_send_lock",
-        "_timeout",
-        "_tunnel",
-        "client",
-        "h11",
-        "server",
-        "stream",
-    )
-
-    def __init__(self, server: PublicServer, stream: trio.SocketStream, client: str | None):
-        self.server = server
-        self.stream = stream
-        self.client = client
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self._send_lock = WriteLock()
-        self._exchange: _Exchange | None = None
-        self._cycle_done = trio.Event()
-        self._nursery: trio.Nursery | None = None
-        self._timeout = trio.CancelScope()
-        self._method = b""
-        self._tunnel: tuple[str, WebSocketTransport] | None = None
-
-    # -- writing (the relay task, and the reader for 100/4xx) ----------------------
-    async def _write(self, *events: h11.Event) -> None:
-        parts: list[bytes] = []
-        for event in events:
-            if isinstance(event, h11.Data) and len(event.data) > SEND_JOIN_LIMIT:
-                parts.extend(self.h11.send_with_data_passthrough(event) or [])
-            else:
-                data = self.h11.send(event)
-                if data:
-                    parts.append(data)
-        if not parts:
-            return  # e.g. the end of a Content-Length body: nothing to write
-        async with self._send_lock:
-            if len(parts) > 1 and sum(map(len, parts)) <= SEND_JOIN_LIMIT:
-                parts = [b"".join(parts)]
-            for part in parts:
-                await send_all(self.stream, part)
-
-    async def _reply(self, reply: Reply, *, close: bool = False) -> None:
-        headers = [*reply.headers, (b"connection", b"close")] if close else reply.headers
-        body = b"" if self._method == b"HEAD" else reply.body
-        response = h11.Response(
-            status_code=reply.status, headers=headers, reason=_REASONS.get(reply.status, b"")
-        )
-        events: list[h11.Event] = [response]
-        if body:
-            events.append(h11.Data(data=body))
-        events.append(h11.EndOfMessage())
-        await self._write(*events)
-
-    # -- the reader (this connection's own task) ----------------------------------
-    async def run(self) -> tuple[str, WebSocketTransport] | None:
-        """Serve HTTP requests until the connection ends; returns the agent's
-        name and WebSocket if it turned into an agent tunnel."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            with self._timeout:
-                await self._read_loop()
-            if self._timeout.cancelled_caught:
-                await self._timed_out()
-            nursery.cancel_scope.cancel()
-        return self._tunnel
-
-    async def _read_loop(self) -> None:
-        conn = self.h11
-        event: h11.Event | type[h11.PAUSED] | None = None
-        while True:
+def listen_all(
+    binds: Sequence[str], backlog: int, user_timeout: float | None, flag: str = "--bind"
+) -> list[socket.socket]:
+    """Listening, non-blocking sockets for ``binds``; ConfigError names a bind that fails."""
+    socks: list[socket.socket] = []
+    try:
+        for bind in binds:
+            host, port = parse_bind(bind, flag)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+                # Inherited by accepted sockets (Linux): unacknowledged data may
+                # sit this long before the kernel drops a dead peer's socket.
+                ms = int(user_timeout * 1000)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
             try:
-                if event is None:
-                    self._timeout.deadline = trio.current_time() + self.server.idle_timeout
-                    event = await self._next_event()
-                if event is h11.PAUSED:
-                    # A pipelined request waits until the current response is done.
-                    self._timeout.deadline = math.inf
-                    await self._cycle_done.wait()
-                    if conn.our_state is not h11.IDLE:
-                        return
-                    event = None
-                    continue
-                if not isinstance(event, h11.Request):
-                    return  # ConnectionClosed
-                self._method = event.method
-                event = await self._request(event)
-            except h11.RemoteProtocolError as exc:
-                ex = self._exchange
-                if ex is not None and not ex.done:
-                    self._client_gone(ex)
-                else:
-                    await self._bad_request(exc)
-                return
+                sock.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {flag} {bind}: {exc.strerror}") from exc
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
-    async def _timed_out(self) -> None:
-        """Idle or slow client: say 408 if a request head had begun, then close."""
-        conn = self.h11
-        if conn.their_state is h11.IDLE and conn.our_state is h11.IDLE and conn.trailing_data[0]:
-            detail = f"request head not received within {self.server.idle_timeout:g} s"
-            with trio.move_on_after(1):
-                await self._reply(
-                    json_reply(408, {"error": "request_timeout", "detail": detail}), close=True
-                )
 
-    async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
-        conn = self.h11
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await self.stream.receive_some(READ_SIZE))
-                continue
-            return event  # type: ignore[return-value]
-
-    async def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            status = exc.error_status_hint
-            error = "request_header_too_large" if status == 431 else "bad_request"
-            reply = json_reply(status, {"error": error, "detail": str(exc)})
-            await self._reply(reply, close=True)
-
-    async def _request(self, request: h11.Request) -> h11.Event | type[h11.PAUSED] | None:
-        """Forward one request; returns the connection's next event if it was
-        read while watching for the client going away."""
-        target = request.target
-        path, _, query = target.partition(b"?")
-        if path == b"/ws/connect" and self.server.agents is not None:
-            await self._agent_tunnel(self.server.agents, request, query)
-            return h11.ConnectionClosed()  # this connection is an agent's WebSocket now
-        if not path.startswith(PREFIX):
-            reply = json_reply(
-                404, {"error": "not_found", "detail": "public routes are /a/NAME/..."}
-            )
-            await self._answer_early(reply)
-            return None
-        outbound = forward(
-            self.server.registry,
-            path,
-            query,
-            request.method,
-            request.headers,
-            client=self.client,
-            proto="http",
-        )
-        if isinstance(outbound, Reply):
-            await self._answer_early(outbound)
-            return None
-        first = self.h11.next_event()  # EndOfMessage right away for a bodiless request
-        bodiless = isinstance(first, h11.EndOfMessage)
-        stream = outbound.open(end_stream=bodiless)
-        if isinstance(stream, Reply):
-            await self._answer_early(stream)
-            return None
-        tunnel = outbound.tunnel
-        exchange = _Exchange(stream, outbound.name)
-        self._exchange = exchange
-        self._cycle_done = trio.Event()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._relay, exchange)
-        if bodiless:
-            await tunnel.flush()
-        else:
-            await self._upload(exchange, first)
-        # Now watch for the client going away; the relay re-arms the idle
-        # timeout when the response is done.
-        self._timeout.deadline = math.inf
-        if exchange.done:
-            return None
-        event = await self._next_event()
-        if isinstance(event, h11.ConnectionClosed) and not exchange.done:
-            self._client_gone(exchange)
-            raise trio.BrokenResourceError("client closed the connection")
-        return event  # the next request, PAUSED (pipelined) or ConnectionClosed
-
-    async def _agent_tunnel(self, agents: AgentHost, request: h11.Request, query: bytes) -> None:
-        """An agent dialing in: answer the WebSocket handshake (101) and run its
-        tunnel on this connection, or refuse with a plain HTTP response."""
-        headers = list(request.headers)
-        accept = upgrade_response(request.method, headers)
-        if isinstance(accept, Reply):
-            await self._answer_early(accept, close=True)
-            return
-        admitted = agents.admit_agent(query, headers)
-        if isinstance(admitted, Reply):
-            await self._answer_early(admitted, close=True)
-            return
-        if not isinstance(self.h11.next_event(), h11.EndOfMessage):
-            reply = json_reply(
-                400, {"error": "bad_websocket_handshake", "detail": "unexpected request body"}
-            )
-            await self._answer_early(reply, close=True)
-            return
-        switch = h11.InformationalResponse(
-            status_code=101, headers=accept, reason=b"Switching Protocols"
-        )
-        await self.stream.send_all(self.h11.send(switch) or b"")
-        trailing, _ = self.h11.trailing_data
-        transport = WebSocketTransport(self.stream, trailing, self.server.max_message_size)
-        self._tunnel = (admitted, transport)  # run() hands it to serve_agent
-
-    async def _upload(self, exchange: _Exchange, first: _Next) -> None:
-        """Send the request body up the stream; a reset or an early response ends it."""
-        conn = self.h11
-        stream = exchange.stream
-        event = first
-        try:
-            while True:
-                if event is h11.NEED_DATA:
-                    if conn.they_are_waiting_for_100_continue:
-                        await self._write(h11.InformationalResponse(status_code=100, headers=[]))
-                    self._timeout.deadline = trio.current_time() + self.server.idle_timeout
-                    data = await self.stream.receive_some(READ_SIZE)
-                    self._timeout.deadline = math.inf
-                    if not data:
-                        self._client_gone(exchange)
-                        raise trio.BrokenResourceError("client closed during the upload")
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Data):
-                    await stream.send_body(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    await stream.end()
-                    return
-                else:
-                    raise AssertionError(event)
-                try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError:  # a malformed chunked body
-                    self._client_gone(exchange)
-                    raise trio.BrokenResourceError("malformed request body") from None
-        except StreamError:
-            # The agent reset the stream or answered early; its reply (or error)
-            # is on the way. Drop the rest of the body, then close.
-            await self._discard_body()
-
-    async def _discard_body(self) -> None:
-        await self._cycle_done.wait()
-        await self._linger()
-
-    async def _linger(self) -> NoReturn:
-        """The answer is out but the client is still sending: end our side
-        (FIN after the answer), read and drop what still comes (up to LINGER
-        seconds, constant memory), then close."""
-        with trio.move_on_after(LINGER):
-            async with self._send_lock:
-                await self.stream.send_eof()
-            while await self.stream.receive_some(READ_SIZE):
-                pass
-        raise trio.BrokenResourceError("closed after an early answer")
-
-    async def _answer_early(self, reply: Reply, *, close: bool = False) -> None:
-        """Answer without the agent; keep the connection only if no body is pending."""
-        close = close or not isinstance(self.h11.next_event(), h11.EndOfMessage)
-        self._exchange = None
-        await self._reply(reply, close=close)
-        if close:
-            await self._linger()
-        self.h11.start_next_cycle()
-
-    def _client_gone(self, exchange: _Exchange) -> None:
-        exchange.stream.reset(_codes.H2_CANCEL)
-        exchange.scope.cancel()
-
-    def abandon(self) -> None:
-        """Connection over: whatever is in flight is reset."""
-        ex = self._exchange
-        if ex is not None and not ex.done:
-            self._client_gone(ex)
-
-    # -- the relay (one task per request) -------------------------------------
-    async def _relay(self, exchange: _Exchange) -> None:
-        stream = exchange.stream
-        try:
-            with exchange.scope:
-                await self._relay_response(exchange)
-        finally:
-            exchange.done = True
-            if stream.local_ended and stream.remote_ended:
-                stream.close()
-            else:
-                stream.reset(_codes.H2_CANCEL)
-            self._cycle_done.set()
-
-    async def _relay_response(self, exchange: _Exchange) -> None:
-        stream = exchange.stream
-        try:
-            response = await stream.receive_response()
-        except StreamError as exc:
-            await self._reply(stream_failure(exc, exchange.name), close=not stream.local_ended)
-            self._finish_cycle()
-            return
-        status = response.status
-        invalid = bad_status(status, exchange.name)
-        if invalid is not None:
-            await self._reply(invalid, close=True)
-            self._abort()
-            return
-        head = h11.Response(
-            status_code=status,
-            headers=clean_headers(response.headers),
-            reason=_REASONS.get(status, b""),
-        )
-        try:
-            if response.end_stream:
-                await self._write(head, h11.EndOfMessage())
-            else:
-                chunk = await stream.read()
-                if chunk is None:
-                    await self._write(head, h11.EndOfMessage())
-                else:
-                    await self._write(head, h11.Data(data=chunk))
-                    while (chunk := await stream.read()) is not None:
-                        await self._write(h11.Data(data=chunk))
-                    await self._write(h11.EndOfMessage())
-        except StreamError as exc:
-            log.info("agent %r: response aborted mid-body: %s", exchange.name, exc)
-            self._abort()
-            return
-        except h11.LocalProtocolError as exc:
-            # The agent's response contradicts itself (e.g. more or less body than
-            # its Content-Length): the client must not take it as complete.
-            log.info("agent %r: bad response framing: %s", exchange.name, exc)
-            self._abort()
-            return
-        self._finish_cycle()
-
-    def _finish_cycle(self) -> None:
-        conn = self.h11
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            self._timeout.deadline = trio.current_time() + self.server.idle_timeout
-        elif conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-            self._abort()
-
-    def _abort(self) -> None:
-        """Close the connection now (no final chunk: a truncated body stays visible)."""
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+def socket_url(sock: socket.socket, scheme: str = "http") -> str:
+    """The URL a listening socket is reached at (its port resolved)."""
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

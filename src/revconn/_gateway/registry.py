@@ -21,6 +21,8 @@ import attrs
 import trio
 
 from .. import _codes
+from .._proto.headers import Headers
+from .._proto.session import ResponseReceived
 
 __all__ = [
     "AgentInfo",
@@ -30,6 +32,7 @@ __all__ = [
     "Registry",
     "RegistryEvent",
     "RegistryEventKind",
+    "RequestStream",
     "Subscription",
 ]
 
@@ -39,15 +42,72 @@ FLAP_WINDOW = 60.0
 FLAP_THRESHOLD = 3
 
 
+class RequestStream(Protocol):
+    """One forwarded request on an agent's session, as the exchange drives it."""
+
+    @property
+    def local_ended(self) -> bool:
+        """Our side (the request) has ended."""
+        ...
+
+    @property
+    def remote_ended(self) -> bool:
+        """The agent's side (the response) has ended."""
+        ...
+
+    async def send_body(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Send request body bytes (waits for flow-control credit); StreamError
+        if the agent reset the stream or the session ended."""
+        ...
+
+    async def end(self) -> None:
+        """End the request body."""
+        ...
+
+    async def receive_response(self) -> ResponseReceived:
+        """Wait for the response head; StreamError if the stream failed first."""
+        ...
+
+    async def read(self) -> bytes | None:
+        """Response body bytes received so far, or None at its end; StreamError
+        if the stream failed."""
+        ...
+
+    def reset(self, error_code: int = ...) -> None:
+        """Abandon the stream (the agent cancels its upstream call); idempotent."""
+        ...
+
+    def close(self) -> None:
+        """Forget a finished stream."""
+        ...
+
+
 @runtime_checkable
 class AgentSession(Protocol):
-    """What the registry needs from a live session held in this process."""
+    """What the gateway needs from an agent's live session: the registry asks
+    it to close, the exchange forwards requests through it. A session held by
+    another process (a shared registry) is reached through such an object too;
+    nothing outside the registry tests for a concrete class."""
 
     @property
     def rtt(self) -> float | None: ...
 
+    @property
+    def accepting(self) -> bool:
+        """False once the session takes no new requests (draining, closing)."""
+        ...
+
     def request_close(self, close_code: int, reason: str) -> None:
         """Ask the session to end (GOAWAY, then close the WebSocket). Must not block."""
+
+    def open_request(self, headers: Headers, *, end_stream: bool) -> RequestStream:
+        """Open a request stream with ``headers`` (sent at the next ``flush``);
+        AgentBusy at the agent's stream limit, StreamError if closing."""
+        ...
+
+    async def flush(self) -> None:
+        """Send what was queued on the session."""
+        ...
 
 
 @attrs.frozen

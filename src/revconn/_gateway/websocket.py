@@ -1,5 +1,5 @@
-"""The server side of an agent's WebSocket on the public listener: wsproto
-over a trio stream, as a :class:`~revconn._tunnel.MessageTransport`.
+"""The server side of an agent's WebSocket on the data plane: wsproto
+over a trio stream, as a :class:`~revconn._runtime.transport.MessageTransport`.
 
 The opening handshake is answered by the listener's h11 connection (a 101
 response); after it the socket belongs to this transport. One object per
@@ -16,8 +16,9 @@ from wsproto.utilities import generate_accept_token
 
 from .. import _codes
 from .._errors import ConnectionLost
+from .._runtime import wsmask
 from .._runtime.fastpath import WriteLock, send_all
-from .forward import Reply, json_reply
+from .replies import Reply, json_reply
 
 __all__ = ["WebSocketTransport", "upgrade_response"]
 
@@ -64,6 +65,7 @@ class WebSocketTransport:
     def __init__(self, stream: trio.SocketStream, trailing_data: bytes, max_message_size: int):
         self._stream = stream
         self._ws = Connection(ConnectionType.SERVER, trailing_data=trailing_data)
+        wsmask.enable(self._ws)  # unmasks what the agent sends
         self._send_lock = WriteLock()
         self._buffer: list[bytes] = []
         self._closed = False

@@ -83,7 +83,10 @@ class TunnelStream:
         if self._unacked:
             self.tunnel.session.ack_data(self.id, self._unacked)
             self._unacked = 0
-            await self.tunnel.flush()
+            # In the background: a reader is often cancelled (an upload stopped
+            # once the upstream answered), and a flush cancelled in the middle
+            # loses what it took from the session (any stream's frames).
+            self.tunnel.flush_soon()
         while not self._chunks:
             if self.remote_ended:
                 return None
@@ -142,14 +145,38 @@ class TunnelStream:
             await self.send_body(b"", end_stream=True)
 
     def reset(self, error_code: int = _codes.H2_CANCEL) -> None:
-        """Abandon the stream with RST_STREAM (sent in the background); idempotent."""
+        """Abandon the stream with RST_STREAM (sent in the background); idempotent.
+
+        Another task of the owner blocked on this stream (a ``read()``, or a
+        ``send_body()`` waiting for window) gets StreamError at once: the peer
+        may never send anything for this stream again to wake it."""
         live = self.id in self.tunnel._streams
         if live and self.reset_code is None and not (self.local_ended and self.remote_ended):
             self.tunnel.session.reset_stream(self.id, error_code)
             self.tunnel.flush_soon()
         if self.reset_code is None:
             self.reset_code = error_code
+            self._wake()
+            self.tunnel._window_opened()
         self.close()
+
+    def _reset_by_peer(self, error_code: int) -> None:
+        """(the tunnel's reader) The peer sent RST_STREAM.
+
+        Calls waiting on the stream fail with StreamError, and a handler is
+        cancelled. What the peer sent stays readable if it was complete
+        (END_STREAM came first), whatever the error code: the reset then only
+        ends our direction. A server that answered before reading the whole
+        request resets with NO_ERROR to stop the upload, and the client must
+        not discard that answer (RFC 9113 8.1). The owner closes the stream as
+        usual (which gives back the credit for what it did not read).
+        """
+        self.reset_code = error_code
+        self._wake()
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+        if not self.remote_ended:
+            self.close()
 
     def close(self) -> None:
         """Forget the stream; credit for unread data goes back to the connection."""

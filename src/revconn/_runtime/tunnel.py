@@ -211,13 +211,20 @@ class Tunnel:
             lock.acquire_nowait()
         try:
             data = self.session.data_to_send()
-            try:
-                for start in range(0, len(data), MAX_MESSAGE):
-                    await self.transport.send_message(data[start : start + MAX_MESSAGE])
-            except ConnectionLost as exc:
-                self._finish(TunnelEnd(_codes.WS_NORMAL, str(exc), exc, by_peer=True))
+            # Shielded: these bytes are gone from h2's queue (frames of every
+            # stream, HPACK state the peer's decoder must see in order), so a
+            # caller cancelled here (a client that left) must not drop them.
+            # The wait is bounded by the tunnel: a transport that never drains
+            # is closed when the heartbeat lapses, which ends this send.
+            with trio.CancelScope(shield=True):
+                try:
+                    for start in range(0, len(data), MAX_MESSAGE):
+                        await self.transport.send_message(data[start : start + MAX_MESSAGE])
+                except ConnectionLost as exc:
+                    self._finish(TunnelEnd(_codes.WS_NORMAL, str(exc), exc, by_peer=True))
         finally:
             lock.release()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     # -- running --------------------------------------------------------------
     async def handshake(self) -> None:
@@ -377,11 +384,7 @@ class Tunnel:
                 elif isinstance(event, StreamReset):
                     stream = self._streams.get(event.stream_id)
                     if stream is not None:
-                        stream.reset_code = event.error_code
-                        stream._wake()
-                        if stream.cancel_scope is not None:
-                            stream.cancel_scope.cancel()
-                        stream.close()
+                        stream._reset_by_peer(event.error_code)
                     self._window_opened()
                 elif isinstance(event, PingAcknowledged):
                     if self._scheduler is not None:

@@ -1,8 +1,8 @@
-"""The dedicated public listener (trio + h11) at the HTTP/1.1 byte level:
-keep-alive, pipelining, 100-continue, malformed input, timeouts.
+"""The data plane's exchange (trio + h11) at the HTTP/1.1 byte level:
+keep-alive, pipelining, 100-continue, malformed input, timeouts, dispatch.
 
-An in-process gateway with ``public_binds`` and an in-process agent serving
-the test upstream app; clients are raw sockets, parsed with h11.
+An in-process gateway and an in-process agent serving the test upstream app;
+clients are raw sockets, parsed with h11.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from revconn import Agent, AgentConfig, Backoff
+from revconn._proto.session import RequestReceived
 
-from ._gateway_helpers import SECRET, RunningGateway, raw_agent, running_gateway, wait_for
-from .upstream_app import app, pattern
+from .._gateway_helpers import SECRET, RunningGateway, raw_agent, running_gateway, wait_for
+from ..upstream_app import app, pattern
 
 pytestmark = pytest.mark.e2e
 
 
 @asynccontextmanager
 async def public_stack(**config: object) -> AsyncIterator[tuple[RunningGateway, int]]:
-    """A gateway with a public listener and agent "web" online; yields the public port."""
-    async with running_gateway(public_binds=("127.0.0.1:0",), **config) as gw:
+    """A gateway with agent "web" online; yields the data plane's port."""
+    async with running_gateway(**config) as gw:
         agent = Agent(
             AgentConfig(gateway=gw.url, name="web", secret=SECRET, backoff=Backoff(0.1, 1)),
             app=app,
@@ -36,7 +37,7 @@ async def public_stack(**config: object) -> AsyncIterator[tuple[RunningGateway, 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(agent.run)
             await wait_for(lambda: gw.gateway.registry.lookup("web") is not None)
-            port = int(gw.gateway.public_urls[0].rsplit(":", 1)[1])
+            port = int(gw.url.rsplit(":", 1)[1])
             yield gw, port
             nursery.cancel_scope.cancel()
 
@@ -174,6 +175,27 @@ async def test_bad_input_gets_a_clear_status_and_the_listener_keeps_serving(
             assert ok.status_code == 200
 
 
+@pytest.mark.parametrize(
+    "target",
+    [b"/%61/web/status/200", b"/%61/1/status/200", b"/A/web/status/200", b"/a%2Fweb/status/200"],
+)
+async def test_a_percent_encoded_prefix_never_reaches_an_agent(target: bytes) -> None:
+    """Dispatch reads the raw target: ``/%61/web/x`` is not ``/a/web/x``. (A front
+    end that matched the decoded path once sent it to an agent named "1".)"""
+    async with public_stack() as (gw, port), raw_agent(gw, "1") as (ws, session):
+        await wait_for(lambda: gw.gateway.registry.lookup("1") is not None)
+        async with connect(port) as client:
+            await client.send_raw(get(target.decode()))
+            response, body = await client.response()
+        assert response.status_code == 404
+        assert json.loads(body)["error"] == "not_found"
+        # Agent "1" saw no request: its next message is at most SETTINGS/PING traffic.
+        with trio.move_on_after(0.2):
+            while True:
+                for event in session.receive_data(await ws.get_message()):
+                    assert not isinstance(event, RequestReceived), event
+
+
 async def test_early_answer_with_a_body_pending_closes_the_connection() -> None:
     async with public_stack() as (_, port), connect(port) as client:
         head = b"POST /a/nobody/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
@@ -186,7 +208,7 @@ async def test_early_answer_with_a_body_pending_closes_the_connection() -> None:
 
 
 async def test_slow_request_head_gets_408_and_idle_connection_is_closed() -> None:
-    async with public_stack(public_idle_timeout=0.3) as (_, port):
+    async with public_stack(idle_timeout=0.3) as (_, port):
         async with connect(port) as client:
             await client.send_raw(b"GET /a/web/ HTTP/1.1\r\nHost: x\r\n")  # never finished
             response, body = await client.response()
@@ -229,16 +251,14 @@ async def test_bad_websocket_handshake_is_refused_in_plain_http(extra: str, stat
 
 
 async def test_agent_websocket_answers_pings_and_rejects_text() -> None:
-    async with public_stack() as (gw, port):
-        gw.agent_url = f"http://127.0.0.1:{port}"
-        async with raw_agent(gw, "pinger") as (ws, _):
-            with trio.fail_after(5):
-                await ws.ping(b"are you there")  # returns when the pong arrives
-            await ws.send_message("text is not allowed")
-            with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await ws.get_message()
-            assert closed.value.reason.code == 1003
+    async with public_stack() as (gw, _), raw_agent(gw, "pinger") as (ws, _):
+        with trio.fail_after(5):
+            await ws.ping(b"are you there")  # returns when the pong arrives
+        await ws.send_message("text is not allowed")
+        with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+        assert closed.value.reason.code == 1003
 
 
 async def test_http10_client_gets_a_close_delimited_streaming_response() -> None:

@@ -15,7 +15,7 @@ from revconn._runtime.heartbeat import HeartbeatScheduler
 from revconn._runtime.streams import TunnelStream
 from revconn._runtime.tunnel import RequestHandler, Tunnel
 
-from ._memory import transport_pair
+from .._memory import transport_pair
 
 REQ = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
 
@@ -175,3 +175,48 @@ async def test_tunnel_loss_fails_pending_streams(autojump_clock: trio.testing.Mo
         assert info.value.error_code is None
         with pytest.raises(StreamError):
             gw.open_request(REQ, end_stream=True)
+
+
+async def test_a_cancelled_flush_still_sends_what_it_took_from_h2() -> None:
+    """Frames taken from h2's queue belong to every stream (and the HPACK state
+    the peer decodes in order): a flush whose caller is cancelled mid-send (a
+    public client that left) must still send them, or the other requests on
+    the tunnel are lost."""
+    paths: list[bytes] = []
+
+    async def handler(stream: TunnelStream) -> None:
+        assert stream.request is not None
+        paths.append(dict(stream.request.headers)[b":path"])
+        await stream.respond(200, [], end_stream=True)
+
+    async with tunnels(handler) as gw:
+        transport = gw.transport
+        original = transport.send_message
+        gate = trio.Event()
+
+        async def gated(data: bytes) -> None:
+            await gate.wait()
+            await original(data)
+
+        transport.send_message = gated  # type: ignore[method-assign]
+        first = gw.open_request([*REQ[:3], (b":path", b"/one")], end_stream=True)
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def flush_then_cancelled() -> None:
+                with scope:
+                    await gw.flush()
+
+            nursery.start_soon(flush_then_cancelled)
+            await trio.testing.wait_all_tasks_blocked()  # blocked inside the send
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            transport.send_message = original  # type: ignore[method-assign]
+            gate.set()
+        second = gw.open_request([*REQ[:3], (b":path", b"/two")], end_stream=True)
+        await gw.flush()
+        with trio.fail_after(5):
+            assert (await first.receive_response()).status == 200
+            assert (await second.receive_response()).status == 200
+        assert paths == [b"/one", b"/two"]
+        assert gw.end is None

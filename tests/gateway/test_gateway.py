@@ -16,23 +16,11 @@ from revconn import (
     RegistryEventKind,
     ReplacedError,
 )
-from revconn._errors import ConnectionLost
-from revconn._gateway.gateway import _AsgiTransport
 from revconn._proto.session import SessionEnded
 
-from . import _gateway_helpers
-from ._gateway_helpers import SECRET, raw_agent, running_gateway, wait_for
+from .._gateway_helpers import SECRET, raw_agent, running_gateway, wait_for
 
 AUTH = {"Authorization": f"Bearer {SECRET}"}
-
-
-@pytest.fixture(autouse=True, params=["hypercorn", "public"])
-def front(request: pytest.FixtureRequest) -> object:
-    """Every test here runs with agents dialing hypercorn (``--bind``) and the
-    lean public listener (``--public-bind``)."""
-    _gateway_helpers.FRONT = request.param
-    yield request.param
-    _gateway_helpers.FRONT = "hypercorn"
 
 
 def agent_for(url: str, name: str, **kw: object) -> Agent:
@@ -41,6 +29,9 @@ def agent_for(url: str, name: str, **kw: object) -> Agent:
         name=name,
         secret=kw.pop("secret", SECRET),  # type: ignore[arg-type]
         backoff=Backoff(0.05, 0.2),
+        upstream=kw.pop(
+            "upstream", "http://127.0.0.1:9"
+        ),  # nothing listens: these tests forward nothing
         **kw,  # type: ignore[arg-type]
     )
     return Agent(cfg)
@@ -53,20 +44,46 @@ async def get(url: str, path: str, headers: dict[str, str] | None = None) -> htt
 
 async def test_healthz_and_endpoints_auth() -> None:
     async with running_gateway() as gw:
-        r = await get(gw.url, "/healthz")
+        r = await get(gw.admin_url, "/healthz")
         assert (r.status_code, r.json()) == (200, {"status": "ok"})
-        r = await get(gw.url, "/endpoints")
+        r = await get(gw.admin_url, "/endpoints")
         assert r.status_code == 401
         assert r.json()["error"] == "unauthorized"
         assert r.headers["www-authenticate"].startswith("Bearer")
-        r = await get(gw.url, "/endpoints?token=" + SECRET)  # never from the query
+        r = await get(gw.admin_url, "/endpoints?token=" + SECRET)  # never from the query
         assert r.status_code == 401
-        r = await get(gw.url, "/endpoints", {"Authorization": "Bearer wrong"})
+        r = await get(gw.admin_url, "/endpoints", {"Authorization": "Bearer wrong"})
         assert r.status_code == 401
-        r = await get(gw.url, "/endpoints", AUTH)
+        r = await get(gw.admin_url, "/endpoints", AUTH)
         assert (r.status_code, r.json()) == (200, {"endpoints": []})
-        r = await get(gw.url, "/nope")
+        r = await get(gw.admin_url, "/nope")
         assert (r.status_code, r.json()["error"]) == (404, "not_found")
+
+
+async def test_operator_surface_is_not_on_the_data_plane() -> None:
+    """/endpoints is served on --admin-bind only: on --bind it is a JSON 404 like
+    any unknown path, with or without a valid credential."""
+    async with running_gateway() as gw:
+        for headers in (None, AUTH):
+            r = await get(gw.url, "/endpoints", headers)
+            assert r.status_code == 404
+            assert r.json()["error"] == "not_found"
+        r = await get(gw.url, "/healthz")
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        async with httpx.AsyncClient() as client:
+            r = await client.post(gw.url + "/healthz")
+        assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD")
+        # and nothing of the data plane is on the admin surface
+        r = await get(gw.admin_url, "/a/web/")
+        assert r.status_code == 404
+
+
+async def test_healthz_reports_shutting_down_on_both_surfaces() -> None:
+    async with running_gateway() as gw:
+        gw.gateway.begin_shutdown()
+        for base in (gw.url, gw.admin_url):
+            r = await get(base, "/healthz")
+            assert (r.status_code, r.json()) == (503, {"status": "shutting_down"})
 
 
 async def test_agent_online_with_rtt_then_offline() -> None:
@@ -77,7 +94,7 @@ async def test_agent_online_with_rtt_then_offline() -> None:
             await agent.connected.wait()
             await wait_for(lambda: gw.gateway.registry.lookup("svc-1") is not None)
             await trio.sleep(0.3)
-            r = await get(gw.url, "/endpoints", AUTH)
+            r = await get(gw.admin_url, "/endpoints", AUTH)
             (row,) = r.json()["endpoints"]
             assert row["name"] == "svc-1"
             assert row["status"] == "online"
@@ -228,9 +245,9 @@ async def test_handshake_timeout_never_listed() -> None:
                 pytest.fail(f"unexpected registry event {event}")
 
 
-async def test_oversized_message_closes_1009_and_is_dropped_by_heartbeat() -> None:
-    """hypercorn closes with 1009 and then stops reading that connection without
-    telling the app: the heartbeat is what takes the agent off the list."""
+async def test_oversized_message_closes_1009_and_drops_the_agent() -> None:
+    """A message above max_message_size: close 1009, the agent is off the list
+    at once (not only when its heartbeat lapses), others are unharmed."""
     hb = Heartbeat(0.2, 0.3)
     async with running_gateway(heartbeat=hb) as gw, trio.open_nursery() as nursery:
         other = agent_for(gw.agent_url, "bystander", heartbeat=hb)
@@ -282,7 +299,7 @@ async def test_gateway_shutdown_says_goodbye() -> None:
         assert r.status_code == 503
 
 
-async def test_shutdown_lets_requests_in_flight_finish(front: str) -> None:
+async def test_shutdown_lets_requests_in_flight_finish() -> None:
     async def slow_app(scope, receive, send):  # type: ignore[no-untyped-def]
         if scope["type"] != "http":
             return
@@ -295,12 +312,11 @@ async def test_shutdown_lets_requests_in_flight_finish(front: str) -> None:
 
     from revconn import Gateway, GatewayConfig, SharedSecretPolicy
 
-    public = ("127.0.0.1:0",) if front == "public" else ()
-    config = GatewayConfig(binds=("127.0.0.1:0",), public_binds=public)
+    config = GatewayConfig(binds=("127.0.0.1:0",), admin_binds=())
     gateway = Gateway(config, SharedSecretPolicy(SECRET))
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(partial(gateway.serve, shutdown_trigger=stop.wait))
-        base = gateway.public_urls[0] if public else urls[0]
+        base = urls[0]
         agent = Agent(
             AgentConfig(gateway=base, name="slow", secret=SECRET, backoff=Backoff(5, 10)),
             app=slow_app,
@@ -344,42 +360,3 @@ async def test_replacement_storm_does_not_take_the_gateway_down() -> None:
             r = await get(gw.url, "/healthz")
             assert r.status_code == 200
             nursery.cancel_scope.cancel()
-
-
-@pytest.mark.parametrize("error", [trio.BusyResourceError, trio.BrokenResourceError])
-async def test_asgi_transport_close_survives_hypercorns_teardown_race(
-    error: type[Exception],
-) -> None:
-    """When the agent closes at the same moment, hypercorn answers its close
-    frame and tears down (send_eof outside its send lock); our own close frame
-    then fails inside hypercorn. That must not escape: the transport contract
-    is that close() never raises for a dying socket (an escape here killed the
-    agent's handler before it logged the agent offline)."""
-    sent: list[str] = []
-
-    async def send(message: dict[str, object]) -> None:
-        sent.append(str(message["type"]))
-        raise error("another task is currently sending data on this SocketStream")
-
-    async def receive() -> dict[str, object]:
-        return {"type": "websocket.disconnect", "code": 1001}
-
-    transport = _AsgiTransport(receive, send)
-    with trio.fail_after(1):
-        await transport.close(1001, "shutdown")
-    assert sent == ["websocket.close"]
-    with pytest.raises(ConnectionLost):
-        await transport.send_message(b"after the close")
-
-
-async def test_asgi_transport_send_race_is_connection_lost() -> None:
-    async def send(message: dict[str, object]) -> None:
-        raise trio.BusyResourceError("another task is currently sending data")
-
-    async def receive() -> dict[str, object]:
-        await trio.sleep_forever()
-        raise AssertionError
-
-    transport = _AsgiTransport(receive, send)
-    with pytest.raises(ConnectionLost, match="websocket send failed"):
-        await transport.send_message(b"x")

@@ -14,9 +14,19 @@ from revconn._gateway.registry import FLAP_THRESHOLD, FLAP_WINDOW, AgentSession
 
 
 class FakeSession:
+    """A session the registry holds; it forwards nothing (the registry never asks)."""
+
+    accepting = True
+
     def __init__(self, rtt: float | None = None) -> None:
         self.rtt = rtt
         self.close_requests: list[tuple[int, str]] = []
+
+    def open_request(self, headers: object, *, end_stream: bool) -> object:
+        raise AssertionError("the registry never opens streams")
+
+    async def flush(self) -> None:
+        raise AssertionError("the registry never flushes")
 
     def request_close(self, close_code: int, reason: str) -> None:
         self.close_requests.append((close_code, reason))

@@ -17,7 +17,7 @@ from revconn import (
 from revconn._proto.session import Role, TunnelSession
 from revconn._runtime.tunnel import Tunnel, TunnelEnd
 
-from ._memory import MemoryTransport, transport_pair
+from .._memory import MemoryTransport, transport_pair
 
 
 def make_pair(

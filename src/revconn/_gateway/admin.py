@@ -1,0 +1,109 @@
+"""The operator surface: one QuartTrio app (``/endpoints``, ``/healthz``; later
+events, metrics and the dashboard), served by hypercorn on ``--admin-bind``.
+
+Agents and public traffic never reach it: they are served by the data plane
+(``listener.py``). Keep it on a private address.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
+
+from .auth import AuthPolicy, Scope, bearer_credential
+from .registry import Registry
+from .replies import Reply, json_reply, unauthorized
+
+__all__ = ["AdminHost", "make_admin_app", "serve_admin"]
+
+
+class AdminHost(Protocol):
+    """What the admin app reads from the gateway."""
+
+    @property
+    def auth(self) -> AuthPolicy: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+
+def make_admin_app(host: AdminHost) -> QuartTrio:
+    """The operator surface as an ASGI app (``Gateway.admin_app``)."""
+    app = QuartTrio("revconn.gateway")
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        if host.shutting_down:
+            return _quart(json_reply(503, {"status": "shutting_down"}))
+        return _quart(json_reply(200, {"status": "ok"}))
+
+    @app.get("/endpoints")
+    async def endpoints() -> Response:
+        credential = bearer_credential(
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
+        )
+        if not host.auth.allows(credential, agent=None, scope=Scope.ADMIN):
+            return _quart(unauthorized())
+        rows = await host.registry.snapshot()
+        return _quart(json_reply(200, {"endpoints": [row.to_json() for row in rows]}))
+
+    @app.errorhandler(404)
+    async def not_found(_: Exception) -> Response:
+        return _quart(json_reply(404, {"error": "not_found"}))
+
+    @app.errorhandler(405)
+    async def not_allowed(_: Exception) -> Response:
+        return _quart(json_reply(405, {"error": "method_not_allowed"}))
+
+    return app
+
+
+async def serve_admin(
+    app: QuartTrio,
+    sockets: Sequence[socket.socket],
+    *,
+    graceful_timeout: float,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``app`` on hypercorn's trio worker over ``sockets`` until ``shutdown_trigger``."""
+    hc = HypercornConfig()
+    hc.graceful_timeout = graceful_timeout
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("revconn.hypercorn")
+    hc.include_server_header = False
+    bound = Sockets(secure_sockets=[], insecure_sockets=list(sockets), quic_sockets=[])
+
+    await worker_serve(
+        wrap_app(app, hc.wsgi_max_body_size, "asgi"),
+        hc,
+        sockets=bound,
+        shutdown_trigger=shutdown_trigger,
+        task_status=task_status,
+    )
+
+
+def _quart(reply: Reply) -> Response:
+    """A Reply as a Quart response (Quart sets Content-Length itself)."""
+    headers = Headers(
+        [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in reply.headers
+            if n != b"content-length"
+        ]
+    )
+    return Response(reply.body, status=reply.status, headers=headers)

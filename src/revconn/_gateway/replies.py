@@ -1,0 +1,109 @@
+"""The answers the gateway gives by itself: JSON errors with a stable ``error``
+field, and the peer formatting its log lines and replies share (sans-I/O)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+
+from .. import _codes
+from .._errors import StreamError
+from .._proto.headers import Headers
+
+__all__ = [
+    "MAX_HEADER_LIST",
+    "Reply",
+    "agent_busy",
+    "agent_offline",
+    "bad_status",
+    "format_peer",
+    "header_list_too_large",
+    "json_reply",
+    "not_found",
+    "stream_failure",
+    "unauthorized",
+]
+
+
+@attrs.frozen(slots=True)
+class Reply:
+    """A complete response the gateway answers by itself (errors, redirects)."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+def json_reply(status: int, payload: object, extra: Iterable[tuple[bytes, bytes]] = ()) -> Reply:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    return Reply(status, headers, body)
+
+
+def unauthorized() -> Reply:
+    """401 for a missing or wrong bearer credential (agents and operators)."""
+    return json_reply(
+        401,
+        {"error": "unauthorized", "detail": "missing or invalid bearer credential"},
+        [(b"www-authenticate", b'Bearer realm="revconn"')],
+    )
+
+
+def format_peer(peer: Sequence[Any] | None) -> str:
+    """``host:port`` (``[v6]:port``) of a socket peer or ASGI client; "unknown" if absent."""
+    if not peer:
+        return "unknown"
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def agent_offline(name: str) -> Reply:
+    payload = {"error": "agent_offline", "agent": name, "detail": "agent is not connected"}
+    return json_reply(503, payload, [(b"retry-after", b"5")])
+
+
+def agent_busy(name: str, detail: str = "too many concurrent requests") -> Reply:
+    payload = {"error": "agent_busy", "agent": name, "detail": detail}
+    return json_reply(503, payload, [(b"retry-after", b"1")])
+
+
+def stream_failure(exc: StreamError, name: str) -> Reply:
+    """The reply for a stream that failed before the response started."""
+    if exc.error_code == _codes.H2_REFUSED_STREAM:
+        return agent_busy(name, str(exc))
+    error = "agent_disconnected" if exc.error_code is None else "agent_reset"
+    return json_reply(502, {"error": error, "agent": name, "detail": str(exc)})
+
+
+def bad_status(status: int, name: str) -> Reply | None:
+    """502 if the agent's final status is not a 3-digit code >= 200 (a missing or
+    malformed ``:status`` arrives as 0)."""
+    if 200 <= status <= 999:
+        return None
+    detail = f"agent answered with an invalid status ({status or 'none'})"
+    return json_reply(502, {"error": "bad_response", "agent": name, "detail": detail})
+
+
+def not_found(detail: str) -> Reply:
+    return json_reply(404, {"error": "not_found", "detail": detail})
+
+
+MAX_HEADER_LIST = 65_536
+"""The agent's SETTINGS_MAX_HEADER_LIST_SIZE (h2's default): a larger request
+head is answered 431 here rather than refused by the agent."""
+
+
+def header_list_too_large(headers: Headers) -> Reply | None:
+    """431 if ``headers`` exceed the tunnel's header list size (RFC 9113 6.5.2:
+    name + value + 32 octets per field)."""
+    if sum(len(n) + len(v) + 32 for n, v in headers) <= MAX_HEADER_LIST:
+        return None
+    detail = f"request headers exceed {MAX_HEADER_LIST} bytes"
+    return json_reply(431, {"error": "request_header_too_large", "detail": detail})
