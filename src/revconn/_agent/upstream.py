@@ -3,7 +3,7 @@
 Two kinds of upstream:
 
 * ``HttpUpstream``: an HTTP/1.1 server reached through a lean keep-alive pool
-  on h11 (``_pool.py``; httpx/httpcore's pool bookkeeping dominated the agent's
+  on h11 (``pool.py``; httpx/httpcore's pool bookkeeping dominated the agent's
   CPU in profiles);
 * ``AsgiUpstream``: an ASGI application called in-process, with no local port.
 

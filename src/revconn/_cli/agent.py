@@ -123,7 +123,7 @@ def main() -> None:
     type=float,
     default=15.0,
     show_default=True,
-    help="Time between PINGs to the gateway on an idle tunnel, in seconds.",
+    help="Time between heartbeat PINGs to the gateway, in seconds.",
 )
 @click.option(
     "--heartbeat-timeout",

@@ -469,7 +469,7 @@ class TunnelSession:
 
 def _split_status(headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
     """(status, regular headers); status 0 when ``:status`` is missing or not a
-    3-digit number (inbound header validation is off: the front ends answer 502)."""
+    3-digit number (inbound header validation is off: the gateway answers 502)."""
     status = 0
     rest: list[tuple[bytes, bytes]] = []
     for name, value in headers:

@@ -1,4 +1,4 @@
-"""The connection supervisor: a nursery that keeps one connection task alive.
+"""The connection supervisor: runs one connection attempt after another, with backoff.
 
 ``Backoff`` is the pure schedule (no I/O, no clock); ``Supervisor`` runs a
 connection function again and again with that schedule between attempts.
