@@ -1,27 +1,42 @@
 """Forwarding benchmark: wrk against nginx directly and through revconn, interleaved.
 
 Needs Debian's `wrk`, `nginx` (nginx-light) and `curl` on PATH. Everything runs on
-127.0.0.1 and stops by itself.
+127.0.0.1 (the gateways' listeners on port 0) and stops by itself.
 
-    python benchmarks/forwarding.py            # 3 x 10 s per configuration
+    python benchmarks/forwarding.py                     # 3 x 10 s per configuration
     python benchmarks/forwarding.py --seconds 3 --reps 1
-    python benchmarks/forwarding.py --compare a1a398c   # also an older revision, interleaved
+    python benchmarks/forwarding.py --compare 524843f   # and that revision, interleaved
 
+This tree is measured on its one data plane (``revconn-gateway --bind``: agents on
+/ws/connect and /a/NAME/... on one lean trio listener; ``--admin-bind`` on port 0).
 Reports req/s and p50/p99 at c=1 and c=32 for a 1 KiB file, MB/s for a 10 MiB
-file at c=4, MB/s for a 100 MiB upload, CPU ms per forwarded request for the
-gateway and the agent (from /proc/PID/stat), and their peak RSS.
+file at c=4, MB/s for a 100 MiB upload (curl, to a hypercorn upstream), CPU ms
+per forwarded request for the gateway and the agent (from /proc/PID/stat), and
+their peak RSS over the wrk runs, each against nginx direct.
 
-``--compare REV`` also runs the public listener of git revision REV (its
-``src/`` extracted with ``git archive``, first on PYTHONPATH for a second
-gateway + agent) in the same interleaved loop, and prints this tree against
-it: on a machine whose speed drifts by +-15 % between runs, that is the
-comparison to trust.
+``--compare REV`` also runs git revision REV (its ``src/`` extracted with
+``git archive``, first on PYTHONPATH; its own gateway and agent entry points from
+its pyproject.toml) in the same interleaved loop, one gateway process per front
+end so CPU and RSS are per front. REV's CLI is read from its source:
+
+* old layout (``src/revconn/_cli.py`` or ``_cli/gateway.py`` with ``--public-bind``):
+  REV's lean listener (``--public-bind``, the agent dialing it too) and REV's
+  hypercorn front (``--bind`` alone, "old --bind": /a/ and /ws/connect on
+  hypercorn), no upload through the latter;
+* new layout (``src/revconn/_cli/gateway.py`` with ``--admin-bind``): REV's data plane.
+
+It then prints this tree's data plane against REV's lean listener (the issue's
+targets: >= 1.0x for c=1 req/s, c=32 req/s and 10 MiB MB/s, <= 1.0x for CPU per
+request), with REV's old --bind figures beside them. On a machine whose speed
+drifts by +-15 % between runs, that same-run comparison is the one to trust.
+Each round rotates the order of the configurations.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import shutil
 import signal
@@ -29,12 +44,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SECRET = "bench-secret-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
+NAN = float("nan")
+RUNNING: list[subprocess.Popen[str] | subprocess.Popen[bytes]] = []  # killed by main() at exit
+
+# CLI layouts: the lean listener is --public-bind next to hypercorn's --bind (old),
+# or --bind itself with the operator API on --admin-bind (new).
+PUBLIC_BIND, DATA_PLANE = "public-bind", "data-plane"
 
 
 def free_port() -> int:
@@ -54,7 +79,7 @@ def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return float("nan")
+    return NAN
 
 
 def wait_http(url: str, timeout: float = 15) -> None:
@@ -107,13 +132,68 @@ http {{
     proc = subprocess.Popen(
         ["nginx", "-c", str(conf)], stderr=subprocess.DEVNULL, start_new_session=True
     )
+    RUNNING.append(proc)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/small.bin")
     return proc, url
 
 
-def extract_src(rev: str, into: Path) -> str:
-    """``src/`` of git revision ``rev`` under ``into``; returns the path to put on PYTHONPATH."""
+# ---------------------------------------------------------------- which revconn to run
+@dataclass
+class Code:
+    """One revconn to run: this tree (the venv's scripts) or a git revision's ``src/``."""
+
+    label: str
+    layout: str
+    gateway: list[str]
+    agent: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def this_tree() -> Code:
+    bindir = Path(sys.executable).parent
+    return Code(
+        "this tree",
+        DATA_PLANE,
+        [str(bindir / "revconn-gateway")],
+        [str(bindir / "revconn-agent")],
+    )
+
+
+def git_show(rev: str, path: str) -> str | None:
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, check=False
+    )
+    return out.stdout.decode() if out.returncode == 0 else None
+
+
+def cli_layout(rev: str) -> str:
+    """REV's gateway CLI, read from its source (see the module docstring)."""
+    for path in ("src/revconn/_cli/gateway.py", "src/revconn/_cli.py"):
+        text = git_show(rev, path)
+        if text is None:
+            continue
+        if "--admin-bind" in text:
+            return DATA_PLANE
+        if "--public-bind" in text:
+            return PUBLIC_BIND
+    sys.exit(f"--compare {rev}: no gateway CLI with --public-bind or --admin-bind in its src/")
+
+
+def entry_point(target: str, prog: str) -> list[str]:
+    """``python -c`` running the console script ``module:function`` as ``prog``."""
+    module, _, func = target.partition(":")
+    code = f"import sys; from {module} import {func} as m; sys.argv[0] = {prog!r}; sys.exit(m())"
+    return [sys.executable, "-c", code]
+
+
+def revision(rev: str, into: Path) -> Code:
+    """REV's ``src/`` extracted under ``into``, run with REV's own entry points.
+
+    The venv's console scripts import this tree's module paths, which an older
+    revision may not have (``revconn._cli`` was one module before the layout work).
+    """
+    layout = cli_layout(rev)
     into.mkdir()
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=False
@@ -121,20 +201,102 @@ def extract_src(rev: str, into: Path) -> str:
     if archive.returncode != 0:
         sys.exit(f"--compare {rev}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return str(into / "src")
+    src = into / "src"
+    scripts = tomllib.loads(git_show(rev, "pyproject.toml") or "")
+    scripts = scripts.get("project", {}).get("scripts", {})
+    default = {
+        PUBLIC_BIND: ("revconn._cli:gateway_main", "revconn._cli:agent_main"),
+        DATA_PLANE: ("revconn._cli.gateway:main", "revconn._cli.agent:main"),
+    }[layout]
+    gateway = scripts.get("revconn-gateway", default[0])
+    agent = scripts.get("revconn-agent", default[1])
+    env = {"PYTHONPATH": str(src)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import revconn; print(revconn.__file__)"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=into,
+        check=False,
+    ).stdout.strip()
+    if not where.startswith(str(src)):
+        sys.exit(f"--compare {rev}: revconn imports from {where or '?'}, not {src}")
+    return Code(
+        rev,
+        layout,
+        entry_point(gateway, "revconn-gateway"),
+        entry_point(agent, "revconn-agent"),
+        env,
+    )
 
 
-def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+# ---------------------------------------------------------------- processes
+def start(
+    args: list[str], env: dict[str, str] | None = None, *, capture: bool = False
+) -> subprocess.Popen[str]:
     full = {**os.environ, "REVCONN_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
     # A session of its own, so teardown can kill it with its children (hypercorn workers).
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         args,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
         env=full,
         start_new_session=True,
     )
+    RUNNING.append(proc)
+    return proc
+
+
+class Lines:
+    """A process's stdout read by a thread (so the pipe never fills), line by line."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def pump() -> None:
+            for line in stdout:
+                self._lines.put(line)
+            self._lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def url_after(self, marker: str, timeout: float = 30) -> str:
+        """The first URL on the next line containing ``marker`` (``... on URL, URL``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(marker) from None
+            if line is None:
+                raise RuntimeError(f"the gateway exited before printing {marker!r}")
+            if marker in line:
+                return line.split(marker, 1)[1].strip().split(", ")[0]
+
+
+def start_gateway(code: Code, front: str) -> tuple[subprocess.Popen[str], str]:
+    """``code``'s gateway, ready, and the URL of ``front``: agents dial it and /a/ is
+    served on it. ``front`` is "lean" (the data plane, or --public-bind in the old
+    layout) or "bind" (the old layout's hypercorn --bind alone)."""
+    any_port = "127.0.0.1:0"
+    args = [*code.gateway, "--bind", any_port, "--log-level", "warning"]
+    if code.layout == DATA_PLANE:
+        assert front == "lean", front
+        args += ["--admin-bind", any_port]
+    elif front == "lean":
+        args += ["--public-bind", any_port]
+    proc = start(args, code.env, capture=True)
+    lines = Lines(proc)
+    url = lines.url_after("listening on ")  # --bind
+    wait_http(url + "/healthz")
+    if code.layout == DATA_PLANE:
+        wait_http(lines.url_after("admin API on ") + "/healthz")
+    elif front == "lean":
+        url = lines.url_after("public traffic on ")  # ready once /a/ answers, checked later
+    return proc, url
 
 
 def wrk(url: str, conns: int, seconds: int) -> dict[str, float]:
@@ -158,7 +320,7 @@ def wrk(url: str, conns: int, seconds: int) -> dict[str, float]:
     def ms(label: str) -> float:
         m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         if not m:
-            return float("nan")
+            return NAN
         value, unit = float(m.group(1)), m.group(2)
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
@@ -201,196 +363,238 @@ def curl_upload(url: str, path: Path) -> float:
     return float(out[0]) / 1e6
 
 
+@dataclass
+class Front:
+    """One way into revconn: a gateway process, its agent for nginx, the /a/ base URL."""
+
+    title: str
+    gateway: subprocess.Popen[str]
+    agent: subprocess.Popen[str]
+    base: str
+    upload: str | None  # the upload URL, if this front also gets the upload test
+
+
+def ratio(new: float, old: float) -> float:
+    return new / old if old else NAN
+
+
+# ---------------------------------------------------------------- main
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--compare", metavar="REV", help="also measure revision REV's public path")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--compare", metavar="REV", help="also measure git revision REV, same interleaved loop"
+    )
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install wrk nginx-light curl")
 
-    bindir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory(prefix="revconn-bench-") as tmp:
         workdir = Path(tmp)
-        procs: list[subprocess.Popen[str] | subprocess.Popen[bytes]] = []
         try:
-            nginx, nginx_url = start_nginx(workdir)
-            procs.append(nginx)
-            up_port = free_port()
-            upload_app = start(
-                [
-                    sys.executable,
-                    "-m",
-                    "hypercorn",
-                    "--worker-class",
-                    "trio",
-                    "--bind",
-                    f"127.0.0.1:{up_port}",
-                    "tests.upstream_app:app",
-                ],
-                {"PYTHONPATH": str(ROOT)},
-            )
-            procs.append(upload_app)
-            upload_url = f"http://127.0.0.1:{up_port}"
-
-            def start_gateway(
-                env: dict[str, str] | None = None,
-            ) -> tuple[subprocess.Popen[str], str, str]:
-                """A gateway with its admin (--bind) and public URLs, ready."""
-                port, public = free_port(), free_port()
-                proc = start(
-                    [
-                        str(bindir / "revconn-gateway"),
-                        "--bind",
-                        f"127.0.0.1:{port}",
-                        "--public-bind",
-                        f"127.0.0.1:{public}",
-                        "--log-level",
-                        "warning",
-                    ],
-                    env,
-                )
-                procs.append(proc)
-                wait_http(f"http://127.0.0.1:{port}/healthz")
-                return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{public}"
-
-            gateway, gw_url, pub_url = start_gateway()
-
-            def agent(
-                name: str, dial: str, upstream: str, env: dict[str, str] | None = None
-            ) -> subprocess.Popen[str]:
-                cmd = [str(bindir / "revconn-agent"), "serve", "--gateway", dial, "--name", name]
-                proc = start([*cmd, "--upstream", upstream, "--log-level", "warning"], env)
-                procs.append(proc)
-                return proc
-
-            # "public": the dedicated listener (--public-bind) for requests and the
-            # agent's tunnel; "hypercorn": /a/ and /ws/connect on --bind.
-            agents = {
-                "public": agent("bench", pub_url, nginx_url),
-                "hypercorn": agent("benchh", gw_url, nginx_url),
-            }
-            agent("upload", pub_url, upload_url)
-            targets = {
-                "direct": nginx_url,
-                "public": pub_url + "/a/bench",
-                "hypercorn": gw_url + "/a/benchh",
-            }
-            gateways = {"public": gateway, "hypercorn": gateway}
-            if args.compare:
-                old_env = {"PYTHONPATH": extract_src(args.compare, workdir / "compare")}
-                old_gateway, _, old_url = start_gateway(old_env)
-                agents["compare"] = agent("bench", old_url, nginx_url, old_env)
-                gateways["compare"] = old_gateway
-                targets["compare"] = old_url + "/a/bench"
-            for base in targets.values():
-                wait_http(base + "/small.bin")
-            wait_http(upload_url + "/status/200")
-            wait_http(pub_url + "/a/upload/status/200")
-
-            results: dict[tuple[str, str], list[dict[str, float]]] = {}
-            cpu: dict[tuple[str, str, str], list[float]] = {}
-            plan = [("c1", "/small.bin", 1), ("c32", "/small.bin", 32), ("dl10m", "/big.bin", 4)]
-            for _ in range(args.reps):
-                for label, path, conns in plan:
-                    for kind, base in targets.items():
-                        pids = [] if kind == "direct" else [gateways[kind].pid, agents[kind].pid]
-                        before = [cpu_seconds(pid) for pid in pids]
-                        r = wrk(base + path, conns, args.seconds)
-                        after = [cpu_seconds(pid) for pid in pids]
-                        results.setdefault((label, kind), []).append(r)
-                        if pids and label != "dl10m":
-                            for role, b, a in zip(("gateway", "agent"), before, after, strict=True):
-                                per_request = (a - b) / r["requests"] * 1000
-                                cpu.setdefault((kind, role, label), []).append(per_request)
-            upload_file = workdir / "upload.bin"
-            upload_file.write_bytes(os.urandom(100 * 1024 * 1024))
-            uploads: dict[str, list[float]] = {"direct": [], "public": []}
-            for _ in range(args.reps):
-                uploads["direct"].append(curl_upload(upload_url + "/upload", upload_file))
-                uploads["public"].append(curl_upload(pub_url + "/a/upload/upload", upload_file))
-
-            def med(label: str, kind: str, key: str) -> float:
-                return statistics.median(r[key] for r in results[(label, kind)])
-
-            print(
-                f"# forwarding: python benchmarks/forwarding.py --seconds {args.seconds} --reps {args.reps}"
-            )
-            print(
-                "| measure | direct (nginx) | revconn, public listener | ratio | "
-                "revconn, hypercorn front | ratio |"
-            )
-            print("|---|---|---|---|---|---|")
-
-            def row(name: str, label: str, key: str, fmt: str) -> None:
-                d = med(label, "direct", key)
-                p, h = med(label, "public", key), med(label, "hypercorn", key)
-                print(f"| {name} | {d:{fmt}} | {p:{fmt}} | {p / d:.3f} | {h:{fmt}} | {h / d:.3f} |")
-
-            for label, name in (("c1", "1 KiB, c=1"), ("c32", "1 KiB, c=32")):
-                row(f"{name}: req/s", label, "rps", ",.0f")
-                row(f"{name}: p50 latency (ms)", label, "p50", ".2f")
-                row(f"{name}: p99 latency (ms)", label, "p99", ".2f")
-            row("10 MiB download, c=4: MB/s", "dl10m", "mbs", ",.0f")
-            d, v = statistics.median(uploads["direct"]), statistics.median(uploads["public"])
-            print(
-                f"| 100 MiB upload (hypercorn upstream): MB/s | {d:,.0f} | {v:,.0f} | {v / d:.3f} | | |"
-            )
-            for kind in ("public", "hypercorn"):
-                errors = sum(r["errors"] for (_, k), rs in results.items() if k == kind for r in rs)
-                print(f"| {kind}: non-2xx responses in all wrk runs | | {errors} | | | |")
-                for label in ("c1", "c32"):
-                    g = statistics.median(cpu[(kind, "gateway", label)])
-                    a = statistics.median(cpu[(kind, "agent", label)])
-                    print(
-                        f"| {kind}: CPU ms per small request at {label.replace('c', 'c=')}, "
-                        f"gateway / agent | | {g:.3f} / {a:.3f} | | | |"
-                    )
-            rss = f"{peak_rss_mib(gateway.pid):.0f} / {peak_rss_mib(agents['public'].pid):.0f}"
-            print(f"| peak RSS gateway / agent (MiB) | | {rss} | | | |")
-            if args.compare:
-                print(f"\n# public listener: this tree against {args.compare}, same run")
-                print(f"| measure | {args.compare} | this tree | ratio |")
-                print("|---|---|---|---|")
-                for label, name, key, fmt in (
-                    ("c1", "1 KiB, c=1: req/s", "rps", ",.0f"),
-                    ("c1", "1 KiB, c=1: p50 latency (ms)", "p50", ".2f"),
-                    ("c32", "1 KiB, c=32: req/s", "rps", ",.0f"),
-                    ("c32", "1 KiB, c=32: p99 latency (ms)", "p99", ".2f"),
-                    ("dl10m", "10 MiB download, c=4: MB/s", "mbs", ",.0f"),
-                ):
-                    o, n = med(label, "compare", key), med(label, "public", key)
-                    print(f"| {name} | {o:{fmt}} | {n:{fmt}} | {n / o:.3f} |")
-                errs = {
-                    kind: sum(
-                        r["errors"] for (_, k), rs in results.items() if k == kind for r in rs
-                    )
-                    for kind in ("compare", "public")
-                }
-                print(
-                    f"| non-2xx responses in all wrk runs | {errs['compare']} | {errs['public']} | |"
-                )
-                for label in ("c1", "c32"):
-                    for role in ("gateway", "agent"):
-                        o = statistics.median(cpu[("compare", role, label)])
-                        n = statistics.median(cpu[("public", role, label)])
-                        print(
-                            f"| CPU ms per small request at {label.replace('c', 'c=')}, {role} "
-                            f"| {o:.3f} | {n:.3f} | {n / o:.3f} |"
-                        )
+            run(args, workdir)
         finally:
-            for p in procs:
+            for p in RUNNING:
                 try:
                     os.killpg(p.pid, signal.SIGKILL)  # and the children (hypercorn workers)
                 except ProcessLookupError:
                     p.kill()
-            for p in procs:
+            for p in RUNNING:
                 try:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     print(f"warning: {p.args} did not exit", file=sys.stderr)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    old = revision(args.compare, workdir / "compare") if args.compare else None
+    _nginx, nginx_url = start_nginx(workdir)
+    up_port = free_port()
+    hypercorn = [sys.executable, "-m", "hypercorn", "--worker-class", "trio"]
+    start(
+        [*hypercorn, "--bind", f"127.0.0.1:{up_port}", "tests.upstream_app:app"],
+        {"PYTHONPATH": str(ROOT)},
+    )
+    upload_url = f"http://127.0.0.1:{up_port}"
+    wait_http(upload_url + "/status/200")
+
+    def open_front(code: Code, front: str, title: str, with_upload: bool) -> Front:
+        gateway, url = start_gateway(code, front)
+
+        def agent(name: str, upstream: str) -> subprocess.Popen[str]:
+            cmd = [*code.agent, "serve", "--gateway", url, "--name", name, "--upstream", upstream]
+            return start([*cmd, "--log-level", "warning"], code.env)
+
+        bench = agent("bench", nginx_url)
+        wait_http(url + "/a/bench/small.bin")
+        upload = None
+        if with_upload:
+            agent("upload", upload_url)
+            wait_http(url + "/a/upload/status/200")
+            upload = url + "/a/upload/upload"
+        return Front(title, gateway, bench, url + "/a/bench", upload)
+
+    # Keys: "new" = this tree's data plane; "old" = REV's lean listener (--public-bind,
+    # or its data plane in the new layout); "bind" = REV's hypercorn --bind front.
+    fronts = {"new": open_front(this_tree(), "lean", "this tree, data plane", True)}
+    if old is not None:
+        lean = "public listener" if old.layout == PUBLIC_BIND else "data plane"
+        fronts["old"] = open_front(old, "lean", f"{old.label}, {lean}", True)
+        if old.layout == PUBLIC_BIND:
+            fronts["bind"] = open_front(old, "bind", f"{old.label}, old --bind (hypercorn)", False)
+
+    kinds = ["direct", *fronts]
+    targets = {"direct": nginx_url, **{k: f.base for k, f in fronts.items()}}
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    cpu: dict[tuple[str, str, str], list[float]] = {}
+    plan = [("c1", "/small.bin", 1), ("c32", "/small.bin", 32), ("dl10m", "/big.bin", 4)]
+    for rep in range(args.reps):
+        order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
+        for label, path, conns in plan:
+            for kind in order:
+                f = fronts.get(kind)
+                pids = [f.gateway.pid, f.agent.pid] if f else []
+                before = [cpu_seconds(pid) for pid in pids]
+                r = wrk(targets[kind] + path, conns, args.seconds)
+                after = [cpu_seconds(pid) for pid in pids]
+                results.setdefault((label, kind), []).append(r)
+                if pids and label != "dl10m":
+                    g, a = (
+                        (y - x) / r["requests"] * 1000 for x, y in zip(before, after, strict=True)
+                    )
+                    for role, ms in (("gateway", g), ("agent", a), ("total", g + a)):
+                        cpu.setdefault((kind, role, label), []).append(ms)
+    rss = {k: (peak_rss_mib(f.gateway.pid), peak_rss_mib(f.agent.pid)) for k, f in fronts.items()}
+
+    upload_file = workdir / "upload.bin"
+    upload_file.write_bytes(os.urandom(100 * 1024 * 1024))
+    up_kinds = ["direct", *(k for k, f in fronts.items() if f.upload)]
+    uploads: dict[str, list[float]] = {k: [] for k in up_kinds}
+    for _ in range(args.reps):
+        for kind in up_kinds:
+            f = fronts.get(kind)
+            url = f.upload if f and f.upload else upload_url + "/upload"
+            uploads[kind].append(curl_upload(url, upload_file))
+
+    def wrk_med(label: str, key: str) -> Callable[[str], float]:
+        return lambda kind: statistics.median(r[key] for r in results[(label, kind)])
+
+    def upload_med(kind: str) -> float:
+        return statistics.median(uploads[kind]) if kind in uploads else NAN
+
+    def cpu_med(role: str, label: str) -> Callable[[str], float]:
+        return lambda kind: statistics.median(cpu[(kind, role, label)])
+
+    def errors(kind: str) -> float:
+        return sum(r["errors"] for (_, k), rs in results.items() if k == kind for r in rs)
+
+    def cell(value: float, fmt: str) -> str:
+        return "" if value != value else f"{value:{fmt}}"  # NaN: not measured
+
+    compare = f" --compare {args.compare}" if args.compare else ""
+    print(
+        f"# forwarding: python benchmarks/forwarding.py --seconds {args.seconds} "
+        f"--reps {args.reps}{compare}"
+    )
+    if old is not None:
+        cli = "--bind (hypercorn) + --public-bind" if old.layout == PUBLIC_BIND else "data plane"
+        print(f"# {old.label}: its CLI layout is {cli}; one gateway process per front")
+    print(
+        "| measure | direct (nginx) | "
+        + " | ".join(f"revconn, {f.title} | ratio" for f in fronts.values())
+        + " |"
+    )
+    print("|---|---|" + "---|---|" * len(fronts))
+    speed: list[tuple[str, Callable[[str], float], str]] = []
+    for label, name in (("c1", "1 KiB, c=1"), ("c32", "1 KiB, c=32")):
+        speed.append((f"{name}: req/s", wrk_med(label, "rps"), ",.0f"))
+        speed.append((f"{name}: p50 latency (ms)", wrk_med(label, "p50"), ".2f"))
+        speed.append((f"{name}: p99 latency (ms)", wrk_med(label, "p99"), ".2f"))
+    speed.append(("10 MiB download, c=4: MB/s", wrk_med("dl10m", "mbs"), ",.0f"))
+    speed.append(("100 MiB upload (hypercorn upstream): MB/s", upload_med, ",.0f"))
+    for name, get, fmt in speed:
+        d = get("direct")
+        cells = []
+        for kind in fronts:
+            v = get(kind)
+            cells.append(f"{cell(v, fmt)} | {cell(ratio(v, d), '.3f')}")
+        print(f"| {name} | {d:{fmt}} | " + " | ".join(cells) + " |")
+    per_front: list[tuple[str, Callable[[str], str]]] = [
+        ("non-2xx responses in all wrk runs", lambda k: f"{errors(k):.0f}"),
+    ]
+    for label in ("c1", "c32"):
+        per_front.append(
+            (
+                f"CPU ms per small request at {label.replace('c', 'c=')}, gateway / agent",
+                lambda k, lb=label: (
+                    f"{cpu_med('gateway', lb)(k):.3f} / {cpu_med('agent', lb)(k):.3f}"
+                ),
+            )
+        )
+    per_front.append(
+        (
+            "peak RSS over the wrk runs, gateway / agent (MiB)",
+            lambda k: f"{rss[k][0]:.0f} / {rss[k][1]:.0f}",
+        )
+    )
+    for name, show in per_front:
+        print(f"| {name} | |" + "".join(f" {show(k)} | |" for k in fronts))
+
+    if old is None:
+        return
+    lean = "public listener" if old.layout == PUBLIC_BIND else "data plane"
+    print(f"\n# this tree's data plane against {old.label}'s {lean}, same run")
+    bind = "bind" in fronts
+    head = f"| measure | {old.label}, {lean} | this tree, data plane | ratio | target |"
+    if bind:
+        head += f" {old.label}, old --bind | ratio, data plane / old --bind |"
+    print(head)
+    print("|---|---|---|---|---|" + ("---|---|" if bind else ""))
+    rows: list[tuple[str, Callable[[str], float], str, str, bool]] = [
+        # name, value of a front, format, target (">=", "<=" or ""), print a ratio
+        ("1 KiB, c=1: req/s", wrk_med("c1", "rps"), ",.0f", ">=", True),
+        ("1 KiB, c=1: p50 latency (ms)", wrk_med("c1", "p50"), ".2f", "", True),
+        ("1 KiB, c=1: p99 latency (ms)", wrk_med("c1", "p99"), ".2f", "", True),
+        ("1 KiB, c=32: req/s", wrk_med("c32", "rps"), ",.0f", ">=", True),
+        ("1 KiB, c=32: p50 latency (ms)", wrk_med("c32", "p50"), ".2f", "", True),
+        ("1 KiB, c=32: p99 latency (ms)", wrk_med("c32", "p99"), ".2f", "", True),
+        ("10 MiB download, c=4: MB/s", wrk_med("dl10m", "mbs"), ",.0f", ">=", True),
+        ("100 MiB upload: MB/s", upload_med, ",.0f", "", True),
+        ("non-2xx responses in all wrk runs", errors, ".0f", "", False),
+    ]
+    for label in ("c1", "c32"):
+        at = label.replace("c", "c=")
+        for role in ("gateway", "agent", "total"):
+            who = "gateway + agent" if role == "total" else role
+            rows.append(
+                (
+                    f"CPU ms per small request at {at}, {who}",
+                    cpu_med(role, label),
+                    ".3f",
+                    "<=",
+                    True,
+                )
+            )
+    rows.append(("peak RSS, gateway (MiB)", lambda k: rss[k][0], ".0f", "", True))
+    rows.append(("peak RSS, agent (MiB)", lambda k: rss[k][1], ".0f", "", True))
+    met: list[bool] = []
+    for name, get, fmt, target, show_ratio in rows:
+        o, n = get("old"), get("new")
+        r = ratio(n, o)
+        goal = ""
+        if target:
+            ok = r >= 1.0 if target == ">=" else r <= 1.0
+            met.append(ok)
+            goal = f"{target} 1.0: {'met' if ok else 'MISSED'}"
+        shown = cell(r, ".3f") if show_ratio else ""
+        line = f"| {name} | {cell(o, fmt)} | {cell(n, fmt)} | {shown} | {goal} |"
+        if bind:
+            b = get("bind")
+            line += f" {cell(b, fmt)} | {cell(ratio(n, b), '.3f') if show_ratio else ''} |"
+        print(line)
+    print(f"\ntargets met: {sum(met)} of {len(met)}")
 
 
 if __name__ == "__main__":

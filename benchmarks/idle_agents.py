@@ -1,19 +1,26 @@
 """Idle-agent benchmark: memory per agent, connect rate and /endpoints latency.
 
-Runs, in one invocation and on 127.0.0.1 only:
+Runs, in one invocation and on 127.0.0.1 only (every listener on port 0):
 
-* **revconn**: the real `revconn-gateway` process; N lightweight agents (a
-  WebSocket + the tunnel handshake, answering PINGs) from one or two client
-  processes, dialing `/ws/connect` on `--bind` (hypercorn).
-* **revconn-public**: the same, the agents dialing the lean public listener
-  (`--public-bind`, trio + h11 + wsproto).
 * **baseline**: a bare ASGI WebSocket handler on hypercorn's trio worker (accept,
   then wait), the same clients doing only the WebSocket upgrade.
+* **revconn**: this tree's `revconn-gateway` process; N lightweight agents (a
+  WebSocket + the tunnel handshake, answering PINGs) from one or two client
+  processes, dialing `/ws/connect` on its data plane (`--bind`: trio + h11 +
+  wsproto); /endpoints is read from the operator surface (`--admin-bind`).
+* with `--compare REV`, **REV**: git revision REV's gateway (its `src/` extracted
+  with `git archive`, run as benchmarks/forwarding.py does), the same agents
+  dialing its lean listener: `--public-bind` in the old CLI layout (/endpoints on
+  its hypercorn `--bind`), its data plane in the new one (/endpoints on
+  `--admin-bind`).
 
-Reports gateway RSS growth per agent, connect rate and /endpoints latency, and
-the revconn/baseline memory ratio.
+The agents' side is always this tree's code. Reports gateway RSS growth per agent,
+connect rate and /endpoints latency, the memory ratios to the baseline (and to
+REV), and revconn against the issue's target: at most 18 KiB per agent at
+N=10,000.
 
     python benchmarks/idle_agents.py --n 1000 --n 10000
+    python benchmarks/idle_agents.py --n 1000 --n 10000 --compare 524843f
 
 Bounded: every phase has a deadline; all processes are killed at the end.
 """
@@ -28,12 +35,17 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SECRET = "bench-secret-0123456789abcdef"
 HERE = Path(__file__).resolve()
+TARGET_KIB = 18.0  # the issue's target for revconn at N=10,000
+# Server kinds; the last two are forwarding.py's names for the gateway CLI layouts.
+BASELINE, DATA_PLANE, PUBLIC_BIND = "baseline", "data-plane", "public-bind"
 
 
 # ---------------------------------------------------------------- subprocess roles
@@ -166,33 +178,52 @@ def endpoints_latency(url: str, runs: int = 20) -> tuple[float, float]:
     return statistics.median(times), times[int(len(times) * 0.95) - 1]
 
 
-def start(args: list[str]) -> subprocess.Popen[str]:
-    env = {**os.environ, "REVCONN_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "REVCONN_SECRET": SECRET, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
     )
 
 
-def measure(kind: str, n: int, client_procs: int) -> dict[str, float]:
-    if kind.startswith("revconn"):
-        gw_exe = Path(sys.executable).parent / "revconn-gateway"
-        public = ["--public-bind", "127.0.0.1:0"] if kind == "revconn-public" else []
-        server = start([str(gw_exe), "--bind", "127.0.0.1:0", *public, "--log-level", "warning"])
-    else:
-        server = start([sys.executable, str(HERE), "_baseline"])
+@dataclass
+class Server:
+    """What to measure: a command line and how its listeners are announced."""
+
+    name: str
+    cmd: list[str]
+    layout: str  # BASELINE, DATA_PLANE or PUBLIC_BIND
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def gateway_server(name: str, gateway: list[str], layout: str, env: dict[str, str]) -> Server:
+    any_port = "127.0.0.1:0"
+    lean = "--admin-bind" if layout == DATA_PLANE else "--public-bind"
+    cmd = [*gateway, "--bind", any_port, lean, any_port, "--log-level", "warning"]
+    return Server(name, cmd, layout, env)
+
+
+def url_after(proc: subprocess.Popen[str], marker: str) -> str:
+    return wait_line(proc, marker, 30).split(marker)[1].split(",")[0].strip()
+
+
+def measure(spec: Server, n: int, client_procs: int) -> dict[str, float]:
+    server = start(spec.cmd, spec.env)
     clients: list[subprocess.Popen[str]] = []
     try:
-        url = wait_line(server, "listening on", 30).split("listening on ")[1].split(",")[0]
-        dial = url
-        if kind == "revconn-public":
-            dial = wait_line(server, "public traffic on", 30).split(" on ")[1].split(",")[0]
+        url = url_after(server, "listening on ")
+        dial, admin = url, None  # where the agents connect, where /endpoints is
+        if spec.layout == DATA_PLANE:
+            admin = url_after(server, "admin API on ")
+        elif spec.layout == PUBLIC_BIND:
+            dial, admin = url_after(server, "public traffic on "), url
         time.sleep(1.0)
         rss0 = rss_kib(server.pid)
         per = [n // client_procs + (1 if i < n % client_procs else 0) for i in range(client_procs)]
+        mode = "ws" if spec.layout == BASELINE else "tunnel"
         t0 = time.perf_counter()
         for i, count in enumerate(per):
             clients.append(
-                start([sys.executable, str(HERE), "_clients", dial, f"c{i}", str(count), kind])
+                start([sys.executable, str(HERE), "_clients", dial, f"c{i}", str(count), mode])
             )
         # Wait until every client reports all its agents connected.
         deadline = time.monotonic() + 600
@@ -200,9 +231,9 @@ def measure(kind: str, n: int, client_procs: int) -> dict[str, float]:
             while wait_line(c, "connected", deadline - time.monotonic()) != f"connected {count}":
                 pass
         connect_s = time.perf_counter() - t0
-        if kind != "baseline":
+        if admin is not None:
             deadline = time.monotonic() + 60
-            while endpoints_count(url) < n:
+            while endpoints_count(admin) < n:
                 if time.monotonic() > deadline:
                     raise TimeoutError("registry did not reach n")
                 time.sleep(0.2)
@@ -215,8 +246,8 @@ def measure(kind: str, n: int, client_procs: int) -> dict[str, float]:
             "kib_per_agent": (rss1 - rss0) / n,
             "connect_per_s": n / connect_s,
         }
-        if kind != "baseline":
-            p50, p95 = endpoints_latency(url)
+        if admin is not None:
+            p50, p95 = endpoints_latency(admin)
             result["endpoints_p50_ms"] = p50
             result["endpoints_p95_ms"] = p95
         return result
@@ -231,38 +262,70 @@ def main() -> None:
         run_baseline_server()
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_clients":
-        url, prefix, count, kind = sys.argv[2:6]
-        run_clients(url, prefix, int(count), tunnel=(kind != "baseline"))
+        url, prefix, count, mode = sys.argv[2:6]
+        run_clients(url, prefix, int(count), tunnel=(mode == "tunnel"))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, action="append", help="agent counts (repeatable)")
     parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument(
+        "--compare", metavar="REV", help="also measure git revision REV's lean listener"
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     counts = args.n or [1000]
-    print(f"# idle agents: python {Path(*HERE.parts[-2:])} " + " ".join(f"--n {n}" for n in counts))
+    with tempfile.TemporaryDirectory(prefix="revconn-idle-") as tmp:
+        gateway = str(Path(sys.executable).parent / "revconn-gateway")
+        specs = [
+            Server("baseline", [sys.executable, str(HERE), "_baseline"], BASELINE),
+            gateway_server("revconn", [gateway], DATA_PLANE, {}),
+        ]
+        if args.compare:
+            # One place reads a revision's CLI layout and entry points: forwarding.py.
+            sys.path.insert(0, str(HERE.parent))
+            from forwarding import revision
+
+            old = revision(args.compare, Path(tmp) / "compare")
+            lean = "public listener" if old.layout == PUBLIC_BIND else "data plane"
+            specs.append(gateway_server(f"{old.label} {lean}", old.gateway, old.layout, old.env))
+        report(specs, counts, args.client_procs, args.compare)
+
+
+def report(specs: list[Server], counts: list[int], client_procs: int, compare: str | None) -> None:
+    flags = " ".join(f"--n {n}" for n in counts) + (f" --compare {compare}" if compare else "")
+    print(f"# idle agents: python {Path(*HERE.parts[-2:])} {flags}")
     print(
         "| N | server | RSS before (MiB) | RSS after (MiB) | KiB/agent | connects/s | /endpoints p50 / p95 (ms) |"
     )
     print("|---|---|---|---|---|---|---|")
     for n in counts:
-        kinds = ("baseline", "revconn", "revconn-public")
-        rows = {kind: measure(kind, n, args.client_procs) for kind in kinds}
-        for kind, r in rows.items():
+        rows = {spec.name: measure(spec, n, client_procs) for spec in specs}
+        for name, r in rows.items():
             lat = (
                 f"{r['endpoints_p50_ms']:.1f} / {r['endpoints_p95_ms']:.1f}"
                 if "endpoints_p50_ms" in r
                 else "-"
             )
             print(
-                f"| {n} | {kind} | {r['rss_base_mib']:.1f} | {r['rss_mib']:.1f} | "
+                f"| {n} | {name} | {r['rss_base_mib']:.1f} | {r['rss_mib']:.1f} | "
                 f"{r['kib_per_agent']:.1f} | {r['connect_per_s']:.0f} | {lat} |",
                 flush=True,
             )
-        for kind in kinds[1:]:
-            ratio = rows[kind]["kib_per_agent"] / rows["baseline"]["kib_per_agent"]
-            print(f"| {n} | ratio {kind}/baseline (memory) | | | {ratio:.2f} | | |", flush=True)
+        kib = {name: r["kib_per_agent"] for name, r in rows.items()}
+        for name in list(rows)[1:]:
+            ratio = kib[name] / kib["baseline"]
+            print(f"| {n} | ratio {name}/baseline (memory) | | | {ratio:.2f} | | |", flush=True)
+        if len(rows) > 2:
+            old = list(rows)[2]
+            ratio = kib["revconn"] / kib[old]
+            print(f"| {n} | ratio revconn/{old} (memory) | | | {ratio:.2f} | | |", flush=True)
+        verdict = "met" if kib["revconn"] <= TARGET_KIB else "MISSED"
+        print(
+            f"| {n} | revconn target <= {TARGET_KIB:.0f} KiB/agent (set for N=10,000) "
+            f"| | | {verdict} | | |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
