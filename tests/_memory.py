@@ -1,11 +1,19 @@
-"""An in-memory MessageTransport pair for network-free tunnel tests."""
+"""In-memory tunnels for network-free tests: a MessageTransport pair, and a
+gateway Tunnel whose agent Tunnel serves streams with a handler."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import attrs
 import trio
 
 from revconn._errors import ConnectionLost
+from revconn._proto.session import Role, TunnelSession
+from revconn._runtime.heartbeat import Heartbeat, HeartbeatScheduler
+from revconn._runtime.streams import TunnelStream
+from revconn._runtime.tunnel import RequestHandler, Tunnel
 
 
 @attrs.frozen
@@ -63,3 +71,31 @@ def transport_pair(capacity: int = 64) -> tuple[MemoryTransport, MemoryTransport
     a_send, b_receive = trio.open_memory_channel[bytes | _Close](capacity)
     b_send, a_receive = trio.open_memory_channel[bytes | _Close](capacity)
     return MemoryTransport(a_send, a_receive), MemoryTransport(b_send, b_receive)
+
+
+@asynccontextmanager
+async def tunnels(handler: RequestHandler, *, max_streams: int = 100) -> AsyncIterator[Tunnel]:
+    """A handshaken gateway Tunnel; its agent Tunnel runs ``handler`` per stream."""
+    t_gw, t_ag = transport_pair(capacity=1024)
+    hb = Heartbeat(15, 10)
+    gw = Tunnel(TunnelSession(Role.GATEWAY), t_gw, heartbeat=hb)
+    ag = Tunnel(TunnelSession(Role.AGENT, max_concurrent_streams=max_streams), t_ag, heartbeat=hb)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gw.handshake)
+        nursery.start_soon(ag.handshake)
+    async with trio.open_nursery() as nursery:
+        scheduler = HeartbeatScheduler(hb)
+        await nursery.start(scheduler.run)
+        nursery.start_soon(gw.serve, scheduler)
+        nursery.start_soon(lambda: ag.serve(on_request=handler))
+        yield gw
+        gw.request_close(1001, "shutdown")
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def read_all(stream: TunnelStream) -> bytes:
+    out = b""
+    while (chunk := await stream.read()) is not None:
+        out += chunk
+    return out

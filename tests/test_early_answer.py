@@ -17,14 +17,12 @@ import pytest
 import trio
 import trio.testing
 
-from revconn import Heartbeat, StreamError
+from revconn import StreamError
 from revconn._codes import H2_NO_ERROR
-from revconn._proto.session import STREAM_WINDOW, Role, TunnelSession
-from revconn._runtime.heartbeat import HeartbeatScheduler
+from revconn._proto.session import STREAM_WINDOW
 from revconn._runtime.streams import TunnelStream
-from revconn._runtime.tunnel import Tunnel
 
-from ._memory import transport_pair
+from ._memory import tunnels
 from ._procs import Proc
 from .test_forwarding import start_agent, start_gateway, start_upstream
 from .upstream_app import pattern
@@ -45,18 +43,7 @@ async def test_reset_with_no_error_after_complete_response_keeps_buffered_body(
         await stream.send_body(answer, end_stream=True)
         stream.reset(H2_NO_ERROR)
 
-    t_gw, t_ag = transport_pair(capacity=1024)
-    hb = Heartbeat(15, 10)
-    gw = Tunnel(TunnelSession(Role.GATEWAY), t_gw, heartbeat=hb)
-    ag = Tunnel(TunnelSession(Role.AGENT), t_ag, heartbeat=hb)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(gw.handshake)
-        nursery.start_soon(ag.handshake)
-    async with trio.open_nursery() as nursery:
-        scheduler = HeartbeatScheduler(hb)
-        await nursery.start(scheduler.run)
-        nursery.start_soon(gw.serve, scheduler)
-        nursery.start_soon(lambda: ag.serve(on_request=early))
+    async with tunnels(early) as gw:
         stream = gw.open_request(REQ, end_stream=False)
         await stream.send_body(b"x" * 1000)
         await trio.sleep(1)  # virtual: the answer and the reset have both arrived
@@ -71,9 +58,6 @@ async def test_reset_with_no_error_after_complete_response_keeps_buffered_body(
         assert body == answer
         stream.close()
         assert not gw._streams
-        gw.request_close(1001, "shutdown")
-        await trio.sleep(0.1)
-        nursery.cancel_scope.cancel()
 
 
 # -- end to end, with the real executables and a hypercorn upstream ------------------------

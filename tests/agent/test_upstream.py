@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
 import trio
 
-from revconn import Heartbeat, StreamError
+from revconn import StreamError
 from revconn._agent.upstream import AsgiUpstream, HttpUpstream
 from revconn._codes import H2_NO_ERROR
-from revconn._proto.session import Role, TunnelSession
-from revconn._runtime.heartbeat import HeartbeatScheduler
-from revconn._runtime.streams import TunnelStream
-from revconn._runtime.tunnel import RequestHandler, Tunnel
+from revconn._runtime.tunnel import Tunnel
 
-from .._memory import transport_pair
+from .._memory import read_all, tunnels
 from .._procs import free_port
 from .test_pool import read_body, read_head, respond, serving
 
@@ -36,33 +32,6 @@ def request(
         (b":path", path),
         *extra,
     ]
-
-
-@asynccontextmanager
-async def tunnels(handler: RequestHandler) -> AsyncIterator[Tunnel]:
-    """A gateway tunnel whose agent serves its streams with ``handler``."""
-    t_gw, t_ag = transport_pair(capacity=1024)
-    hb = Heartbeat(15, 10)
-    gw = Tunnel(TunnelSession(Role.GATEWAY), t_gw, heartbeat=hb)
-    ag = Tunnel(TunnelSession(Role.AGENT), t_ag, heartbeat=hb)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(gw.handshake)
-        nursery.start_soon(ag.handshake)
-    async with trio.open_nursery() as nursery:
-        scheduler = HeartbeatScheduler(hb)
-        await nursery.start(scheduler.run)
-        nursery.start_soon(gw.serve, scheduler)
-        nursery.start_soon(lambda: ag.serve(on_request=handler))
-        yield gw
-        gw.request_close(1001, "shutdown")
-        nursery.cancel_scope.cancel()
-
-
-async def read_all(stream: TunnelStream) -> bytes:
-    out = b""
-    while (chunk := await stream.read()) is not None:
-        out += chunk
-    return out
 
 
 async def get(gw: Tunnel) -> tuple[int, bytes]:

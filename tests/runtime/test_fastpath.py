@@ -15,7 +15,8 @@ import trio_websocket
 
 from revconn._runtime.fastpath import FastSendStream, WriteLock, send_all
 
-from .test_streams import REQ, echo_handler, tunnels
+from .._memory import tunnels
+from .test_streams import REQ, echo_handler
 
 
 class _Bystander:

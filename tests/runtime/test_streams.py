@@ -2,42 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import pytest
 import trio
 import trio.testing
 
-from revconn import AgentBusy, Heartbeat, StreamError
-from revconn._proto.session import STREAM_WINDOW, Role, TunnelSession
-from revconn._runtime.heartbeat import HeartbeatScheduler
+from revconn import AgentBusy, StreamError
+from revconn._proto.session import STREAM_WINDOW
 from revconn._runtime.streams import TunnelStream
-from revconn._runtime.tunnel import RequestHandler, Tunnel
 
-from .._memory import transport_pair
+from .._memory import read_all, tunnels
 
 REQ = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
-
-
-@asynccontextmanager
-async def tunnels(handler: RequestHandler, *, max_streams: int = 100) -> AsyncIterator[Tunnel]:
-    t_gw, t_ag = transport_pair(capacity=1024)
-    hb = Heartbeat(15, 10)
-    gw = Tunnel(TunnelSession(Role.GATEWAY), t_gw, heartbeat=hb)
-    ag = Tunnel(TunnelSession(Role.AGENT, max_concurrent_streams=max_streams), t_ag, heartbeat=hb)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(gw.handshake)
-        nursery.start_soon(ag.handshake)
-    async with trio.open_nursery() as nursery:
-        scheduler = HeartbeatScheduler(hb)
-        await nursery.start(scheduler.run)
-        nursery.start_soon(gw.serve, scheduler)
-        nursery.start_soon(lambda: ag.serve(on_request=handler))
-        yield gw
-        gw.request_close(1001, "shutdown")
-        await trio.sleep(0.1)
-        nursery.cancel_scope.cancel()
 
 
 async def echo_handler(stream: TunnelStream) -> None:
@@ -50,13 +25,6 @@ async def echo_handler(stream: TunnelStream) -> None:
         200, [(b"x-path", path), (b"x-len", str(len(body)).encode())], end_stream=False
     )
     await stream.send_body(body, end_stream=True)
-
-
-async def read_all(stream: TunnelStream) -> bytes:
-    out = b""
-    while (chunk := await stream.read()) is not None:
-        out += chunk
-    return out
 
 
 async def test_request_response_round_trip(autojump_clock: trio.testing.MockClock) -> None:
