@@ -83,10 +83,13 @@ class TunnelStream:
         if self._unacked:
             self.tunnel.session.ack_data(self.id, self._unacked)
             self._unacked = 0
-            # In the background: a reader is often cancelled (an upload stopped
-            # once the upstream answered), and a flush cancelled in the middle
-            # loses what it took from the session (any stream's frames).
-            self.tunnel.flush_soon()
+            # h2 queues a WINDOW_UPDATE only once enough credit is owed: most
+            # acks queue nothing, and a flush with several streams in flight
+            # costs a schedule point even then. A reader cancelled in the flush
+            # (an upload stopped once the upstream answered) loses nothing:
+            # Tunnel.flush sends what it took from the session even then.
+            if self.tunnel.session.has_data_to_send:
+                await self.tunnel.flush()
         while not self._chunks:
             if self.remote_ended:
                 return None

@@ -224,7 +224,6 @@ class Tunnel:
                     self._finish(TunnelEnd(_codes.WS_NORMAL, str(exc), exc, by_peer=True))
         finally:
             lock.release()
-        await trio.lowlevel.checkpoint_if_cancelled()
 
     # -- running --------------------------------------------------------------
     async def handshake(self) -> None:
