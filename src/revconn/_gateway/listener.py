@@ -1,7 +1,7 @@
 """The data-plane listener: accepts TCP connections and runs the exchange on each.
 
 A thin adapter, as hypercorn's ``trio/tcp_server.py`` is around its protocol
-layer: listening sockets (TCP_NODELAY, TCP_USER_TIMEOUT, a large backlog), an
+layer: listening sockets (TCP_NODELAY, TCP_USER_TIMEOUT, a large backlog), trio's
 accept loop, one task per connection running :class:`HttpConnection`, and the
 hand-over of a connection that became an agent's WebSocket to the gateway.
 A bug in one connection is logged and costs that connection only.
@@ -48,28 +48,18 @@ class Listener:
         self,
         sockets: Sequence[socket.socket],
         *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on ``sockets`` (listening, non-blocking) until cancelled."""
+        """Accept on ``sockets`` (listening, non-blocking) until cancelled; reports
+        the trio listeners once accepting."""
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
         try:
-            async with trio.open_nursery() as connections:
-                for listener in listeners:
-                    connections.start_soon(self._accept, listener, connections)
-                task_status.started()
+            # trio's accept loop: a task per connection, EMFILE and friends
+            # backed off without stopping the other listeners.
+            await trio.serve_listeners(self._connection, listeners, task_status=task_status)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
-
-    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # EMFILE and friends: back off, keep serving the rest
-                log.warning("accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            connections.start_soon(self._connection, stream)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
