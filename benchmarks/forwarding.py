@@ -1,11 +1,14 @@
-"""Forwarding benchmark: wrk against nginx directly and through revconn, interleaved.
+"""Forwarding benchmark: wrk against nginx directly, through revconn and optionally localtunnel.
 
-Needs Debian's `wrk`, `nginx` (nginx-light) and `curl` on PATH. Everything runs on
-127.0.0.1 (the gateways' listeners on port 0) and stops by itself.
+Needs Debian's `wrk`, `nginx` (nginx-light) and `curl` on PATH (and `node` and
+`npm` for ``--peer-localtunnel``). Everything runs on 127.0.0.1 (the gateways'
+listeners on port 0) and stops by itself.
 
     python benchmarks/forwarding.py                     # 3 x 10 s per configuration
     python benchmarks/forwarding.py --seconds 3 --reps 1
     python benchmarks/forwarding.py --compare 524843f   # and that revision, interleaved
+    python benchmarks/forwarding.py --peer-localtunnel ../shared/peers   # and localtunnel
+    python benchmarks/forwarding.py --peer-localtunnel ../shared/peers --only-peer --seconds 3
 
 This tree is measured on its one data plane (``revconn-gateway --bind``: agents on
 /ws/connect and /a/NAME/... on one lean trio listener; ``--admin-bind`` on port 0).
@@ -30,6 +33,22 @@ targets: >= 1.0x for c=1 req/s, c=32 req/s and 10 MiB MB/s, <= 1.0x for CPU per
 request), with REV's old --bind figures beside them. On a machine whose speed
 drifts by +-15 % between runs, that same-run comparison is the one to trust.
 Each round rotates the order of the configurations.
+
+``--peer-localtunnel DIR`` adds localtunnel 2.0.2 (Node) as one more front in the
+same interleaved rounds and every scenario. DIR holds ``localtunnel.sh`` (here
+``../shared/peers/``; elsewhere, the server comes from a git clone of
+localtunnel/server at commit 78c06f8 (see ../shared/peers/README.md)), which
+npm-installs server and client into ``--localtunnel-cache`` (default
+``~/.cache/revconn-bench/localtunnel``, idempotent) and starts them on loopback:
+one server + ``lt`` client for nginx (its CPU and peak RSS measured like a
+gateway's and an agent's: server / client) and a second pair for the hypercorn
+upload upstream. localtunnel routes by Host, so every request through it carries
+``Host: SUBDOMAIN.localhost:PORT`` (wrk ``-H``, curl ``-H``), with the upstream's
+own paths. Each table then gets a "vs localtunnel" ratio (this front / localtunnel,
+same run); a scenario localtunnel cannot do is reported as n/a with the reason.
+Its processes are stopped by PID at the end and on every error path.
+``--only-peer`` measures nginx direct and localtunnel alone (no revconn), to check
+the peer set-up.
 """
 
 from __future__ import annotations
@@ -50,6 +69,8 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import _localtunnel
 
 SECRET = "bench-secret-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,7 +320,8 @@ def start_gateway(code: Code, front: str) -> tuple[subprocess.Popen[str], str]:
     return proc, url
 
 
-def wrk(url: str, conns: int, seconds: int) -> dict[str, float]:
+def wrk(url: str, conns: int, seconds: int, host: str | None = None) -> dict[str, float]:
+    """One wrk run; ``host``, if given, is sent as the Host header (localtunnel)."""
     out = subprocess.run(
         [
             "wrk",
@@ -310,11 +332,13 @@ def wrk(url: str, conns: int, seconds: int) -> dict[str, float]:
             "-d",
             f"{seconds}s",
             "--latency",
+            *(["-H", f"Host: {host}"] if host else []),
             url,
         ],
         capture_output=True,
         text=True,
         check=True,
+        timeout=seconds + 60,
     ).stdout
 
     def ms(label: str) -> float:
@@ -332,6 +356,9 @@ def wrk(url: str, conns: int, seconds: int) -> dict[str, float]:
 
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sockets = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "p50": ms("50"),
@@ -339,39 +366,53 @@ def wrk(url: str, conns: int, seconds: int) -> dict[str, float]:
         "mbs": transfer(),
         "requests": requests,
         "errors": int(errors.group(1)) if errors else 0,
+        "socket_errors": sum(int(n) for n in sockets.groups()) if sockets else 0,
     }
 
 
-def curl_upload(url: str, path: Path) -> float:
-    out = subprocess.run(
+def curl_upload(
+    url: str, path: Path, host: str | None = None, max_time: int | None = None
+) -> float:
+    """MB/s of one POST of ``path``; ``host``, if given, is sent as the Host header."""
+    run = subprocess.run(
         [
             "curl",
             "-s",
+            "-S",
             "-o",
             "/dev/null",
             "-w",
             "%{speed_upload} %{http_code}",
+            *(["-H", f"Host: {host}"] if host else []),
+            *(["--max-time", str(max_time)] if max_time else []),
             "--data-binary",
             f"@{path}",
             url,
         ],
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout.split()
-    assert out[1] == "200", out
+        check=False,
+    )
+    out = run.stdout.split()
+    if run.returncode != 0 or len(out) != 2 or out[1] != "200":
+        code = out[1] if len(out) == 2 else "?"
+        raise RuntimeError(f"curl exit {run.returncode}, HTTP {code}: {run.stderr.strip()}")
     return float(out[0]) / 1e6
 
 
 @dataclass
 class Front:
-    """One way into revconn: a gateway process, its agent for nginx, the /a/ base URL."""
+    """One way to nginx through a tunnel: its two processes (a revconn gateway and its
+    agent for nginx, or localtunnel's server and client), the base URL (revconn's
+    /a/NAME, localtunnel's server root) and the Host header it needs, if any."""
 
     title: str
-    gateway: subprocess.Popen[str]
-    agent: subprocess.Popen[str]
+    pids: tuple[int, int]  # (gateway, agent) or (server, client): CPU and RSS
     base: str
     upload: str | None  # the upload URL, if this front also gets the upload test
+    host: str | None = None  # Host header for every request to base (localtunnel)
+    upload_host: str | None = None  # Host header for the upload URL
+    peer: bool = False  # not revconn: a failure is reported as n/a, not fatal
 
 
 def ratio(new: float, old: float) -> float:
@@ -379,23 +420,62 @@ def ratio(new: float, old: float) -> float:
 
 
 # ---------------------------------------------------------------- main
+LT = "lt"  # the localtunnel front's key
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="localtunnel: DIR holds localtunnel.sh (here ../shared/peers/); elsewhere, "
+        "the server comes from a git clone of localtunnel/server at commit "
+        f"{_localtunnel.SERVER_COMMIT} (see ../shared/peers/README.md).",
+    )
     parser.add_argument("--seconds", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--reps", type=int, default=3, help="interleaved rounds")
     parser.add_argument(
         "--compare", metavar="REV", help="also measure git revision REV, same interleaved loop"
     )
+    parser.add_argument(
+        "--peer-localtunnel",
+        metavar="DIR",
+        type=Path,
+        help=f"also measure localtunnel {_localtunnel.VERSION} (Node) in the same interleaved "
+        "loop, every scenario, with a 'vs localtunnel' ratio in each table; DIR holds "
+        "localtunnel.sh (here ../shared/peers/)",
+    )
+    parser.add_argument(
+        "--localtunnel-cache",
+        metavar="CACHE_DIR",
+        type=Path,
+        default=_localtunnel.DEFAULT_CACHE,
+        help="where localtunnel.sh setup npm-installs server and client "
+        "(idempotent; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--only-peer",
+        action="store_true",
+        help="measure only nginx direct and the peer (no revconn front): checks the peer set-up",
+    )
     args = parser.parse_args()
-    for tool in ("wrk", "nginx", "curl"):
+    if args.only_peer and args.peer_localtunnel is None:
+        parser.error("--only-peer needs --peer-localtunnel DIR")
+    if args.only_peer and args.compare:
+        parser.error("--only-peer measures no revconn: drop --compare")
+    tools = ["wrk", "nginx", "curl"] + (["node", "npm"] if args.peer_localtunnel else [])
+    for tool in tools:
         if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found: apt-get install wrk nginx-light curl")
+            sys.exit(f"{tool} not found: apt-get install wrk nginx-light curl nodejs npm")
 
+    # SIGTERM/SIGHUP end the run through the finally below, which stops every process.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="revconn-bench-") as tmp:
         workdir = Path(tmp)
         try:
             run(args, workdir)
         finally:
+            for warning in _localtunnel.stop_all():  # not our children: by PID
+                print(f"warning: {warning}", file=sys.stderr)
             for p in RUNNING:
                 try:
                     os.killpg(p.pid, signal.SIGKILL)  # and the children (hypercorn workers)
@@ -410,6 +490,11 @@ def main() -> None:
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
     old = revision(args.compare, workdir / "compare") if args.compare else None
+    peer = None
+    lt_setup = ""
+    if args.peer_localtunnel is not None:
+        peer = _localtunnel.LocalTunnel(args.peer_localtunnel, args.localtunnel_cache)
+        lt_setup = peer.setup()  # before anything runs: fails fast, a no-op when warm
     _nginx, nginx_url = start_nginx(workdir)
     up_port = free_port()
     hypercorn = [sys.executable, "-m", "hypercorn", "--worker-class", "trio"]
@@ -419,6 +504,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     )
     upload_url = f"http://127.0.0.1:{up_port}"
     wait_http(upload_url + "/status/200")
+    # (kind, scenario) -> why that front has no figure for it; scenarios: c1, c32, dl10m, upload
+    na: dict[tuple[str, str], str] = {}
 
     def open_front(code: Code, front: str, title: str, with_upload: bool) -> Front:
         gateway, url = start_gateway(code, front)
@@ -434,16 +521,39 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             agent("upload", upload_url)
             wait_http(url + "/a/upload/status/200")
             upload = url + "/a/upload/upload"
-        return Front(title, gateway, bench, url + "/a/bench", upload)
+        return Front(title, (gateway.pid, bench.pid), url + "/a/bench", upload)
+
+    def open_localtunnel(peer: _localtunnel.LocalTunnel) -> Front:
+        """A server + client for nginx, and a second pair for the upload upstream
+        (localtunnel.sh starts one server per client). nginx's / answers 403 (no
+        index), so the script's readiness probe (LT_READY_PATH) is /small.bin."""
+        nginx_port = int(nginx_url.rsplit(":", 1)[1])
+        bench = peer.start(free_port(), nginx_port, "revconn-bench", "/small.bin")
+        upload, upload_host = None, None
+        try:
+            t = peer.start(free_port(), up_port, "revconn-upload", "/status/200")
+            upload, upload_host = t.url + "/upload", t.host
+        except RuntimeError as e:
+            na[(LT, "upload")] = f"its tunnel to the upload upstream did not start: {e}"
+        title = f"localtunnel {_localtunnel.VERSION}"
+        pids = (bench.server_pid, bench.client_pid)
+        return Front(title, pids, bench.url, upload, bench.host, upload_host, peer=True)
 
     # Keys: "new" = this tree's data plane; "old" = REV's lean listener (--public-bind,
-    # or its data plane in the new layout); "bind" = REV's hypercorn --bind front.
-    fronts = {"new": open_front(this_tree(), "lean", "this tree, data plane", True)}
+    # or its data plane in the new layout); "bind" = REV's hypercorn --bind front;
+    # "lt" = localtunnel (server + client).
+    fronts: dict[str, Front] = {}
+    if not args.only_peer:
+        fronts["new"] = open_front(this_tree(), "lean", "this tree, data plane", True)
     if old is not None:
         lean = "public listener" if old.layout == PUBLIC_BIND else "data plane"
         fronts["old"] = open_front(old, "lean", f"{old.label}, {lean}", True)
         if old.layout == PUBLIC_BIND:
             fronts["bind"] = open_front(old, "bind", f"{old.label}, old --bind (hypercorn)", False)
+    if peer is not None:
+        fronts[LT] = open_localtunnel(peer)
+    has_lt = LT in fronts
+    revconn = [k for k in fronts if k != LT]
 
     kinds = ["direct", *fronts]
     targets = {"direct": nginx_url, **{k: f.base for k, f in fronts.items()}}
@@ -455,18 +565,24 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         for label, path, conns in plan:
             for kind in order:
                 f = fronts.get(kind)
-                pids = [f.gateway.pid, f.agent.pid] if f else []
-                before = [cpu_seconds(pid) for pid in pids]
-                r = wrk(targets[kind] + path, conns, args.seconds)
-                after = [cpu_seconds(pid) for pid in pids]
+                pids = list(f.pids) if f else []
+                try:
+                    before = [cpu_seconds(pid) for pid in pids]
+                    r = wrk(targets[kind] + path, conns, args.seconds, f.host if f else None)
+                    after = [cpu_seconds(pid) for pid in pids]
+                except (subprocess.SubprocessError, OSError, AttributeError) as e:
+                    if not (f and f.peer):
+                        raise
+                    na.setdefault((kind, label), f"wrk failed: {describe(e)}")
+                    continue
                 results.setdefault((label, kind), []).append(r)
-                if pids and label != "dl10m":
+                if pids and label != "dl10m" and r["requests"]:
                     g, a = (
                         (y - x) / r["requests"] * 1000 for x, y in zip(before, after, strict=True)
                     )
                     for role, ms in (("gateway", g), ("agent", a), ("total", g + a)):
                         cpu.setdefault((kind, role, label), []).append(ms)
-    rss = {k: (peak_rss_mib(f.gateway.pid), peak_rss_mib(f.agent.pid)) for k, f in fronts.items()}
+    rss = {k: (peak_rss_mib(f.pids[0]), peak_rss_mib(f.pids[1])) for k, f in fronts.items()}
 
     upload_file = workdir / "upload.bin"
     upload_file.write_bytes(os.urandom(100 * 1024 * 1024))
@@ -476,24 +592,54 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         for kind in up_kinds:
             f = fronts.get(kind)
             url = f.upload if f and f.upload else upload_url + "/upload"
-            uploads[kind].append(curl_upload(url, upload_file))
+            host = f.upload_host if f else None
+            try:
+                # A peer gets a time limit: a stalled upload is n/a, not a hung run.
+                uploads[kind].append(curl_upload(url, upload_file, host, 300 if host else None))
+            except RuntimeError as e:
+                if not (f and f.peer):
+                    raise
+                na.setdefault((kind, "upload"), f"upload failed: {e}")
 
     def wrk_med(label: str, key: str) -> Callable[[str], float]:
-        return lambda kind: statistics.median(r[key] for r in results[(label, kind)])
+        def get(kind: str) -> float:
+            rs = results.get((label, kind))
+            return statistics.median(r[key] for r in rs) if rs else NAN
+
+        return get
 
     def upload_med(kind: str) -> float:
-        return statistics.median(uploads[kind]) if kind in uploads else NAN
+        return statistics.median(uploads[kind]) if uploads.get(kind) else NAN
 
     def cpu_med(role: str, label: str) -> Callable[[str], float]:
-        return lambda kind: statistics.median(cpu[(kind, role, label)])
+        def get(kind: str) -> float:
+            ms = cpu.get((kind, role, label))
+            return statistics.median(ms) if ms else NAN
 
-    def errors(kind: str) -> float:
-        return sum(r["errors"] for (_, k), rs in results.items() if k == kind for r in rs)
+        return get
+
+    def errors(kind: str, key: str = "errors") -> float:
+        return sum(r[key] for (_, k), rs in results.items() if k == kind for r in rs)
 
     def cell(value: float, fmt: str) -> str:
         return "" if value != value else f"{value:{fmt}}"  # NaN: not measured
 
+    scenario = {
+        "c1": "1 KiB, c=1",
+        "c32": "1 KiB, c=32",
+        "dl10m": "10 MiB download, c=4",
+        "upload": "100 MiB upload",
+    }
+
+    def value_cell(kind: str, label: str | None, value: float, fmt: str) -> str:
+        if value != value and label and (kind, label) in na:
+            return "n/a"
+        return cell(value, fmt)
+
     compare = f" --compare {args.compare}" if args.compare else ""
+    if has_lt:
+        compare += f" --peer-localtunnel {args.peer_localtunnel}"
+        compare += " --only-peer" if args.only_peer else ""
     print(
         f"# forwarding: python benchmarks/forwarding.py --seconds {args.seconds} "
         f"--reps {args.reps}{compare}"
@@ -501,46 +647,91 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     if old is not None:
         cli = "--bind (hypercorn) + --public-bind" if old.layout == PUBLIC_BIND else "data plane"
         print(f"# {old.label}: its CLI layout is {cli}; one gateway process per front")
-    print(
-        "| measure | direct (nginx) | "
-        + " | ".join(f"revconn, {f.title} | ratio" for f in fronts.values())
-        + " |"
-    )
-    print("|---|---|" + "---|---|" * len(fronts))
-    speed: list[tuple[str, Callable[[str], float], str]] = []
+    if has_lt:
+        print(
+            f"# localtunnel: {lt_setup.removeprefix('localtunnel: ')}; server localtunnel/server"
+            f"@{_localtunnel.SERVER_COMMIT}, Host: {fronts[LT].host}; its two processes are the "
+            "server and the lt client (the gateway / agent figures below)"
+        )
+    head = "| measure | direct (nginx) |"
+    for k in revconn:
+        head += f" revconn, {fronts[k].title} | ratio |" + (" vs localtunnel |" if has_lt else "")
+    if has_lt:
+        head += f" {fronts[LT].title} | ratio |"
+    ncols = head.count("|") - 1
+    print(head)
+    print("|" + "---|" * ncols)
+    speed: list[tuple[str, str | None, Callable[[str], float], str]] = []
     for label, name in (("c1", "1 KiB, c=1"), ("c32", "1 KiB, c=32")):
-        speed.append((f"{name}: req/s", wrk_med(label, "rps"), ",.0f"))
-        speed.append((f"{name}: p50 latency (ms)", wrk_med(label, "p50"), ".2f"))
-        speed.append((f"{name}: p99 latency (ms)", wrk_med(label, "p99"), ".2f"))
-    speed.append(("10 MiB download, c=4: MB/s", wrk_med("dl10m", "mbs"), ",.0f"))
-    speed.append(("100 MiB upload (hypercorn upstream): MB/s", upload_med, ",.0f"))
-    for name, get, fmt in speed:
+        speed.append((f"{name}: req/s", label, wrk_med(label, "rps"), ",.0f"))
+        speed.append((f"{name}: p50 latency (ms)", label, wrk_med(label, "p50"), ".2f"))
+        speed.append((f"{name}: p99 latency (ms)", label, wrk_med(label, "p99"), ".2f"))
+    speed.append(("10 MiB download, c=4: MB/s", "dl10m", wrk_med("dl10m", "mbs"), ",.0f"))
+    speed.append(("100 MiB upload (hypercorn upstream): MB/s", "upload", upload_med, ",.0f"))
+    for name, label, get, fmt in speed:
         d = get("direct")
+        lt = get(LT) if has_lt else NAN
         cells = []
-        for kind in fronts:
+        for kind in revconn:
             v = get(kind)
-            cells.append(f"{cell(v, fmt)} | {cell(ratio(v, d), '.3f')}")
+            c = f"{value_cell(kind, label, v, fmt)} | {cell(ratio(v, d), '.3f')}"
+            cells.append(c + (f" | {cell(ratio(v, lt), '.3f')}" if has_lt else ""))
+        if has_lt:
+            cells.append(f"{value_cell(LT, label, lt, fmt)} | {cell(ratio(lt, d), '.3f')}")
         print(f"| {name} | {d:{fmt}} | " + " | ".join(cells) + " |")
-    per_front: list[tuple[str, Callable[[str], str]]] = [
-        ("non-2xx responses in all wrk runs", lambda k: f"{errors(k):.0f}"),
+    roles = "gateway / agent" + (" (localtunnel: server / client)" if has_lt else "")
+    # name, shown value of a front, number for its "vs localtunnel" ratio (or None)
+    per_front: list[tuple[str, Callable[[str], str], Callable[[str], float] | None]] = [
+        ("non-2xx responses in all wrk runs", lambda k: f"{errors(k):.0f}", None),
+        (
+            "socket errors (connect, read, write, timeout) in all wrk runs",
+            lambda k: f"{errors(k, 'socket_errors'):.0f}",
+            None,
+        ),
     ]
     for label in ("c1", "c32"):
         per_front.append(
             (
-                f"CPU ms per small request at {label.replace('c', 'c=')}, gateway / agent",
+                f"CPU ms per small request at {label.replace('c', 'c=')}, {roles}",
                 lambda k, lb=label: (
-                    f"{cpu_med('gateway', lb)(k):.3f} / {cpu_med('agent', lb)(k):.3f}"
+                    f"{cell(cpu_med('gateway', lb)(k), '.3f')} / "
+                    f"{cell(cpu_med('agent', lb)(k), '.3f')}"
                 ),
+                lambda k, lb=label: cpu_med("total", lb)(k),
             )
         )
     per_front.append(
         (
-            "peak RSS over the wrk runs, gateway / agent (MiB)",
-            lambda k: f"{rss[k][0]:.0f} / {rss[k][1]:.0f}",
+            f"peak RSS over the wrk runs, {roles} (MiB)",
+            lambda k: f"{cell(rss[k][0], '.0f')} / {cell(rss[k][1], '.0f')}",
+            lambda k: rss[k][0] + rss[k][1],
         )
     )
-    for name, show in per_front:
-        print(f"| {name} | |" + "".join(f" {show(k)} | |" for k in fronts))
+    for name, show, num in per_front:
+        line = f"| {name} | |"
+        for k in revconn:
+            line += f" {show(k)} | |"
+            if has_lt:
+                line += f" {cell(ratio(num(k), num(LT)), '.3f') if num else ''} |"
+        if has_lt:
+            line += f" {show(LT)} | |"
+        print(line)
+    if has_lt and revconn:
+        print(
+            "\n# ratio: against direct (nginx); vs localtunnel: that revconn front / localtunnel,"
+            " same run (CPU and RSS rows: of the two processes' sum)"
+        )
+    notes = [f"n/a: {fronts[k].title}, {scenario[s]}: {why}" for (k, s), why in na.items()]
+    for (label, kind), rs in results.items():
+        bad, total = sum(r["errors"] for r in rs), sum(r["requests"] for r in rs)
+        if bad and kind != "direct":
+            title = fronts[kind].title
+            notes.append(
+                f"{title}, {scenario[label]}: {bad:.0f} of {total:.0f} responses non-2xx "
+                "(its req/s counts them)"
+            )
+    for note in notes:
+        print(f"# {note}")
 
     if old is None:
         return
@@ -550,19 +741,23 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     head = f"| measure | {old.label}, {lean} | this tree, data plane | ratio | target |"
     if bind:
         head += f" {old.label}, old --bind | ratio, data plane / old --bind |"
+    if has_lt:
+        head += (
+            f" {fronts[LT].title} (server / client) | vs localtunnel, data plane / localtunnel |"
+        )
     print(head)
-    print("|---|---|---|---|---|" + ("---|---|" if bind else ""))
-    rows: list[tuple[str, Callable[[str], float], str, str, bool]] = [
-        # name, value of a front, format, target (">=", "<=" or ""), print a ratio
-        ("1 KiB, c=1: req/s", wrk_med("c1", "rps"), ",.0f", ">=", True),
-        ("1 KiB, c=1: p50 latency (ms)", wrk_med("c1", "p50"), ".2f", "", True),
-        ("1 KiB, c=1: p99 latency (ms)", wrk_med("c1", "p99"), ".2f", "", True),
-        ("1 KiB, c=32: req/s", wrk_med("c32", "rps"), ",.0f", ">=", True),
-        ("1 KiB, c=32: p50 latency (ms)", wrk_med("c32", "p50"), ".2f", "", True),
-        ("1 KiB, c=32: p99 latency (ms)", wrk_med("c32", "p99"), ".2f", "", True),
-        ("10 MiB download, c=4: MB/s", wrk_med("dl10m", "mbs"), ",.0f", ">=", True),
-        ("100 MiB upload: MB/s", upload_med, ",.0f", "", True),
-        ("non-2xx responses in all wrk runs", errors, ".0f", "", False),
+    print("|---|---|---|---|---|" + ("---|---|" if bind else "") + ("---|---|" if has_lt else ""))
+    rows: list[tuple[str, Callable[[str], float], str, str, bool, str | None]] = [
+        # name, value of a front, format, target (">=", "<=" or ""), print a ratio, scenario
+        ("1 KiB, c=1: req/s", wrk_med("c1", "rps"), ",.0f", ">=", True, "c1"),
+        ("1 KiB, c=1: p50 latency (ms)", wrk_med("c1", "p50"), ".2f", "", True, "c1"),
+        ("1 KiB, c=1: p99 latency (ms)", wrk_med("c1", "p99"), ".2f", "", True, "c1"),
+        ("1 KiB, c=32: req/s", wrk_med("c32", "rps"), ",.0f", ">=", True, "c32"),
+        ("1 KiB, c=32: p50 latency (ms)", wrk_med("c32", "p50"), ".2f", "", True, "c32"),
+        ("1 KiB, c=32: p99 latency (ms)", wrk_med("c32", "p99"), ".2f", "", True, "c32"),
+        ("10 MiB download, c=4: MB/s", wrk_med("dl10m", "mbs"), ",.0f", ">=", True, "dl10m"),
+        ("100 MiB upload: MB/s", upload_med, ",.0f", "", True, "upload"),
+        ("non-2xx responses in all wrk runs", errors, ".0f", "", False, None),
     ]
     for label in ("c1", "c32"):
         at = label.replace("c", "c=")
@@ -575,12 +770,13 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                     ".3f",
                     "<=",
                     True,
+                    label,
                 )
             )
-    rows.append(("peak RSS, gateway (MiB)", lambda k: rss[k][0], ".0f", "", True))
-    rows.append(("peak RSS, agent (MiB)", lambda k: rss[k][1], ".0f", "", True))
+    rows.append(("peak RSS, gateway (MiB)", lambda k: rss[k][0], ".0f", "", True, None))
+    rows.append(("peak RSS, agent (MiB)", lambda k: rss[k][1], ".0f", "", True, None))
     met: list[bool] = []
-    for name, get, fmt, target, show_ratio in rows:
+    for name, get, fmt, target, show_ratio, label in rows:
         o, n = get("old"), get("new")
         r = ratio(n, o)
         goal = ""
@@ -593,8 +789,22 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         if bind:
             b = get("bind")
             line += f" {cell(b, fmt)} | {cell(ratio(n, b), '.3f') if show_ratio else ''} |"
+        if has_lt:
+            lt = get(LT)
+            line += f" {value_cell(LT, label, lt, fmt)} |"
+            line += f" {cell(ratio(n, lt), '.3f') if show_ratio else ''} |"
         print(line)
     print(f"\ntargets met: {sum(met)} of {len(met)}")
+
+
+def describe(e: BaseException) -> str:
+    """A one-line reason for an n/a cell."""
+    if isinstance(e, subprocess.CalledProcessError):
+        err = (e.stderr or e.stdout or "").strip().splitlines()
+        return f"exit {e.returncode}" + (f": {err[-1]}" if err else "")
+    if isinstance(e, subprocess.TimeoutExpired):
+        return f"no end after {e.timeout:.0f} s"
+    return f"{type(e).__name__}: {e}"
 
 
 if __name__ == "__main__":

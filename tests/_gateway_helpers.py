@@ -11,6 +11,7 @@ import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from revconn import Gateway, GatewayConfig, Heartbeat, SharedSecretPolicy
+from revconn._proto.connect import WS_SUBPROTOCOL
 from revconn._proto.session import Role, TunnelSession
 
 SECRET = "test-secret-0123456789"
@@ -62,9 +63,11 @@ async def raw_agent(
     *,
     secret: str = SECRET,
     handshake: bool = True,
+    subprotocols: list[str] | None = None,
 ) -> AsyncIterator[tuple[WebSocketConnection, TunnelSession]]:
     """A hand-driven agent: a WebSocket plus a TunnelSession we pump ourselves.
 
+    ``subprotocols``: what it offers (the current protocol version by default).
     The TCP stream is ours and is closed on exit (trio-websocket would leak it
     if its nursery were just cancelled).
     """
@@ -78,6 +81,7 @@ async def raw_agent(
             f"/ws/connect?name={name}",
             extra_headers=[(b"authorization", f"Bearer {secret}".encode())],
             max_message_size=8 << 20,
+            subprotocols=[WS_SUBPROTOCOL] if subprotocols is None else subprotocols,
         )
         session = TunnelSession(Role.AGENT)
         session.initiate()

@@ -25,6 +25,7 @@ EXPECTED = {
     "InMemoryRegistry",
     "LocalProtocolError",
     "ProtocolError",
+    "ProtocolVersionError",
     "Registration",
     "Registry",
     "RegistryEvent",

@@ -84,7 +84,7 @@ import json, sys
 {_FORBIDDEN_FOR_AGENT.format(libraries=GATEWAY_LIBRARIES)}
 import revconn
 revconn.Agent, revconn.AgentConfig
-import revconn._agent.agent, revconn._agent.upstream, revconn._agent.pool, revconn._agent.demo
+import revconn._agent.agent, revconn._agent.upstream, revconn._agent.demo
 import revconn._cli.agent
 print(json.dumps({{"forbidden": forbidden(), "loaded": "revconn._agent.agent" in sys.modules}}))
 """

@@ -1,8 +1,8 @@
 """revconn: a self-hosted reverse-connection gateway on trio.
 
 Agents behind NAT dial one outbound WebSocket to the gateway; the WebSocket
-carries an HTTP/2 session (heartbeat PINGs, GOAWAY reasons, one stream per
-forwarded request). This module re-exports the public API; everything else is private.
+carries an HTTP/2 session (heartbeat PINGs, GOAWAY reasons, pooled streams of
+raw HTTP/1.1). This module re-exports the public API; everything else is private.
 
 The errors are imported at once (they need nothing); every other name is
 loaded on first use, so that ``from revconn import Agent`` never loads the
@@ -22,6 +22,7 @@ from ._errors import HandshakeTimeout as HandshakeTimeout
 from ._errors import HeartbeatTimeout as HeartbeatTimeout
 from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import ProtocolError as ProtocolError
+from ._errors import ProtocolVersionError as ProtocolVersionError
 from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import ReplacedError as ReplacedError
 from ._errors import RevconnError as RevconnError

@@ -15,6 +15,7 @@ WS_MESSAGE_TOO_BIG = 1009  # a message above the gateway's max message size (1 M
 WS_INTERNAL_ERROR = 1011
 WS_TIMEOUT = 4408  # tunnel handshake or heartbeat timed out
 WS_REPLACED = 4409  # a newer agent with the same name took over
+WS_VERSION_MISMATCH = 4426  # the peer speaks another protocol version (no revconn.v2 subprotocol)
 
 # HTTP/2 error codes (RFC 9113 section 7) used in GOAWAY / RST_STREAM.
 H2_NO_ERROR = 0x0

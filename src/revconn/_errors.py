@@ -9,6 +9,7 @@
     │   └── RemoteProtocolError   the peer broke it; carries the close code to answer with
     ├── AuthError                 credentials missing or rejected             [fatal]
     ├── ReplacedError             a newer agent with the same name took over  [fatal]
+    ├── ProtocolVersionError      the peer speaks another protocol version    [fatal]
     ├── ConnectError              could not reach or talk to the peer         [transient]
     │   ├── ConnectionLost        an established session ended unexpectedly  [transient]
     │   ├── UpstreamConnectError  (agent) its upstream service cannot be reached
@@ -39,6 +40,7 @@ __all__ = [
     "HeartbeatTimeout",
     "LocalProtocolError",
     "ProtocolError",
+    "ProtocolVersionError",
     "RemoteProtocolError",
     "ReplacedError",
     "RevconnError",
@@ -94,6 +96,11 @@ class AuthError(FatalError):
     def __init__(self, message: str, *, status: int = 401) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ProtocolVersionError(FatalError):
+    """The peer speaks another version of the revconn protocol (WebSocket close
+    4426): upgrade the older side."""
 
 
 class ReplacedError(FatalError):

@@ -1,4 +1,6 @@
-"""HttpUpstream and AsgiUpstream serving request streams of in-memory tunnels."""
+"""HttpUpstream (the byte pump) and AsgiUpstream serving the CONNECT streams of
+in-memory tunnels: the gateway side here is the stream pool, driven by hand
+with raw HTTP/1.1 bytes."""
 
 from __future__ import annotations
 
@@ -13,59 +15,141 @@ import trio
 from revconn import StreamError
 from revconn._agent.upstream import AsgiUpstream, HttpUpstream
 from revconn._codes import H2_NO_ERROR
+from revconn._proto.connect import UpstreamInfo
+from revconn._runtime.streampool import StreamRefused
+from revconn._runtime.streams import TunnelStream
 from revconn._runtime.tunnel import Tunnel
 
 from .._memory import read_all, tunnels
 from .._procs import free_port
-from .test_pool import read_body, read_head, respond, serving
+from .._raw_upstream import read_body, read_head, respond, serving
 
 CHUNK = 64 * 1024
+GET = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
 
 
-def request(
-    method: bytes, path: bytes = b"/", *extra: tuple[bytes, bytes]
-) -> list[tuple[bytes, bytes]]:
-    return [
-        (b":method", method),
-        (b":scheme", b"http"),
-        (b":authority", b"x"),
-        (b":path", path),
-        *extra,
-    ]
-
-
-async def get(gw: Tunnel) -> tuple[int, bytes]:
-    stream = gw.open_request(request(b"GET"), end_stream=True)
-    await gw.flush()
+async def exchange(gw: Tunnel, request: bytes) -> bytes:
+    """Send ``request`` on a new stream and read until the agent ends it."""
+    stream, fresh = await gw.acquire()
+    assert fresh
     with trio.fail_after(5):
-        response = await stream.receive_response()
-        body = await read_all(stream)
-    stream.close()
-    return response.status, body
+        await stream.send_body(request)
+        return await read_all(stream)
 
 
-async def upload_answered_early(gw: Tunnel, size: int) -> tuple[int, bytes, list[int | None]]:
-    """POST ``size`` bytes; returns the status, the body, and the error code of
-    the reset that stopped the upload (empty if it went through)."""
-    headers = request(b"POST", b"/", (b"content-length", str(size).encode()))
-    stream = gw.open_request(headers, end_stream=False)
+async def upload_answered_early(gw: Tunnel, size: int) -> tuple[bytes, list[int | None]]:
+    """POST ``size`` bytes; returns what came back, and the error code of the
+    reset that stopped the upload (empty if it went through)."""
+    stream, _ = await gw.acquire()
+    head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % size
     stopped: list[int | None] = []
 
     async def upload() -> None:
         try:
+            await stream.send_body(head)
             for _ in range(size // CHUNK):
                 await stream.send_body(b"x" * CHUNK)
-            await stream.end()
         except StreamError as exc:
             stopped.append(exc.error_code)
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload)
+            answer = await read_all(stream)
+    return answer, stopped
+
+
+# -- the byte pump ------------------------------------------------------------------------
+async def test_the_pump_relays_bytes_unchanged_both_ways_and_says_how_to_address_the_upstream() -> (
+    None
+):
+    """The agent parses nothing: what the gateway writes reaches the upstream
+    byte for byte (even if it is not HTTP), and the other way round."""
+    seen: list[bytes] = []
+
+    async def echo(stream: trio.SocketStream) -> None:
+        data = await stream.receive_some(CHUNK)
+        seen.append(data)
+        await stream.send_all(b"upstream says: " + data)
+        await stream.aclose()
+
+    async with serving(echo) as port:
+        upstream = HttpUpstream(f"http://127.0.0.1:{port}/base/", agent="web", timeout=7)
+        async with tunnels(upstream.handle) as gw:
+            stream, _ = await gw.acquire()
+            assert stream.upstream == UpstreamInfo(f"127.0.0.1:{port}".encode(), b"/base", 7.0)
+            with trio.fail_after(5):
+                await stream.send_body(b"\x00not http\r\n")
+                answer = await read_all(stream)
+    assert seen == [b"\x00not http\r\n"]
+    assert answer == b"upstream says: \x00not http\r\n"
+
+
+async def test_a_stream_is_one_kept_alive_upstream_connection() -> None:
+    connections = 0
+
+    async def keep_alive(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        for _ in range(3):
+            conn, _ = await read_head(stream)
+            await read_body(conn, stream)
+            await respond(conn, stream, 200, b"hi")
+            conn.start_next_cycle()
+        await trio.sleep_forever()
+
+    async with serving(keep_alive) as port:
+        upstream = HttpUpstream(f"http://127.0.0.1:{port}", agent="web", timeout=5)
+        async with tunnels(upstream.handle) as gw:
+            stream, _ = await gw.acquire()
+            with trio.fail_after(5):
+                for _ in range(3):
+                    await stream.send_body(GET)
+                    answer = b""
+                    while not answer.endswith(b"hi"):
+                        answer += await stream.read() or b""
+                    assert answer.startswith(b"HTTP/1.1 200 ")
+            gw.release(stream, reusable=True)
+            again, fresh = await gw.acquire()
+            assert again is stream and not fresh
+    assert connections == 1
+
+
+async def test_the_gateway_retiring_a_stream_closes_the_upstream_connection() -> None:
+    closed = trio.Event()
+
+    async def wait_close(stream: trio.SocketStream) -> None:
+        assert await stream.receive_some(CHUNK) == b""
+        closed.set()
+
+    async with serving(wait_close) as port:
+        upstream = HttpUpstream(f"http://127.0.0.1:{port}", agent="web", timeout=5)
+        async with tunnels(upstream.handle) as gw:
+            stream, _ = await gw.acquire()
+            gw.release(stream, reusable=True)
+            gw.drain(1001, "test")  # retires the idle streams (END_STREAM)
+            await gw.flush()
+            with trio.fail_after(5):
+                await closed.wait()
+
+
+async def test_a_stream_that_is_not_a_revconn_connect_is_refused() -> None:
+    upstream = HttpUpstream(f"http://127.0.0.1:{free_port()}", agent="web", timeout=5)
+
+    async def handle(stream: TunnelStream) -> None:
+        await upstream.handle(stream)
+
+    async with tunnels(handle) as gw:
+        stream = gw.open_request(
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")],
+            end_stream=True,
+        )
+        await gw.flush()
+        with trio.fail_after(5):
             response = await stream.receive_response()
-            body = await read_all(stream)
-    stream.close()
-    return response.status, body, stopped
+            body = json.loads(await read_all(stream))
+    assert response.status == 400
+    assert body["error"] == "bad_stream"
 
 
 # -- an answer before the upload is over ----------------------------------------------------
@@ -78,9 +162,9 @@ async def test_early_answer_reaches_the_gateway_and_stops_its_upload() -> None:
     async with serving(refuse) as port:
         upstream = HttpUpstream(f"http://127.0.0.1:{port}", agent="web", timeout=5)
         async with tunnels(upstream.handle) as gw:
-            status, body, stopped = await upload_answered_early(gw, 32 << 20)
-        await upstream.aclose()
-    assert (status, body) == (413, b'{"error": "too_large"}')
+            answer, stopped = await upload_answered_early(gw, 32 << 20)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert answer.endswith(b'{"error": "too_large"}')
     assert stopped == [H2_NO_ERROR]  # RFC 9113 8.1: "stop sending", not an error
 
 
@@ -94,8 +178,9 @@ async def test_asgi_app_answering_without_reading_stops_the_upload() -> None:
 
     upstream = AsgiUpstream(app, agent="web")
     async with tunnels(upstream.handle) as gw:
-        status, body, stopped = await upload_answered_early(gw, 32 << 20)
-    assert (status, body) == (401, b"who are u")
+        answer, stopped = await upload_answered_early(gw, 32 << 20)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert answer.endswith(b"who are u")
     assert stopped == [H2_NO_ERROR]
 
 
@@ -117,59 +202,25 @@ async def test_unreachable_upstream_is_logged_once_per_change_and_not_revealed(
         conn, _ = await read_head(stream)
         await read_body(conn, stream)
         await respond(conn, stream, 200, b"hello")
+        await stream.aclose()
+
+    async def refused(gw: Tunnel) -> None:
+        with pytest.raises(StreamRefused) as info:
+            await gw.acquire()
+        assert (info.value.status, json.loads(info.value.body)) == (502, unreachable)
+        assert str(port).encode() not in info.value.body
 
     async with tunnels(upstream.handle) as gw:
         for _ in range(3):
-            status, body = await get(gw)
-            assert (status, json.loads(body)) == (502, unreachable)
-            assert str(port).encode() not in body
+            await refused(gw)
         async with serving(hello, port):
             for _ in range(3):
-                assert await get(gw) == (200, b"hello")
+                assert (await exchange(gw, GET)).endswith(b"hello")
         for _ in range(3):
-            status, body = await get(gw)
-            assert (status, json.loads(body)) == (502, unreachable)
-    await upstream.aclose()
+            await refused(gw)
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "revconn.upstream"]
     assert lines == [
         ("WARNING", f"upstream {url} unreachable: connection refused"),
         ("INFO", f"upstream {url} reachable again"),
         ("WARNING", f"upstream {url} unreachable: connection refused"),
     ]
-
-
-async def test_upstream_timeout_names_no_address() -> None:
-    async def silent(stream: trio.SocketStream) -> None:
-        await read_head(stream)
-        await trio.sleep_forever()
-
-    async with serving(silent) as port:
-        upstream = HttpUpstream(f"http://127.0.0.1:{port}", agent="web", timeout=0.2)
-        async with tunnels(upstream.handle) as gw:
-            status, body = await get(gw)
-        await upstream.aclose()
-    assert status == 504
-    assert json.loads(body) == {
-        "error": "upstream_timeout",
-        "agent": "web",
-        "detail": "no response within 0.2 s",
-    }
-
-
-async def test_broken_upstream_answer_names_no_address() -> None:
-    async def junk(stream: trio.SocketStream) -> None:
-        await read_head(stream)
-        await stream.send_all(b"this is not HTTP\r\n\r\n")
-        await stream.aclose()
-
-    async with serving(junk) as port:
-        upstream = HttpUpstream(f"http://127.0.0.1:{port}", agent="web", timeout=5)
-        async with tunnels(upstream.handle) as gw:
-            status, body = await get(gw)
-        await upstream.aclose()
-    assert status == 502
-    assert json.loads(body) == {
-        "error": "upstream_unreachable",
-        "agent": "web",
-        "detail": "the agent's upstream service did not send a valid response",
-    }

@@ -22,11 +22,11 @@ class FakeSession:
         self.rtt = rtt
         self.close_requests: list[tuple[int, str]] = []
 
-    def open_request(self, headers: object, *, end_stream: bool) -> object:
-        raise AssertionError("the registry never opens streams")
+    async def acquire(self) -> object:
+        raise AssertionError("the registry never borrows streams")
 
-    async def flush(self) -> None:
-        raise AssertionError("the registry never flushes")
+    def release(self, stream: object, *, reusable: bool) -> None:
+        raise AssertionError("the registry never borrows streams")
 
     def request_close(self, close_code: int, reason: str) -> None:
         self.close_requests.append((close_code, reason))

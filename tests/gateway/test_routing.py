@@ -8,7 +8,7 @@ import pytest
 
 from revconn._gateway.replies import Reply
 from revconn._gateway.routing import Route, Target, dispatch, forward
-from revconn._proto.headers import Headers
+from revconn._proto.connect import UpstreamInfo
 
 
 @pytest.mark.parametrize(
@@ -86,10 +86,10 @@ class _Session:
     def request_close(self, close_code: int, reason: str) -> None:
         raise AssertionError
 
-    def open_request(self, headers: Headers, *, end_stream: bool) -> object:
+    async def acquire(self) -> object:
         raise AssertionError
 
-    async def flush(self) -> None:
+    def release(self, stream: object, *, reusable: bool) -> None:
         raise AssertionError
 
 
@@ -110,21 +110,31 @@ def test_forward_goes_through_the_registry_interface_only() -> None:
     out = forward(registry, route, b"GET", headers, client="192.0.2.1", proto="http")  # type: ignore[arg-type]
     assert not isinstance(out, Reply)
     assert out.session is registry.sessions["web"]
-    assert out.headers[:4] == [
-        (b":method", b"GET"),
-        (b":scheme", b"http"),
-        (b":authority", b"gw.example"),
-        (b":path", b"/x?y=1"),
-    ]
+    assert (out.method, out.target, out.host) == (b"GET", b"/x?y=1", b"gw.example")
+    assert (b"accept", b"*/*") in out.headers
+    assert (b"x-forwarded-for", b"192.0.2.1") in out.headers
+    assert (b"x-forwarded-prefix", b"/a/web") in out.headers
+    assert all(n != b"host" for n, _ in out.headers)
     for name in ("leaving", "nobody"):
         offline = forward(registry, Route(name, b"/"), b"GET", [], client=None, proto="http")  # type: ignore[arg-type]
         assert isinstance(offline, Reply)
         assert (offline.status, json.loads(offline.body)["error"]) == (503, "agent_offline")
 
 
-def test_a_head_too_large_for_the_tunnel_is_431_before_any_stream() -> None:
+def test_the_forwarded_head_addresses_the_agents_upstream() -> None:
+    """The agent's 200 names its upstream's Host and path prefix; the head the
+    stream carries uses them (the public Host goes to X-Forwarded-Host)."""
     registry = _Registry({"web": _Session(True)})
-    headers = [(b"x-big", b"a" * 70_000)]
-    out = forward(registry, Route("web", b"/"), b"GET", headers, client=None, proto="http")  # type: ignore[arg-type]
-    assert isinstance(out, Reply)
-    assert out.status == 431
+    headers = [(b"host", b"gw.example"), (b"expect", b"100-continue"), (b"content-length", b"3")]
+    out = forward(registry, Route("web", b"/x"), b"POST", headers, client=None, proto="https")  # type: ignore[arg-type]
+    assert not isinstance(out, Reply)
+    upstream = UpstreamInfo(b"127.0.0.1:8080", b"/base", 5.0)
+    head = out.head(upstream, framing=[(b"content-length", b"3")])
+    assert head.startswith(b"POST /base/x HTTP/1.1\r\nhost: 127.0.0.1:8080\r\n")
+    assert head.endswith(b"content-length: 3\r\n\r\n")
+    assert b"x-forwarded-host: gw.example\r\n" in head
+    assert b"x-forwarded-proto: https\r\n" in head
+    assert b"expect" not in head  # the gateway answers 100-continue itself
+    assert head.count(b"content-length") == 1
+    plain = out.head(UpstreamInfo(None, b"", None), framing=[])
+    assert plain.startswith(b"POST /x HTTP/1.1\r\nhost: gw.example\r\n")

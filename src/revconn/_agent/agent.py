@@ -15,9 +15,11 @@ from .. import _codes
 from .._errors import (
     ConfigError,
     ConnectionLost,
+    ProtocolVersionError,
     ReplacedError,
     RevconnError,
 )
+from .._proto.connect import WS_SUBPROTOCOL
 from .._proto.rules import valid_agent_name
 from .._proto.session import Role, TunnelSession
 from .._runtime import wsmask
@@ -183,6 +185,14 @@ class Agent:
         async with stream, trio.open_nursery() as nursery:
             ws = await open_websocket(nursery, stream, cfg.url, cfg.secret, cfg.handshake_timeout)
             stream.opened()
+            if ws.subprotocol != WS_SUBPROTOCOL:
+                detail = f"the gateway does not speak {WS_SUBPROTOCOL}"
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + 2.0
+                    await ws.aclose(_codes.WS_VERSION_MISMATCH, detail)
+                raise ProtocolVersionError(
+                    f"{detail} (it runs an older revconn): upgrade the gateway"
+                )
             wsmask.enable_trio_websocket(ws)
             tunnel = Tunnel(
                 TunnelSession(Role.AGENT, max_concurrent_streams=cfg.max_concurrent_streams),
@@ -213,6 +223,10 @@ class Agent:
             error = end.error
             if isinstance(error, ConnectionLost) and error.close_code == _codes.WS_REPLACED:
                 error = ReplacedError("replaced: another agent connected with the same name")
+            elif (
+                isinstance(error, ConnectionLost) and error.close_code == _codes.WS_VERSION_MISMATCH
+            ):
+                error = ProtocolVersionError(f"{end.reason or error}: upgrade this agent")
             if error is not None:
                 log.warning("disconnected: %s", _describe(end.reason, end.close_code, error))
                 raise error

@@ -27,6 +27,7 @@ from .._errors import (
     RemoteProtocolError,
     RevconnError,
 )
+from .._proto.connect import WS_SUBPROTOCOL
 from .._proto.rules import MAX_MESSAGE_SIZE
 from .._runtime.fastpath import FastSendStream
 
@@ -148,6 +149,7 @@ async def open_websocket(
                 # trio-websocket reads 4 KiB at a time by default: a 100 MiB
                 # upload cost ~25,000 recv calls and scheduler passes.
                 receive_buffer_size=RECEIVE_BUFFER,
+                subprotocols=[WS_SUBPROTOCOL],
             )
     except trio.TooSlowError:
         raise HandshakeTimeout(

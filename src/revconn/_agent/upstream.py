@@ -1,19 +1,20 @@
-"""What an agent does with a request stream: call its upstream, stream the answer back.
+"""What an agent does with a tunnel stream: relay its bytes.
 
-Two kinds of upstream:
+Every stream the gateway opens is an extended CONNECT stream carrying raw
+HTTP/1.1 (docs/protocol.md section 5); the agent parses none of it.
 
-* ``HttpUpstream``: an HTTP/1.1 server reached through a lean keep-alive pool
-  on h11 (``pool.py``; httpx/httpcore's pool bookkeeping dominated the agent's
-  CPU in profiles);
-* ``AsgiUpstream``: an ASGI application called in-process, with no local port.
+* ``HttpUpstream`` (``--upstream URL``): the stream is a byte pipe to one
+  upstream connection, opened when the stream is (answered ``200`` with how
+  the gateway should address the upstream: its Host, path prefix and
+  timeout) or refused with a JSON ``502 upstream_unreachable`` when the
+  connect fails. Bytes flow both ways until either side ends; the gateway,
+  which parses both directions, decides what a complete response is.
+* ``AsgiUpstream`` (``--app``): the stream is served by hypercorn's HTTP/1.1
+  protocol layer (``asgi.py``), WebSockets included.
 
-Errors become JSON responses with a stable ``error`` field (502
-``upstream_unreachable``, 504 ``upstream_timeout``); an upstream that fails
-after its response started gets the stream reset, so the gateway aborts the
-client instead of ending a truncated body cleanly. An upstream that answers
-before it has read the whole request body (a 413, a 401) has its answer
-relayed, then the stream reset with NO_ERROR: the gateway stops the upload
-and keeps the answer (RFC 9113 8.1).
+An upstream that answers before it has read the whole request (a 413, a
+401) and closes: its answer is relayed, the stream ended, then reset with
+NO_ERROR so the gateway stops the upload and keeps the answer (RFC 9113 8.1).
 """
 
 from __future__ import annotations
@@ -21,21 +22,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import trio
 
 from .. import _codes
-from .._errors import ConfigError, StreamError
-from .._proto.headers import Headers, clean_headers
+from .._errors import ConfigError, StreamError, UpstreamConnectError
+from .._proto.connect import PROTOCOL_TOKEN
+from .._runtime.fastpath import send_all
 from .._runtime.streams import TunnelStream
-from .pool import Pool, PoolResponse, UpstreamClosed, UpstreamConnectError
 
-__all__ = ["AsgiUpstream", "HttpUpstream", "Upstream", "error_body"]
+__all__ = ["ASGIApp", "AsgiUpstream", "HttpUpstream", "StreamChannel", "Upstream", "error_body"]
 
 log = logging.getLogger("revconn.upstream")
 
@@ -48,17 +51,18 @@ ASGIApp = Callable[
     Awaitable[None],
 ]
 
-NO_BODY_STATUS = frozenset({204, 304})
 LIFESPAN_TIMEOUT = 10.0
+READ_SIZE = 256 * 1024
 # The public details of 502s name no address: the agent's network is its own
 # (its log says which upstream failed, and why).
 UNREACHABLE = "the agent could not reach its upstream service"
-BROKEN = "the agent's upstream service did not send a valid response"
+
+_Conn = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 class Upstream(Protocol):
     async def handle(self, stream: TunnelStream) -> None:
-        """Serve one request stream (its ``request`` is set)."""
+        """Serve one tunnel stream (its ``request`` is set)."""
         ...
 
     def running(self) -> AbstractAsyncContextManager[None]:
@@ -72,62 +76,53 @@ def error_body(error: str, agent: str, detail: str) -> bytes:
     return json.dumps({"error": error, "agent": agent, "detail": detail}).encode()
 
 
-async def respond_error(
-    stream: TunnelStream, status: int, error: str, agent: str, detail: str
-) -> None:
-    """Answer the stream with a JSON error (one HEADERS + one DATA with END_STREAM)."""
+async def refuse(stream: TunnelStream, status: int, error: str, agent: str, detail: str) -> None:
+    """Refuse a stream's CONNECT with a JSON error (HEADERS + DATA, END_STREAM)."""
     body = error_body(error, agent, detail)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await stream.respond(status, headers, end_stream=False)
+    stream.respond_nowait(status, headers)
     await stream.send_body(body, end_stream=True)
 
 
-class _Request:
-    """The pseudo-headers and end-to-end headers of a request stream."""
-
-    __slots__ = ("authority", "headers", "method", "target")
-
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        self.method = b"GET"
-        self.target = b"/"
-        self.authority = b""
-        rest: Headers = []
-        for name, value in raw:
-            if name == b":method":
-                self.method = value
-            elif name == b":path":
-                self.target = value
-            elif name == b":authority":
-                self.authority = value
-            elif not name.startswith(b":"):
-                rest.append((name, value))
-        self.headers = rest
+async def check_connect(stream: TunnelStream, agent: str) -> bool:
+    """True if the stream is a revconn CONNECT; else it is refused with 400."""
+    assert stream.request is not None
+    fields = dict(stream.request.headers)
+    if fields.get(b":method") == b"CONNECT" and fields.get(b":protocol") == PROTOCOL_TOKEN:
+        return True
+    detail = f"streams must be CONNECT with :protocol {PROTOCOL_TOKEN.decode()}"
+    await refuse(stream, 400, "bad_stream", agent, detail)
+    return False
 
 
-def response_headers(status: int, headers: Headers) -> Headers:
-    """Upstream response headers made safe for h2: clean, and no Content-Length
-    where HTTP/2 would check it against an empty body (204, 304)."""
-    out = clean_headers(headers)
-    if status in NO_BODY_STATUS:
-        out = [(n, v) for n, v in out if n != b"content-length"]
-    else:
-        lengths = {v for n, v in out if n == b"content-length"}
-        if len(lengths) > 1 or any(not v.isdigit() for v in lengths):
-            out = [(n, v) for n, v in out if n != b"content-length"]
-    return out
+def finish(stream: TunnelStream) -> None:
+    """After our side ended: a gateway still sending is told to stop (NO_ERROR)."""
+    if stream.local_ended and not stream.remote_ended and stream.reset_code is None:
+        stream.reset(_codes.H2_NO_ERROR)
+
+
+class StreamChannel:
+    """A tunnel stream as the byte channel ``asgi.serve_http1`` reads and writes."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: TunnelStream) -> None:
+        self.stream = stream
+
+    async def receive(self) -> bytes | None:
+        return await self.stream.read()
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_body(data)
+
+    async def send_eof(self) -> None:
+        await self.stream.end()
 
 
 class HttpUpstream:
-    """Forward request streams to an HTTP/1.1 (or HTTPS) server through a lean pool."""
+    """``--upstream URL``: each stream is a byte pipe to one upstream connection."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        agent: str,
-        timeout: float = 60.0,
-        max_connections: int = 100,
-    ) -> None:
+    def __init__(self, url: str, *, agent: str, timeout: float = 60.0) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"upstream URL {url!r} must be http://HOST[:PORT] or https://...")
@@ -138,94 +133,115 @@ class HttpUpstream:
         self.timeout = timeout
         secure = parts.scheme == "https"
         try:
-            port = parts.port or (443 if secure else 80)
+            self.port = parts.port or (443 if secure else 80)
         except ValueError:
             raise ConfigError(f"upstream URL {url!r} has an invalid port") from None
-        self._prefix = parts.path.rstrip("/").encode()
-        self._host_header = parts.netloc.encode("idna")
-        self._pool = Pool(
-            parts.hostname,
-            port,
-            ssl_context=ssl.create_default_context() if secure else None,
-            max_connections=max_connections,
-            io_timeout=timeout,
-        )
+        self.host = parts.hostname
+        self._ssl = ssl.create_default_context() if secure else None
+        self._accept_headers = [
+            (b"revconn-upstream-host", parts.netloc.encode("idna")),
+            (b"revconn-upstream-timeout", f"{timeout:g}".encode()),
+        ]
+        prefix = parts.path.rstrip("/").encode()
+        if prefix:
+            self._accept_headers.append((b"revconn-upstream-prefix", prefix))
         self._down = False
-        """The last connect failed (logged once until a response comes again)."""
+        """The last connect failed (logged once until one succeeds again)."""
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        return None
 
     def running(self) -> AbstractAsyncContextManager[None]:
         return nullcontext()
 
-    async def handle(self, stream: TunnelStream) -> None:
-        assert stream.request is not None
-        req = _Request(stream.request.headers)
-        headers = req.headers
-        has_body = not stream.request.end_stream
-        if has_body and not any(n == b"content-length" for n, _ in headers):
-            headers = [*headers, (b"transfer-encoding", b"chunked")]
-        headers = [(b"host", self._host_header), *headers]
-        t = self.timeout
+    async def _connect(self) -> _Conn:
+        conn: _Conn
         try:
-            async with self._pool.request(
-                req.method, self._prefix + req.target, headers, stream.read if has_body else None
-            ) as response:
-                self._reachable()
-                await self._relay(stream, req.method, response)
-        except trio.TooSlowError:
-            if stream.reset_code is None and not stream.responded:
-                detail = f"no response within {t:g} s"
-                await respond_error(stream, 504, "upstream_timeout", self.agent, detail)
-            elif not stream.local_ended:
-                stream.reset(_codes.H2_INTERNAL_ERROR)
+            with trio.fail_after(self.timeout):
+                if self._ssl is not None:
+                    conn = await trio.open_ssl_over_tcp_stream(
+                        self.host, self.port, ssl_context=self._ssl, https_compatible=True
+                    )
+                    await conn.do_handshake()
+                else:
+                    conn = await trio.open_tcp_stream(self.host, self.port)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            reason = connect_failure(exc)
+            raise UpstreamConnectError(
+                f"cannot connect to {self.host}:{self.port}: {reason}", reason=reason
+            ) from exc
+        return conn
+
+    async def handle(self, stream: TunnelStream) -> None:
+        if not await check_connect(stream, self.agent):
+            return
+        try:
+            conn = await self._connect()
         except UpstreamConnectError as exc:
-            self._unreachable(exc)
-            await respond_error(stream, 502, "upstream_unreachable", self.agent, UNREACHABLE)
-        except UpstreamClosed as exc:
-            if not stream.responded:
-                log.info("upstream %s failed on stream %d: %s", self.url, stream.id, exc)
-                await respond_error(stream, 502, "upstream_unreachable", self.agent, BROKEN)
-            elif not stream.local_ended:
-                log.info("upstream failed mid-response on stream %d: %s", stream.id, exc)
-                stream.reset(_codes.H2_INTERNAL_ERROR)
-        if stream.local_ended and not stream.remote_ended:
-            # Answered before the whole request body came (a 413, a 401): tell
-            # the gateway to stop sending it, which keeps the answer (RFC 9113 8.1).
-            stream.reset(_codes.H2_NO_ERROR)
-
-    def _unreachable(self, exc: UpstreamConnectError) -> None:
-        """Log a failed connect once, when the upstream goes from reachable to not."""
-        if not self._down:
-            self._down = True
-            log.warning("upstream %s unreachable: %s", self.url, exc.reason)
-
-    def _reachable(self) -> None:
+            if not self._down:
+                self._down = True
+                log.warning("upstream %s unreachable: %s", self.url, exc.reason)
+            await refuse(stream, 502, "upstream_unreachable", self.agent, UNREACHABLE)
+            return
         if self._down:
             self._down = False
             log.info("upstream %s reachable again", self.url)
+        try:
+            stream.respond_nowait(200, self._accept_headers)
+            await stream.tunnel.flush()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._to_upstream, stream, conn, nursery.cancel_scope)
+                await self._to_gateway(stream, conn)
+                nursery.cancel_scope.cancel()
+            if not stream.local_ended:
+                await stream.end()  # the gateway retired the stream: end ours too
+            finish(stream)
+        finally:
+            await trio.aclose_forcefully(conn)
 
-    async def _relay(self, stream: TunnelStream, method: bytes, response: PoolResponse) -> None:
-        status = response.status
-        headers = response_headers(status, response.headers)
-        if method == b"HEAD" or status in NO_BODY_STATUS:
-            await stream.respond(status, headers, end_stream=True)
-            async for _ in response.aiter_chunks():
-                pass  # h11 knows there is no body; this completes the exchange
+    async def _to_upstream(
+        self, stream: TunnelStream, conn: _Conn, scope: trio.CancelScope
+    ) -> None:
+        """Gateway -> upstream. The gateway ending the stream retires it: the
+        upstream connection is closed (an idle stream has nothing in flight)."""
+        plain = isinstance(conn, trio.SocketStream)
+        try:
+            while (data := await stream.read()) is not None:
+                if plain:
+                    await send_all(conn, data)  # type: ignore[arg-type]
+                else:
+                    await conn.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The upstream stopped reading and closed (an early answer): what
+            # it sent still reaches the gateway through the other direction.
             return
-        stream.respond_nowait(status, headers)  # goes out with the first DATA
-        async for chunk, last in response.aiter_chunks():
-            await stream.send_body(chunk, end_stream=last)
-        await stream.end()  # a no-op when the last chunk carried END_STREAM
+        except StreamError:
+            pass  # the gateway reset the stream: abandon the connection
+        scope.cancel()
+
+    async def _to_gateway(self, stream: TunnelStream, conn: _Conn) -> None:
+        """Upstream -> gateway; the upstream closing ends the stream."""
+        try:
+            while data := await conn.receive_some(READ_SIZE):
+                await stream.send_body(bytes(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # a reset connection ends the stream like a close: the gateway
+            # knows from the bytes whether the response was complete
+        await stream.end()
 
 
 class AsgiUpstream:
-    """Serve request streams with an in-process ASGI application."""
+    """``--app``: each stream is served by the ASGI app through hypercorn's
+    HTTP/1.1 protocol layer."""
 
     def __init__(self, app: ASGIApp, *, agent: str) -> None:
+        # hypercorn is loaded only by agents that serve an app (--app).
+        from . import asgi
+
         self.app = app
         self.agent = agent
+        self._asgi = asgi
+        self.config = asgi.asgi_config()
 
     async def aclose(self) -> None:
         return None
@@ -277,93 +293,33 @@ class AsgiUpstream:
                 nursery.cancel_scope.cancel()
 
     async def handle(self, stream: TunnelStream) -> None:
-        assert stream.request is not None
-        req = _Request(stream.request.headers)
-        target = req.target
-        path, _, query = target.partition(b"?")
-        host = req.authority or b"localhost"
-        client_ip = "127.0.0.1"
-        for name, value in req.headers:
-            if name == b"x-forwarded-for":
-                client_ip = value.decode("latin-1").split(",")[-1].strip() or client_ip
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": req.method.decode("ascii"),
-            "scheme": "http",
-            "path": unquote(path.decode("latin-1")),
-            "raw_path": path,
-            "query_string": query,
-            "root_path": "",
-            "headers": [(b"host", host), *req.headers],
-            "client": (client_ip, 0),
-            "server": (host.decode("latin-1").split(":")[0], 80),
-            "state": {},
-        }
-        body_done = False
-        start: tuple[int, Headers] | None = None
-        headers_sent = False
-        ended = False
-
-        async def receive() -> MutableMapping[str, Any]:
-            nonlocal body_done
-            if not body_done:
-                chunk = await stream.read()
-                if chunk is None:
-                    body_done = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
-                return {"type": "http.request", "body": chunk, "more_body": True}
-            # Nothing more to receive: wait until the response is done or the client left.
-            while stream.reset_code is None and stream.tunnel.end is None and not ended:
-                await stream._wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: MutableMapping[str, Any]) -> None:
-            nonlocal start, headers_sent, ended
-            if ended:
-                return
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                headers = [(bytes(n), bytes(v)) for n, v in message.get("headers", [])]
-                start = (status, response_headers(status, headers))
-                return
-            if message["type"] != "http.response.body":
-                return
-            if start is None:
-                raise RuntimeError("http.response.body before http.response.start")
-            body = bytes(message.get("body", b""))
-            more = bool(message.get("more_body", False))
-            if not headers_sent:
-                headers_sent = True
-                status, headers = start
-                if req.method == b"HEAD" or status in NO_BODY_STATUS:
-                    ended = True
-                    await stream.respond(status, headers, end_stream=True)
-                    return
-                await stream.respond(status, headers, end_stream=False)
-            ended = not more
-            await stream.send_body(body, end_stream=not more)
-            if ended:
-                stream._wake()  # release a receive() waiting for the disconnect
-
-        try:
-            await self.app(scope, receive, send)
-        except StreamError:
-            raise
-        except Exception:
-            log.exception("ASGI app failed on stream %d", stream.id)
-            if not headers_sent:
-                detail = "the application raised an exception"
-                await respond_error(stream, 500, "app_error", self.agent, detail)
-            else:
-                stream.reset(_codes.H2_INTERNAL_ERROR)
+        if not await check_connect(stream, self.agent):
             return
-        if not ended:
-            if not headers_sent:
-                detail = "the application returned no response"
-                await respond_error(stream, 500, "app_error", self.agent, detail)
-            else:
-                stream.reset(_codes.H2_INTERNAL_ERROR)
-        elif not stream.remote_ended:
-            stream.reset(_codes.H2_NO_ERROR)  # answered without the whole body (RFC 9113 8.1)
+        await stream.respond(200, [], end_stream=False)
+        channel = StreamChannel(stream)
+        await self._asgi.serve_http1(self.app, channel, config=self.config, agent=self.agent)
+        finish(stream)
+
+
+def connect_failure(exc: BaseException) -> str:
+    """Why a connect failed, briefly ("connection refused"). trio's
+    ``open_tcp_stream`` raises one OSError for all the addresses it tried, with
+    each attempt's error in its cause."""
+    if isinstance(exc, trio.TooSlowError):
+        return "connect timed out"
+    errors: list[BaseException] = [exc]
+    if isinstance(exc.__cause__, BaseExceptionGroup):
+        errors = list(exc.__cause__.exceptions)
+    elif isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        errors = [exc.__cause__]  # the TLS handshake failed
+    reasons: list[str] = []
+    for error in errors:
+        if isinstance(error, socket.gaierror):
+            reason = f"cannot resolve the host ({error.strerror})"
+        elif isinstance(error, OSError) and error.errno and not isinstance(error, ssl.SSLError):
+            reason = os.strerror(error.errno).lower()
+        else:
+            reason = str(error) or type(error).__name__
+        if reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons)

@@ -1,17 +1,23 @@
 """The data plane's HTTP/1.1 exchange, written once: dispatch on the raw
-request target, the agent lookup (through the Registry interface), opening
-the stream, the upload with backpressure, the response relay, the abort when
-the agent is lost after the response started, the reset when the client goes.
+request target, the agent lookup (through the Registry interface), borrowing
+a tunnel stream, the upload with backpressure, the response relay, the abort
+when a response is cut short, the reset when the client goes.
 
-The listener (``listener.py``) is a thin adapter around it: it accepts
-sockets and runs one :class:`HttpConnection` per connection. Semantics:
+Requests are parsed once (httptools, ``_proto/http1.py``); the forwarded
+head is rewritten (no ``/a/NAME`` prefix, no hop-by-hop headers, with
+X-Forwarded-* and Via) and written as HTTP/1.1 into a pooled tunnel stream,
+whose other direction carries the upstream's response bytes, parsed again
+only for their boundaries and hop-by-hop headers. Semantics:
 
-* a client that disconnects resets its stream (the agent cancels the
-  upstream call);
-* an agent lost after the response started aborts the client connection, so
-  a truncated body never looks complete (no final chunk, no clean close);
-* an answer given before the request body was read (ours or the agent's)
-  is followed by a lingering close, so the client sees it rather than a reset.
+* a client that disconnects resets its stream (the agent drops its upstream
+  connection);
+* a response cut short (the agent or its upstream lost, a malformed body)
+  aborts the client connection, so a truncated body never looks complete (no
+  final chunk, no clean close);
+* an answer given before the request body was read (ours or the upstream's)
+  is followed by a lingering close, so the client sees it rather than a reset;
+* a stream is given back to the agent's pool only after a complete exchange
+  on a connection its upstream keeps open.
 """
 
 from __future__ import annotations
@@ -22,16 +28,32 @@ import math
 from collections.abc import Iterable
 from typing import NoReturn, Protocol
 
-import h11
 import trio
 
 from .. import _codes
-from .._errors import StreamError
+from .._errors import AgentBusy, StreamError
+from .._proto.connect import WS_SUBPROTOCOL
 from .._proto.headers import clean_headers
+from .._proto.http1 import (
+    END,
+    LAST_CHUNK,
+    Body,
+    EndOfMessage,
+    Informational,
+    ParseError,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    ResponseParser,
+    chunk,
+    request_head,
+    response_head,
+)
 from .._runtime.fastpath import WriteLock, send_all
+from .._runtime.streampool import StreamRefused
 from .registry import Registry, RequestStream
-from .replies import Reply, bad_status, json_reply, stream_failure
-from .routing import Route, Target, dispatch, forward
+from .replies import Reply, agent_busy, agent_offline, json_reply, stream_failure
+from .routing import Forward, Route, Target, dispatch, forward
 from .websocket import WebSocketTransport, upgrade_response
 
 __all__ = ["MAX_HEAD", "DataPlane", "HttpConnection"]
@@ -46,9 +68,15 @@ LINGER = 5.0
 reading (and discarding) it, so the client sees the answer rather than a reset
 (closing a socket with unread data sends RST, which can destroy the answer)."""
 _REASONS = {int(status): status.phrase.encode("ascii") for status in http.HTTPStatus}
-SEND_JOIN_LIMIT = 64 * 1024
+JOIN_LIMIT = 64 * 1024
 """Pieces of a write are joined into one send below this size (one syscall);
 larger bodies go out as they are (no copy)."""
+BROKEN = "the agent's upstream service did not send a valid response"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+VERSION_MISMATCH = f"protocol version mismatch: this gateway speaks {WS_SUBPROTOCOL}"
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+"""Methods a request may be retried with on a fresh stream when a kept-alive
+one turned out closed before any answer (RFC 9110 9.2.2)."""
 
 
 class DataPlane(Protocol):
@@ -82,19 +110,47 @@ class DataPlane(Protocol):
         ...
 
 
-_Next = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
-
-
 class _InFlight:
     """One request in flight on a connection."""
 
-    __slots__ = ("done", "name", "scope", "stream")
+    __slots__ = (
+        "done",
+        "forward",
+        "head",
+        "head_bytes",
+        "name",
+        "read_scope",
+        "request_done",
+        "retried",
+        "scope",
+        "stop_upload",
+        "stream",
+        "timeout",
+    )
 
-    def __init__(self, stream: RequestStream, name: str) -> None:
+    def __init__(self, stream: RequestStream, outbound: Forward, head: RequestHead) -> None:
         self.stream = stream
-        self.name = name
+        self.forward = outbound
+        self.name = outbound.name
+        self.head = head
+        self.head_bytes = b""
         self.scope = trio.CancelScope()
+        self.read_scope: trio.CancelScope | None = None
         self.done = False
+        self.retried = False
+        self.request_done = False
+        """The whole request (head and body) is in the stream."""
+        self.stop_upload = False
+        """The upstream answered >= 300 before the body was sent: send no more."""
+        upstream = stream.upstream
+        self.timeout = (
+            math.inf if upstream is None or upstream.timeout is None else upstream.timeout
+        )
+
+    def uploaded(self) -> None:
+        self.request_done = True
+        if self.read_scope is not None and self.timeout != math.inf:
+            self.read_scope.deadline = trio.current_time() + self.timeout
 
 
 class HttpConnection:
@@ -102,23 +158,27 @@ class HttpConnection:
     to agents (or answered by the gateway), until the connection ends or
     becomes an agent's WebSocket.
 
-    ``run()`` is this connection's reader task: it parses with h11, uploads
-    request bodies (with backpressure: the stream's flow-control window) and
+    ``run()`` is this connection's reader task: it parses requests, uploads
+    their bodies (with backpressure: the stream's flow-control window) and
     notices a client that goes away. Per forwarded request one relay task
-    writes the response. Memory is bounded: one h11 buffer (request heads up to
-    ``MAX_HEAD``) plus the stream's window.
+    writes the response. Memory is bounded: the parser's buffer (request heads
+    up to ``MAX_HEAD``, one read of pipelined data) plus the stream's window.
     """
 
     __slots__ = (
+        "_closing",
         "_cycle_done",
         "_exchange",
+        "_http10",
+        "_keep_alive",
         "_method",
         "_nursery",
+        "_responding",
         "_send_lock",
         "_timeout",
         "_tunnel",
         "client",
-        "h11",
+        "parser",
         "plane",
         "stream",
     )
@@ -127,44 +187,39 @@ class HttpConnection:
         self.plane = plane
         self.stream = stream
         self.client = client
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.parser = RequestParser(max_head=MAX_HEAD)
         self._send_lock = WriteLock()
         self._exchange: _InFlight | None = None
         self._cycle_done = trio.Event()
+        self._cycle_done.set()
         self._nursery: trio.Nursery | None = None
         self._timeout = trio.CancelScope()
         self._method = b""
+        self._keep_alive = True
+        self._http10 = False
+        self._closing = False
+        """The connection ends after the current response."""
+        self._responding = False
+        """A response to the current request has begun (nothing else may be sent)."""
         self._tunnel: tuple[str, WebSocketTransport] | None = None
 
-    # -- writing (the relay task, and the reader for 100/4xx) ----------------------
-    async def _write(self, *events: h11.Event) -> None:
-        parts: list[bytes] = []
-        for event in events:
-            if isinstance(event, h11.Data) and len(event.data) > SEND_JOIN_LIMIT:
-                parts.extend(self.h11.send_with_data_passthrough(event) or [])
-            else:
-                data = self.h11.send(event)
-                if data:
-                    parts.append(data)
-        if not parts:
-            return  # e.g. the end of a Content-Length body: nothing to write
+    # -- writing ------------------------------------------------------------------
+    async def _write(self, parts: list[bytes]) -> None:
+        if len(parts) > 1 and sum(map(len, parts)) <= JOIN_LIMIT:
+            parts = [b"".join(parts)]
         async with self._send_lock:
-            if len(parts) > 1 and sum(map(len, parts)) <= SEND_JOIN_LIMIT:
-                parts = [b"".join(parts)]
             for part in parts:
                 await send_all(self.stream, part)
 
     async def _reply(self, reply: Reply, *, close: bool = False) -> None:
+        close = close or not self._keep_alive
         headers = [*reply.headers, (b"connection", b"close")] if close else reply.headers
+        head = response_head(reply.status, _REASONS.get(reply.status, b""), headers)
         body = b"" if self._method == b"HEAD" else reply.body
-        response = h11.Response(
-            status_code=reply.status, headers=headers, reason=_REASONS.get(reply.status, b"")
-        )
-        events: list[h11.Event] = [response]
-        if body:
-            events.append(h11.Data(data=body))
-        events.append(h11.EndOfMessage())
-        await self._write(*events)
+        self._responding = True
+        await self._write([head, body] if body else [head])
+        if close:
+            self._closing = True
 
     # -- the reader (this connection's own task) ----------------------------------
     async def run(self) -> tuple[str, WebSocketTransport] | None:
@@ -180,26 +235,26 @@ class HttpConnection:
         return self._tunnel
 
     async def _read_loop(self) -> None:
-        conn = self.h11
-        event: h11.Event | type[h11.PAUSED] | None = None
+        event: RequestHead | Body | EndOfMessage | None = None
         while True:
             try:
                 if event is None:
                     self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
                     event = await self._next_event()
-                if event is h11.PAUSED:
+                    if event is None:
+                        return  # the client closed the connection between requests
+                if not self._cycle_done.is_set():
                     # A pipelined request waits until the current response is done.
                     self._timeout.deadline = math.inf
                     await self._cycle_done.wait()
-                    if conn.our_state is not h11.IDLE:
-                        return
-                    event = None
-                    continue
-                if not isinstance(event, h11.Request):
-                    return  # ConnectionClosed
-                self._method = event.method
+                if self._closing:
+                    return
+                if not isinstance(event, RequestHead):
+                    raise AssertionError(event)  # noqa: TRY004  (bodies are read by _upload)
                 event = await self._request(event)
-            except h11.RemoteProtocolError as exc:
+                if self._closing:
+                    return
+            except ParseError as exc:
                 ex = self._exchange
                 if ex is not None and not ex.done:
                     self._client_gone(ex)
@@ -209,81 +264,133 @@ class HttpConnection:
 
     async def _timed_out(self) -> None:
         """Idle or slow client: say 408 if a request head had begun, then close."""
-        conn = self.h11
-        if conn.their_state is h11.IDLE and conn.our_state is h11.IDLE and conn.trailing_data[0]:
+        if self.parser.head_started and self._cycle_done.is_set():
             detail = f"request head not received within {self.plane.idle_timeout:g} s"
+            self._method = b""
             with trio.move_on_after(1):
                 await self._reply(
                     json_reply(408, {"error": "request_timeout", "detail": detail}), close=True
                 )
 
-    async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
-        conn = self.h11
+    async def _next_event(self) -> RequestHead | Body | EndOfMessage | None:
+        """The next request event; None once the client ended the connection."""
+        parser = self.parser
         while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await self.stream.receive_some(READ_SIZE))
-                continue
-            return event  # type: ignore[return-value]
+            event = parser.next_event()
+            if event is not None:
+                return event
+            if parser.eof:
+                return None
+            data = await self.stream.receive_some(READ_SIZE)
+            if data:
+                parser.feed(data)
+            else:
+                parser.feed_eof()
 
-    async def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            status = exc.error_status_hint
-            error = "request_header_too_large" if status == 431 else "bad_request"
-            reply = json_reply(status, {"error": error, "detail": str(exc)})
-            await self._reply(reply, close=True)
+    async def _bad_request(self, exc: ParseError) -> None:
+        if not self._responding and self._cycle_done.is_set():
+            error = "request_header_too_large" if exc.status == 431 else "bad_request"
+            self._method = b""
+            await self._reply(
+                json_reply(exc.status, {"error": error, "detail": exc.detail}), close=True
+            )
 
-    async def _request(self, request: h11.Request) -> h11.Event | type[h11.PAUSED] | None:
+    async def _request(self, head: RequestHead) -> RequestHead | Body | EndOfMessage | None:
         """Forward one request; returns the connection's next event if it was
         read while watching for the client going away."""
-        decision = dispatch(request.target)
+        self._method = head.method
+        self._keep_alive = head.keep_alive and not head.upgrade
+        self._http10 = head.version == b"1.0"
+        self._responding = False
+        if not head.has_body or head.upgrade:
+            end = self.parser.next_event()  # the parser ends these with their head
+            assert end is END, end
+        decision = dispatch(head.target)
+        if head.upgrade and decision is not Target.AGENT:
+            if head.method == b"CONNECT":
+                reply = json_reply(
+                    405, {"error": "method_not_allowed", "detail": "CONNECT is not forwarded"}
+                )
+                await self._answer_early(reply, head, close=True)
+                return None
+            # Forwarded as a plain request (an Upgrade the upstream never sees:
+            # h2c from curl --http2, or a WebSocket until the gateway passes
+            # them through), then the connection closes.
+            self._resume_after_upgrade(head)
         if isinstance(decision, Reply):
-            await self._answer_early(decision)
+            await self._answer_early(decision, head)
             return None
         if decision is Target.AGENT:
-            await self._agent_tunnel(request)
-            return h11.ConnectionClosed()  # this connection is an agent's WebSocket now
+            await self._agent_tunnel(head)
+            self._closing = True  # this connection is an agent's WebSocket now
+            return None
         if decision is Target.HEALTH:
-            await self._answer_early(self._health(request.method))
+            await self._answer_early(self._health(head.method), head)
             return None
         assert isinstance(decision, Route)
         outbound = forward(
             self.plane.registry,
             decision,
-            request.method,
-            request.headers,
+            head.method,
+            head.headers,
             client=self.client,
             proto=self.plane.scheme,
         )
         if isinstance(outbound, Reply):
-            await self._answer_early(outbound)
+            await self._answer_early(outbound, head)
             return None
-        first = self.h11.next_event()  # EndOfMessage right away for a bodiless request
-        bodiless = isinstance(first, h11.EndOfMessage)
-        stream = outbound.open(end_stream=bodiless)
-        if isinstance(stream, Reply):
-            await self._answer_early(stream)
+        try:
+            stream, _fresh = await outbound.session.acquire()
+        except AgentBusy:
+            await self._answer_early(agent_busy(outbound.name), head)
             return None
-        session = outbound.session
-        exchange = _InFlight(stream, outbound.name)
+        except StreamRefused as refused:
+            await self._answer_early(_refusal(refused), head)
+            return None
+        except StreamError:
+            await self._answer_early(agent_offline(outbound.name), head)
+            return None
+        exchange = _InFlight(stream, outbound, head)
         self._exchange = exchange
         self._cycle_done = trio.Event()
         assert self._nursery is not None
-        self._nursery.start_soon(self._relay, exchange)
-        if bodiless:
-            await session.flush()
+        if not head.has_body:
+            exchange.head_bytes = outbound.head(stream.upstream, framing=[])
+            self._nursery.start_soon(self._relay, exchange)
+            try:
+                await stream.send_body(exchange.head_bytes)
+            except StreamError:
+                pass  # the relay says what happened
+            else:
+                exchange.uploaded()
         else:
-            await self._upload(exchange, first)
+            self._nursery.start_soon(self._relay, exchange)
+            await self._upload(exchange)
         # Now watch for the client going away; the relay re-arms the idle
         # timeout when the response is done.
         self._timeout.deadline = math.inf
         if exchange.done:
             return None
         event = await self._next_event()
-        if isinstance(event, h11.ConnectionClosed) and not exchange.done:
+        if event is None and not exchange.done:
             self._client_gone(exchange)
             raise trio.BrokenResourceError("client closed the connection")
-        return event  # the next request, PAUSED (pipelined) or ConnectionClosed
+        return event  # the next (pipelined) request, or None: closed after the response
+
+    def _resume_after_upgrade(self, head: RequestHead) -> None:
+        """Go on parsing an upgrade request's body as a plain HTTP body: a
+        fresh parser is given a head with the same framing, then the bytes
+        that followed the real one."""
+        trailing = self.parser.upgrade_trailing or b""
+        self.parser = RequestParser(max_head=MAX_HEAD)
+        if not head.has_body:
+            return
+        framing = [
+            (n, v) for n, v in head.headers if n in (b"content-length", b"transfer-encoding")
+        ]
+        self.parser.feed(request_head(b"POST", b"/", framing) + trailing)
+        synthetic = self.parser.next_event()
+        assert isinstance(synthetic, RequestHead), synthetic
 
     def _health(self, method: bytes) -> Reply:
         if method not in (b"GET", b"HEAD"):
@@ -296,65 +403,100 @@ class HttpConnection:
             return json_reply(503, {"status": "shutting_down"})
         return json_reply(200, {"status": "ok"})
 
-    async def _agent_tunnel(self, request: h11.Request) -> None:
+    async def _agent_tunnel(self, head: RequestHead) -> None:
         """An agent dialing in: answer the WebSocket handshake (101) and hand the
         connection to its tunnel, or refuse with a plain HTTP response."""
-        headers = list(request.headers)
-        accept = upgrade_response(request.method, headers)
+        headers = head.headers
+        accept = upgrade_response(head.method, headers)
         if isinstance(accept, Reply):
-            await self._answer_early(accept, close=True)
+            await self._answer_early(accept, head, close=True)
             return
-        query = request.target.partition(b"?")[2]
+        query = head.target.partition(b"?")[2]
         admitted = self.plane.admit_agent(query, headers)
         if isinstance(admitted, Reply):
-            await self._answer_early(admitted, close=True)
+            await self._answer_early(admitted, head, close=True)
             return
-        if not isinstance(self.h11.next_event(), h11.EndOfMessage):
+        if head.has_body:
             reply = json_reply(
                 400, {"error": "bad_websocket_handshake", "detail": "unexpected request body"}
             )
-            await self._answer_early(reply, close=True)
+            await self._answer_early(reply, head, close=True)
             return
-        switch = h11.InformationalResponse(
-            status_code=101, headers=accept, reason=b"Switching Protocols"
-        )
-        await self.stream.send_all(self.h11.send(switch) or b"")
-        trailing, _ = self.h11.trailing_data
+        offered = {
+            t.strip()
+            for n, v in headers
+            if n == b"sec-websocket-protocol"
+            for t in v.decode("latin-1").split(",")
+        }
+        speaks = WS_SUBPROTOCOL in offered
+        if speaks:
+            accept = [*accept, (b"sec-websocket-protocol", WS_SUBPROTOCOL.encode())]
+        switch = response_head(101, b"Switching Protocols", accept)
+        await self.stream.send_all(switch)
+        trailing = self.parser.upgrade_trailing or b""
         transport = WebSocketTransport(self.stream, trailing, self.plane.max_message_size)
+        if not speaks:
+            # An agent of another protocol version: tell it why, in the close
+            # reason its WebSocket library reports (no tunnel starts).
+            log.info("agent %r from %s: protocol version mismatch", admitted, self.client)
+            with trio.move_on_after(2):
+                await transport.close(_codes.WS_VERSION_MISMATCH, VERSION_MISMATCH)
+            return
         self._tunnel = (admitted, transport)  # run() returns it to the listener
 
-    async def _upload(self, exchange: _InFlight, first: _Next) -> None:
-        """Send the request body up the stream; a reset or an early response ends it."""
-        conn = self.h11
+    async def _upload(self, exchange: _InFlight) -> None:
+        """Send the request (head, then body as it comes) up the stream; a reset
+        or an early answer ends it."""
+        parser = self.parser
         stream = exchange.stream
-        event = first
+        head = exchange.head
+        chunked = not any(n == b"content-length" for n, _ in head.headers)
+        if chunked:
+            framing = [(b"transfer-encoding", b"chunked")]
+        else:
+            framing = [(n, v) for n, v in head.headers if n == b"content-length"][:1]
+        pending = exchange.head_bytes = exchange.forward.head(stream.upstream, framing=framing)
+        continued = False
         try:
             while True:
-                if event is h11.NEED_DATA:
-                    if conn.they_are_waiting_for_100_continue:
-                        await self._write(h11.InformationalResponse(status_code=100, headers=[]))
+                event = parser.next_event()
+                if event is None:
+                    if pending:
+                        await stream.send_body(pending)
+                        pending = b""
+                    if head.expect_continue and not continued and not self._responding:
+                        continued = True
+                        await self._write([CONTINUE])
                     self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
                     data = await self.stream.receive_some(READ_SIZE)
                     self._timeout.deadline = math.inf
                     if not data:
                         self._client_gone(exchange)
                         raise trio.BrokenResourceError("client closed during the upload")
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Data):
-                    await stream.send_body(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    await stream.end()
+                    try:
+                        parser.feed(data)
+                    except ParseError:  # a malformed chunked body
+                        self._client_gone(exchange)
+                        raise trio.BrokenResourceError("malformed request body") from None
+                    continue
+                if exchange.stop_upload:
+                    # The upstream refused the body: read (and drop) the rest.
+                    raise StreamError("the upstream answered before the body was sent")  # noqa: TRY301
+                if isinstance(event, Body):
+                    piece = chunk(event.data) if chunked else event.data
+                    if pending:
+                        piece = pending + piece
+                        pending = b""
+                    await stream.send_body(piece)
+                elif isinstance(event, EndOfMessage):
+                    await stream.send_body(pending + LAST_CHUNK if chunked else pending)
+                    exchange.uploaded()
                     return
                 else:
-                    raise AssertionError(event)
-                try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError:  # a malformed chunked body
-                    self._client_gone(exchange)
-                    raise trio.BrokenResourceError("malformed request body") from None
+                    raise AssertionError(event)  # noqa: TRY004
         except StreamError:
-            # The agent reset the stream or answered early; its reply (or error)
-            # is on the way. Drop the rest of the body, then close.
+            # The agent reset the stream or the upstream answered early; the
+            # answer (or error) is on the way. Drop the rest of the body, then close.
             await self._discard_body()
 
     async def _discard_body(self) -> None:
@@ -372,14 +514,15 @@ class HttpConnection:
                 pass
         raise trio.BrokenResourceError("closed after an early answer")
 
-    async def _answer_early(self, reply: Reply, *, close: bool = False) -> None:
+    async def _answer_early(self, reply: Reply, head: RequestHead, *, close: bool = False) -> None:
         """Answer without the agent; keep the connection only if no body is pending."""
-        close = close or not isinstance(self.h11.next_event(), h11.EndOfMessage)
+        close = close or head.has_body
         self._exchange = None
         await self._reply(reply, close=close)
         if close:
-            await self._linger()
-        self.h11.start_next_cycle()
+            if head.has_body:
+                await self._linger()
+            self._closing = True
 
     def _client_gone(self, exchange: _InFlight) -> None:
         exchange.stream.reset(_codes.H2_CANCEL)
@@ -393,70 +536,179 @@ class HttpConnection:
 
     # -- the relay (one task per request) -------------------------------------
     async def _relay(self, exchange: _InFlight) -> None:
-        stream = exchange.stream
+        reusable = False
         try:
             with exchange.scope:
-                await self._relay_response(exchange)
+                reusable = await self._relay_response(exchange)
         finally:
             exchange.done = True
-            if stream.local_ended and stream.remote_ended:
-                stream.close()
-            else:
-                stream.reset(_codes.H2_CANCEL)
+            reusable = reusable and exchange.request_done
+            exchange.forward.session.release(exchange.stream, reusable=reusable)
             self._cycle_done.set()
 
-    async def _relay_response(self, exchange: _InFlight) -> None:
-        stream = exchange.stream
-        try:
-            response = await stream.receive_response()
-        except StreamError as exc:
-            await self._reply(stream_failure(exc, exchange.name), close=not stream.local_ended)
-            self._finish_cycle()
-            return
-        status = response.status
-        invalid = bad_status(status, exchange.name)
-        if invalid is not None:
-            await self._reply(invalid, close=True)
-            self._abort()
-            return
-        head = h11.Response(
-            status_code=status,
-            headers=clean_headers(response.headers),
-            reason=_REASONS.get(status, b""),
-        )
-        try:
-            if response.end_stream:
-                await self._write(head, h11.EndOfMessage())
-            else:
-                chunk = await stream.read()
-                if chunk is None:
-                    await self._write(head, h11.EndOfMessage())
+    async def _relay_response(self, exchange: _InFlight) -> bool:
+        """Write the response; True if the stream can carry another request."""
+        name = exchange.name
+        method = exchange.head.method
+        parser = ResponseParser(max_head=MAX_HEAD)
+        parser.expect(method)
+        received = False
+        out: list[bytes] = []
+        chunking = False
+        upstream_keeps = False
+        while True:
+            try:
+                event = parser.next_event()
+                if event is None:
+                    if out:
+                        await self._write(out)
+                        out = []
+                    data = await self._read(exchange)
+                    if data is None:
+                        parser.feed_eof()
+                    else:
+                        received = True
+                        parser.feed(data)
+                    continue
+            except StreamError as exc:
+                if not self._responding:
+                    if not received and await self._retry(exchange):
+                        parser = ResponseParser(max_head=MAX_HEAD)
+                        parser.expect(method)
+                        continue
+                    await self._reply(stream_failure(exc, name), close=not exchange.request_done)
+                    self._finish_cycle(exchange)
                 else:
-                    await self._write(head, h11.Data(data=chunk))
-                    while (chunk := await stream.read()) is not None:
-                        await self._write(h11.Data(data=chunk))
-                    await self._write(h11.EndOfMessage())
-        except StreamError as exc:
-            log.info("agent %r: response aborted mid-body: %s", exchange.name, exc)
-            self._abort()
-            return
-        except h11.LocalProtocolError as exc:
-            # The agent's response contradicts itself (e.g. more or less body than
-            # its Content-Length): the client must not take it as complete.
-            log.info("agent %r: bad response framing: %s", exchange.name, exc)
-            self._abort()
-            return
-        self._finish_cycle()
+                    log.info("agent %r: response aborted mid-body: %s", name, exc)
+                    self._abort()
+                return False
+            except trio.TooSlowError:
+                if not self._responding:
+                    detail = f"no response within {exchange.timeout:g} s"
+                    payload = {"error": "upstream_timeout", "agent": name, "detail": detail}
+                    await self._reply(json_reply(504, payload), close=not exchange.request_done)
+                    self._finish_cycle(exchange)
+                else:
+                    log.info("agent %r: response stalled mid-body", name)
+                    self._abort()
+                return False
+            except ParseError as exc:
+                if not self._responding:
+                    if not received and await self._retry(exchange):
+                        parser = ResponseParser(max_head=MAX_HEAD)
+                        parser.expect(method)
+                        continue
+                    log.info("agent %r: invalid response: %s", name, exc.detail)
+                    payload = {"error": "upstream_unreachable", "agent": name, "detail": BROKEN}
+                    await self._reply(json_reply(502, payload), close=not exchange.request_done)
+                    self._finish_cycle(exchange)
+                else:
+                    # A body cut short or contradicting its framing: the client
+                    # must not take it as complete.
+                    log.info("agent %r: bad response framing: %s", name, exc.detail)
+                    self._abort()
+                return False
+            if isinstance(event, Body):
+                out.append(chunk(event.data) if chunking else event.data)
+            elif isinstance(event, EndOfMessage):
+                if chunking:
+                    out.append(LAST_CHUNK)
+                if out:
+                    await self._write(out)
+                self._finish_cycle(exchange)
+                return upstream_keeps
+            elif isinstance(event, ResponseHead):
+                upstream_keeps = event.keep_alive
+                if event.status >= 300 and not exchange.request_done:
+                    exchange.stop_upload = True
+                chunking = self._response_framing(event, out)
+            elif isinstance(event, Informational):
+                if event.status != 100 and not self._http10:  # (100: we said it already)
+                    out.append(
+                        response_head(event.status, event.reason, clean_headers(event.headers))
+                    )
+            else:
+                raise AssertionError(event)  # noqa: TRY004
 
-    def _finish_cycle(self) -> None:
-        conn = self.h11
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
-        elif conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+    def _response_framing(self, head: ResponseHead, out: list[bytes]) -> bool:
+        """Queue the client's response head; True if the body is to be chunked."""
+        headers = clean_headers(head.headers)
+        chunking = False
+        bodiless = self._method == b"HEAD" or head.status in (204, 304) or head.status < 200
+        if not bodiless and head.content_length is None:
+            if self._http10:
+                self._keep_alive = False  # close-delimited: the end is the close
+            else:
+                chunking = True
+                headers.append((b"transfer-encoding", b"chunked"))
+        if not self._keep_alive:
+            headers.append((b"connection", b"close"))
+        elif self._http10:
+            headers.append((b"connection", b"keep-alive"))
+        out.append(
+            response_head(head.status, head.reason or _REASONS.get(head.status, b""), headers)
+        )
+        self._responding = True
+        return chunking
+
+    async def _read(self, exchange: _InFlight) -> bytes | None:
+        """The next bytes of the response; TooSlowError once the upstream has
+        been silent for its timeout after the request was sent."""
+        stream = exchange.stream
+        if exchange.timeout == math.inf:
+            return await stream.read()
+        deadline = trio.current_time() + exchange.timeout if exchange.request_done else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
+            exchange.read_scope = scope
+            try:
+                return await stream.read()
+            finally:
+                exchange.read_scope = None
+        raise trio.TooSlowError
+
+    async def _retry(self, exchange: _InFlight) -> bool:
+        """A kept-alive stream ended before any answer (its upstream closed the
+        connection as the request went out): send a bodiless idempotent
+        request once more, on a fresh stream."""
+        head = exchange.head
+        if head.has_body or head.method not in _IDEMPOTENT or not exchange.request_done:
+            return False
+        if exchange.retried:
+            return False
+        exchange.retried = True
+        session = exchange.forward.session
+        session.release(exchange.stream, reusable=False)
+        try:
+            stream, _ = await session.acquire()
+        except (AgentBusy, StreamError, StreamRefused):
+            return False
+        exchange.stream = stream
+        try:
+            await stream.send_body(exchange.head_bytes)
+        except StreamError:
+            return False
+        return True
+
+    def _finish_cycle(self, exchange: _InFlight) -> None:
+        if self._closing or not self._keep_alive:
             self._abort()
+        elif exchange.request_done:
+            self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
 
     def _abort(self) -> None:
         """Close the connection now (no final chunk: a truncated body stays visible)."""
+        self._closing = True
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+
+def _refusal(refused: StreamRefused) -> Reply:
+    """The agent's own answer to a refused stream (its JSON error), as ours."""
+    content_type = next(
+        (v for n, v in refused.headers if n == b"content-type"), b"application/json"
+    )
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(refused.body)).encode()),
+    ]
+    return Reply(refused.status if 400 <= refused.status <= 599 else 502, headers, refused.body)

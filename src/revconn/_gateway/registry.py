@@ -21,8 +21,7 @@ import attrs
 import trio
 
 from .. import _codes
-from .._proto.headers import Headers
-from .._proto.session import ResponseReceived
+from .._proto.connect import UpstreamInfo
 
 __all__ = [
     "AgentInfo",
@@ -43,49 +42,37 @@ FLAP_THRESHOLD = 3
 
 
 class RequestStream(Protocol):
-    """One forwarded request on an agent's session, as the exchange drives it."""
+    """One lent tunnel stream (raw HTTP/1.1 both ways), as the exchange drives it."""
 
     @property
-    def local_ended(self) -> bool:
-        """Our side (the request) has ended."""
+    def upstream(self) -> UpstreamInfo | None:
+        """How the agent's upstream is addressed (from the agent's ``200``)."""
         ...
 
     @property
     def remote_ended(self) -> bool:
-        """The agent's side (the response) has ended."""
+        """The agent ended its side (its upstream connection closed)."""
         ...
 
     async def send_body(self, data: bytes, *, end_stream: bool = False) -> None:
-        """Send request body bytes (waits for flow-control credit); StreamError
-        if the agent reset the stream or the session ended."""
-        ...
-
-    async def end(self) -> None:
-        """End the request body."""
-        ...
-
-    async def receive_response(self) -> ResponseReceived:
-        """Wait for the response head; StreamError if the stream failed first."""
+        """Send bytes (waits for flow-control credit); StreamError if the agent
+        reset the stream or the session ended."""
         ...
 
     async def read(self) -> bytes | None:
-        """Response body bytes received so far, or None at its end; StreamError
-        if the stream failed."""
+        """Bytes received so far, or None once the agent ended its side;
+        StreamError if the stream failed."""
         ...
 
     def reset(self, error_code: int = ...) -> None:
-        """Abandon the stream (the agent cancels its upstream call); idempotent."""
-        ...
-
-    def close(self) -> None:
-        """Forget a finished stream."""
+        """Abandon the stream (the agent closes its upstream connection); idempotent."""
         ...
 
 
 @runtime_checkable
 class AgentSession(Protocol):
     """What the gateway needs from an agent's live session: the registry asks
-    it to close, the exchange forwards requests through it. A session held by
+    it to close, the exchange borrows streams from it. A session held by
     another process (a shared registry) is reached through such an object too;
     nothing outside the registry tests for a concrete class."""
 
@@ -100,13 +87,15 @@ class AgentSession(Protocol):
     def request_close(self, close_code: int, reason: str) -> None:
         """Ask the session to end (GOAWAY, then close the WebSocket). Must not block."""
 
-    def open_request(self, headers: Headers, *, end_stream: bool) -> RequestStream:
-        """Open a request stream with ``headers`` (sent at the next ``flush``);
-        AgentBusy at the agent's stream limit, StreamError if closing."""
+    async def acquire(self) -> tuple[RequestStream, bool]:
+        """Lend a stream for one request (an idle pooled one, else a new one),
+        and whether it is new. AgentBusy at the agent's stream limit,
+        StreamError if closing, StreamRefused if the agent cannot reach its
+        upstream."""
         ...
 
-    async def flush(self) -> None:
-        """Send what was queued on the session."""
+    def release(self, stream: RequestStream, *, reusable: bool) -> None:
+        """Take a lent stream back once its response has ended."""
         ...
 
 

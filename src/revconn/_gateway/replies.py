@@ -14,13 +14,10 @@ from .._errors import StreamError
 from .._proto.headers import Headers
 
 __all__ = [
-    "MAX_HEADER_LIST",
     "Reply",
     "agent_busy",
     "agent_offline",
-    "bad_status",
     "format_peer",
-    "header_list_too_large",
     "json_reply",
     "not_found",
     "stream_failure",
@@ -82,28 +79,5 @@ def stream_failure(exc: StreamError, name: str) -> Reply:
     return json_reply(502, {"error": error, "agent": name, "detail": str(exc)})
 
 
-def bad_status(status: int, name: str) -> Reply | None:
-    """502 if the agent's final status is not a 3-digit code >= 200 (a missing or
-    malformed ``:status`` arrives as 0)."""
-    if 200 <= status <= 999:
-        return None
-    detail = f"agent answered with an invalid status ({status or 'none'})"
-    return json_reply(502, {"error": "bad_response", "agent": name, "detail": detail})
-
-
 def not_found(detail: str) -> Reply:
     return json_reply(404, {"error": "not_found", "detail": detail})
-
-
-MAX_HEADER_LIST = 65_536
-"""The agent's SETTINGS_MAX_HEADER_LIST_SIZE (h2's default): a larger request
-head is answered 431 here rather than refused by the agent."""
-
-
-def header_list_too_large(headers: Headers) -> Reply | None:
-    """431 if ``headers`` exceed the tunnel's header list size (RFC 9113 6.5.2:
-    name + value + 32 octets per field)."""
-    if sum(len(n) + len(v) + 32 for n, v in headers) <= MAX_HEADER_LIST:
-        return None
-    detail = f"request headers exceed {MAX_HEADER_LIST} bytes"
-    return json_reply(431, {"error": "request_header_too_large", "detail": detail})

@@ -13,18 +13,12 @@ from collections.abc import Iterable
 
 import attrs
 
-from .._errors import AgentBusy, StreamError
+from .._proto.connect import UpstreamInfo
 from .._proto.headers import Headers, forwarded_request_headers
+from .._proto.http1 import request_head
 from .._proto.rules import valid_agent_name
-from .registry import AgentSession, Registry, RequestStream
-from .replies import (
-    Reply,
-    agent_busy,
-    agent_offline,
-    header_list_too_large,
-    json_reply,
-    not_found,
-)
+from .registry import AgentSession, Registry
+from .replies import Reply, agent_offline, json_reply, not_found
 
 __all__ = [
     "AGENT_PATH",
@@ -36,7 +30,6 @@ __all__ = [
     "dispatch",
     "forward",
     "route",
-    "tunnel_request_headers",
 ]
 
 PREFIX = b"/a/"
@@ -89,49 +82,30 @@ def route(path: bytes, query: bytes) -> Route | Reply:
     return Route(name, b"/" + rest + (b"?" + query if query else b""))
 
 
-def tunnel_request_headers(
-    method: bytes,
-    target: bytes,
-    headers: Iterable[tuple[bytes, bytes]],
-    *,
-    name: str,
-    client: str | None,
-    proto: str,
-) -> Headers:
-    """The request as it travels on the tunnel: pseudo-headers, then the
-    end-to-end headers plus X-Forwarded-* and Via (``headers`` lower-cased)."""
-    items = list(headers)
-    host = next((v for n, v in items if n == b"host"), b"")
-    return [
-        (b":method", method),
-        (b":scheme", b"http"),
-        (b":authority", host or b"localhost"),
-        (b":path", target),
-        *forwarded_request_headers(
-            items, client=client, proto=proto, host=host or None, prefix=f"/a/{name}"
-        ),
-    ]
-
-
 @attrs.frozen(slots=True)
 class Forward:
-    """A public request bound for an online agent: its session and the head to
-    open a stream with."""
+    """A public request bound for an online agent: its session, and the
+    request head as its upstream will see it (built once the stream says how
+    the upstream is addressed)."""
 
     name: str
     session: AgentSession
+    method: bytes
+    target: bytes
+    host: bytes
     headers: Headers
+    """End-to-end headers plus X-Forwarded-* and Via; no Host, no framing."""
 
-    def open(self, *, end_stream: bool) -> RequestStream | Reply:
-        """Open the stream (flush it after), or the reply when the agent cannot
-        take it: 503 ``agent_busy`` at its stream limit, 503 ``agent_offline``
-        if the session began to close since the lookup."""
-        try:
-            return self.session.open_request(self.headers, end_stream=end_stream)
-        except AgentBusy:
-            return agent_busy(self.name)
-        except StreamError:
-            return agent_offline(self.name)
+    def head(self, upstream: UpstreamInfo | None, *, framing: Headers) -> bytes:
+        """The HTTP/1.1 request head written into the stream: the upstream's
+        own Host (or the public one) and path prefix, then ``framing``
+        (Content-Length or Transfer-Encoding)."""
+        host = self.host or b"localhost"
+        target = self.target
+        if upstream is not None:
+            host = upstream.host or host
+            target = upstream.prefix + target
+        return request_head(self.method, target, [(b"host", host), *self.headers, *framing])
 
 
 def forward(
@@ -143,16 +117,24 @@ def forward(
     client: str | None,
     proto: str,
 ) -> Forward | Reply:
-    """Where a routed public request goes and with which head, or the reply that
-    answers it instead (503 ``agent_offline``, 431 for a head too large for the
-    tunnel). The agent is looked up through the Registry interface only."""
+    """Where a routed public request goes, or the reply that answers it
+    instead (503 ``agent_offline``). The agent is looked up through the
+    Registry interface only. ``headers`` are lower-cased."""
     session = registry.lookup(found.name)
     if session is None or not session.accepting:
         return agent_offline(found.name)
-    tunnel_headers = tunnel_request_headers(
-        method, found.target, headers, name=found.name, client=client, proto=proto
+    items = list(headers)
+    host = b""
+    for name, value in items:
+        if name == b"host":
+            host = value
+            break
+    forwarded = forwarded_request_headers(
+        items, client=client, proto=proto, host=host or None, prefix=f"/a/{found.name}"
     )
-    too_large = header_list_too_large(tunnel_headers)
-    if too_large is not None:
-        return too_large
-    return Forward(found.name, session, tunnel_headers)
+    # The gateway answers Expect: 100-continue itself, and frames the body itself.
+    forwarded = [(n, v) for n, v in forwarded if n not in _NOT_FORWARDED]
+    return Forward(found.name, session, method, found.target, host, forwarded)
+
+
+_NOT_FORWARDED = frozenset({b"expect", b"content-length"})

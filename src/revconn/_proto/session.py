@@ -248,6 +248,8 @@ class TunnelSession:
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: (
                     self._conn.DEFAULT_MAX_HEADER_LIST_SIZE
                 ),
+                # (agent) Streams are extended CONNECT streams (RFC 8441).
+                **({} if client else {h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1}),
             },
         )
         # (h2 reads this once in its constructor, before our settings exist)
@@ -363,8 +365,13 @@ class TunnelSession:
                 return n
 
     def end_stream(self, stream_id: int) -> None:
+        """End our side of a stream (an empty DATA frame with END_STREAM);
+        LocalProtocolError if the stream or the session is closed."""
         self._require_open()
-        self._conn.end_stream(stream_id)
+        try:
+            self._conn.end_stream(stream_id)
+        except h2.exceptions.StreamClosedError:
+            raise LocalProtocolError(f"stream {stream_id} is closed") from None
 
     def reset_stream(self, stream_id: int, error_code: int = _codes.H2_CANCEL) -> None:
         """Reset a stream; a no-op if it is already closed."""

@@ -11,6 +11,7 @@ from .._errors import StreamError
 from .._proto.session import DataReceived, RequestReceived, ResponseReceived
 
 if TYPE_CHECKING:
+    from .._proto.connect import UpstreamInfo
     from .tunnel import Tunnel
 
 __all__ = ["TunnelStream"]
@@ -31,6 +32,7 @@ class TunnelStream:
         "_unacked",
         "cancel_scope",
         "id",
+        "idle_since",
         "local_ended",
         "remote_ended",
         "request",
@@ -38,6 +40,7 @@ class TunnelStream:
         "responded",
         "response",
         "tunnel",
+        "upstream",
     )
 
     def __init__(self, tunnel: Tunnel, stream_id: int) -> None:
@@ -53,6 +56,10 @@ class TunnelStream:
         self.responded = False
         self.cancel_scope: trio.CancelScope | None = None
         self._changed = trio.Event()
+        self.upstream: UpstreamInfo | None = None
+        """(gateway) What the agent said about its upstream when it accepted the stream."""
+        self.idle_since = 0.0
+        """(gateway) When the stream was last given back to the pool."""
 
     def _wake(self) -> None:
         self._changed.set()

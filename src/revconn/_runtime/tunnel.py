@@ -39,6 +39,7 @@ from .._proto.session import (
     WindowOpened,
 )
 from .heartbeat import Heartbeat, HeartbeatScheduler
+from .streampool import StreamPool
 from .streams import TunnelStream
 from .transport import MessageTransport
 
@@ -83,6 +84,7 @@ class Tunnel:
         "_handlers",
         "_on_end",
         "_on_request",
+        "_pool",
         "_scheduler",
         "_send_lock",
         "_streams",
@@ -122,6 +124,8 @@ class Tunnel:
         self.accepting = True
         """(gateway) False once the session must not take new requests."""
         self._drain_close: tuple[int, str] | None = None
+        self._pool: StreamPool | None = None
+        """(gateway) Open streams lent to requests; created with the first request."""
 
     def drain(self, close_code: int, reason: str) -> None:
         """Take no new requests; end the session (GOAWAY ``reason``, close
@@ -133,6 +137,9 @@ class Tunnel:
             # Tell the gateway to open no more streams here (SETTINGS
             # MAX_CONCURRENT_STREAMS = 0); the ones in flight finish first.
             self.session.stop_accepting_streams()
+            self.flush_soon()
+        elif self._pool is not None:
+            self._pool.prune(0.0, everything=True)
             self.flush_soon()
         self._maybe_finish_drain()
 
@@ -158,6 +165,26 @@ class Tunnel:
         stream.local_ended = end_stream
         self._streams[stream_id] = stream
         return stream
+
+    async def acquire(self) -> tuple[TunnelStream, bool]:
+        """(gateway) A stream for one request from the pool (see StreamPool.acquire)."""
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = StreamPool(self)
+        return await pool.acquire()
+
+    def release(self, stream: object, *, reusable: bool) -> None:
+        """(gateway) Give a stream back once its response has ended."""
+        assert isinstance(stream, TunnelStream)
+        if self._pool is None:
+            stream.reset(_codes.H2_CANCEL)
+        else:
+            self._pool.release(stream, reusable=reusable)
+
+    @property
+    def pooled_streams(self) -> int:
+        """(gateway) Idle streams in the pool."""
+        return 0 if self._pool is None else self._pool.idle
 
     def flush_soon(self) -> None:
         """Flush in the background (for callers that cannot await, e.g. cleanup)."""
@@ -189,6 +216,8 @@ class Tunnel:
         """Queue a PING (the caller flushes); False if the session is over."""
         if self.end is not None or self.session.closed:
             return False
+        if self._pool is not None:
+            self._pool.prune(trio.current_time())
         self.session.send_ping(payload)
         return True
 
@@ -394,6 +423,9 @@ class Tunnel:
                     code = _codes.WS_REPLACED if replaced else _codes.WS_NORMAL
                     self._finish(TunnelEnd(code, event.reason, err, by_peer=True))
                     return
+            pool = self._pool
+            if pool is not None and pool.idle and self.session.peer_draining:
+                pool.prune(0.0, everything=True)  # the agent drains: free its upstream connections
             await self.flush()
 
 
