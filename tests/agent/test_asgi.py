@@ -172,7 +172,7 @@ async def serving(
 
 
 async def read_body(receive: Receive) -> bytes:
-    body = b""
+    body: bytes = b""
     while True:
         message = await receive()
         assert message["type"] == "http.request", message
@@ -566,6 +566,10 @@ async def test_cancelling_serve_http1_stops_it_at_once_even_while_sending_is_blo
 
 
 async def test_an_app_that_never_reads_a_large_body_makes_the_reading_stop() -> None:
+    """Nothing is buffered beyond hypercorn's bounded queue; and when the app
+    then answers without reading, the connection still ends (with hypercorn's
+    own queue it deadlocks here: the app's last send waits for room to put
+    http.disconnect)."""
     release = trio.Event()
     sent = 0
     sender_done = trio.Event()
@@ -604,6 +608,54 @@ async def test_an_app_that_never_reads_a_large_body_makes_the_reading_stop() -> 
                 assert await s.gateway.read() == b""  # hypercorn closes: the body was unread
                 await s.done.wait()
                 nursery.cancel_scope.cancel()
+
+
+async def test_apps_still_running_when_the_connection_ends_get_the_grace_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    state = {"background_done": False, "cancelled": False}
+
+    async def app(scope: Any, receive: Receive, send: Send) -> None:
+        await respond(send, 200, b"bye")
+        await trio.sleep(1.0)  # a response's background work: finishes
+        state["background_done"] = True
+        try:
+            await trio.sleep_forever()  # overstays: cancelled
+        except trio.Cancelled:
+            state["cancelled"] = True
+            raise
+
+    with trio.fail_after(100):
+        async with serving(app) as s:
+            await s.gateway.request("GET", "/", [("connection", "close")])
+            assert (await s.gateway.response()).body == b"bye"
+            answered = trio.current_time()
+            assert await s.gateway.read() == b""  # the connection is over at once
+            assert trio.current_time() == answered
+            await s.done.wait()
+            assert trio.current_time() - answered == pytest.approx(3.0)  # graceful_timeout
+    assert state == {"background_done": True, "cancelled": True}
+
+
+async def test_the_gateway_going_away_mid_response_ends_serve_http1() -> None:
+    async def app(scope: Any, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            await send({"type": "http.response.body", "body": b"tick", "more_body": True})
+
+    with trio.fail_after(2):
+        async with serving(app) as s:
+            await s.gateway.send(
+                b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
+            await s.gateway.send(b"1\r\nx\r\n")
+            assert (await s.gateway.read()).startswith(b"HTTP/1.1 200")
+            await s.gateway.from_agent.aclose()  # gone: the agent's next send fails
+            await s.gateway.send(b"1\r\nx\r\n")
+            await s.done.wait()
 
 
 def test_asgi_config_suits_the_tunnel() -> None:

@@ -116,10 +116,10 @@ class _InFlight:
     __slots__ = (
         "done",
         "forward",
+        "gone",
         "head",
         "head_bytes",
         "name",
-        "read_scope",
         "request_done",
         "retried",
         "scope",
@@ -135,7 +135,8 @@ class _InFlight:
         self.head = head
         self.head_bytes = b""
         self.scope = trio.CancelScope()
-        self.read_scope: trio.CancelScope | None = None
+        self.gone = False
+        """The client left (the scope was cancelled for that, not a timeout)."""
         self.done = False
         self.retried = False
         self.request_done = False
@@ -148,9 +149,10 @@ class _InFlight:
         )
 
     def uploaded(self) -> None:
+        """The whole request is sent: the upstream's silence counts from now."""
         self.request_done = True
-        if self.read_scope is not None and self.timeout != math.inf:
-            self.read_scope.deadline = trio.current_time() + self.timeout
+        if self.timeout != math.inf:
+            self.scope.deadline = trio.current_time() + self.timeout
 
 
 class HttpConnection:
@@ -525,6 +527,7 @@ class HttpConnection:
             self._closing = True
 
     def _client_gone(self, exchange: _InFlight) -> None:
+        exchange.gone = True
         exchange.stream.reset(_codes.H2_CANCEL)
         exchange.scope.cancel()
 
@@ -540,6 +543,8 @@ class HttpConnection:
         try:
             with exchange.scope:
                 reusable = await self._relay_response(exchange)
+            if exchange.scope.cancelled_caught and not exchange.gone:
+                await self._upstream_timeout(exchange)
         finally:
             exchange.done = True
             reusable = reusable and exchange.request_done
@@ -580,16 +585,6 @@ class HttpConnection:
                     self._finish_cycle(exchange)
                 else:
                     log.info("agent %r: response aborted mid-body: %s", name, exc)
-                    self._abort()
-                return False
-            except trio.TooSlowError:
-                if not self._responding:
-                    detail = f"no response within {exchange.timeout:g} s"
-                    payload = {"error": "upstream_timeout", "agent": name, "detail": detail}
-                    await self._reply(json_reply(504, payload), close=not exchange.request_done)
-                    self._finish_cycle(exchange)
-                else:
-                    log.info("agent %r: response stalled mid-body", name)
                     self._abort()
                 return False
             except ParseError as exc:
@@ -652,19 +647,25 @@ class HttpConnection:
         return chunking
 
     async def _read(self, exchange: _InFlight) -> bytes | None:
-        """The next bytes of the response; TooSlowError once the upstream has
-        been silent for its timeout after the request was sent."""
-        stream = exchange.stream
-        if exchange.timeout == math.inf:
-            return await stream.read()
-        deadline = trio.current_time() + exchange.timeout if exchange.request_done else math.inf
-        with trio.CancelScope(deadline=deadline) as scope:
-            exchange.read_scope = scope
-            try:
-                return await stream.read()
-            finally:
-                exchange.read_scope = None
-        raise trio.TooSlowError
+        """The next bytes of the response. Once the request is sent, the
+        upstream may stay silent for its timeout: the relay's own scope has
+        that deadline (one scope per request, not per read)."""
+        if exchange.request_done and exchange.timeout != math.inf:
+            exchange.scope.deadline = trio.current_time() + exchange.timeout
+        return await exchange.stream.read()
+
+    async def _upstream_timeout(self, exchange: _InFlight) -> None:
+        """The upstream was silent for its timeout: 504 if nothing was
+        answered yet, else the client connection is aborted."""
+        if self._responding:
+            log.info("agent %r: response stalled mid-body", exchange.name)
+            self._abort()
+            return
+        detail = f"no response within {exchange.timeout:g} s"
+        payload = {"error": "upstream_timeout", "agent": exchange.name, "detail": detail}
+        exchange.stream.reset(_codes.H2_CANCEL)
+        await self._reply(json_reply(504, payload), close=not exchange.request_done)
+        self._finish_cycle(exchange)
 
     async def _retry(self, exchange: _InFlight) -> bool:
         """A kept-alive stream ended before any answer (its upstream closed the
