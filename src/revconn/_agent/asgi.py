@@ -52,7 +52,6 @@ response; a WebSocket gets close code 1011).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -75,21 +74,13 @@ from hypercorn.typing import (
 )
 
 from .._errors import StreamError
+from .upstream import ASGIApp, error_body
 
 __all__ = ["ASGIApp", "ByteChannel", "asgi_config", "serve_http1"]
 
 log = logging.getLogger("revconn.upstream")
 
 Message = MutableMapping[str, Any]
-ASGIApp = Callable[
-    [
-        MutableMapping[str, Any],
-        Callable[[], Awaitable[MutableMapping[str, Any]]],
-        Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ],
-    Awaitable[None],
-]
-
 GONE = (trio.BrokenResourceError, trio.ClosedResourceError, StreamError)
 """What a ByteChannel raises when the gateway's side is gone."""
 
@@ -404,7 +395,7 @@ class _GuardedApp:
     async def _answer_500(
         self, scope: Message, send: Callable[[Message], Awaitable[None]], detail: str
     ) -> None:
-        body = json.dumps({"error": "app_error", "agent": self.agent, "detail": detail}).encode()
+        body = error_body("app_error", self.agent, detail)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
