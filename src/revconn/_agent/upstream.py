@@ -122,7 +122,15 @@ class StreamChannel:
 class HttpUpstream:
     """``--upstream URL``: each stream is a byte pipe to one upstream connection."""
 
-    def __init__(self, url: str, *, agent: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        agent: str,
+        timeout: float = 60.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``ssl_context``: for an https upstream (default: the system's CAs)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"upstream URL {url!r} must be http://HOST[:PORT] or https://...")
@@ -137,7 +145,7 @@ class HttpUpstream:
         except ValueError:
             raise ConfigError(f"upstream URL {url!r} has an invalid port") from None
         self.host = parts.hostname
-        self._ssl = ssl.create_default_context() if secure else None
+        self._ssl = (ssl_context or ssl.create_default_context()) if secure else None
         self._accept_headers = [
             (b"revconn-upstream-host", parts.netloc.encode("idna")),
             (b"revconn-upstream-timeout", f"{timeout:g}".encode()),
