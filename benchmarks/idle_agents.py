@@ -101,6 +101,7 @@ def run_clients(url: str, prefix: str, count: int, tunnel: bool) -> None:
                 url.replace("http", "ws", 1) + path,
                 extra_headers=[(b"authorization", f"Bearer {SECRET}".encode())],
                 connect_timeout=60,
+                subprotocols=["revconn.v2"],  # (a gateway of protocol v1 ignores it)
             )
             ws = await ws_cm.__aenter__()
             session = TunnelSession(Role.AGENT)
