@@ -70,7 +70,9 @@ V1_RESPONSE = [
 
 
 class _Transport:
-    def __init__(self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]):
+    def __init__(
+        self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]
+    ):
         self._send, self._receive = send, receive
 
     async def send_message(self, data: bytes) -> None:
@@ -219,7 +221,9 @@ def main() -> None:
             results[name].append(trio.run(run))
         parse["h11 (request + response)"].append(_parse_cost(_h11_pair, args.requests))
         parse["httptools (http1.py)"].append(_parse_cost(_httptools_pair, args.requests))
-    print(f"# python benchmarks/stream_mapping.py --requests {args.requests} --rounds {args.rounds}")
+    print(
+        f"# python benchmarks/stream_mapping.py --requests {args.requests} --rounds {args.rounds}"
+    )
     print("| tunnel work per GET + 1 KiB answer (both ends) | us | vs v1 |")
     print("|---|---|---|")
     base = statistics.median(next(iter(results.values())))
