@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import forwarding as fw  # noqa: E402  (the benchmark's process and revision helpers)
+import forwarding as fw
 
 # Run inside the gateway: count while enabled (SIGUSR1 starts, SIGUSR2 stops and
 # writes the counts to $PASSES_OUT), then run the gateway's own entry point.
