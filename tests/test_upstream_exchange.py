@@ -183,31 +183,48 @@ async def test_broken_pipe_while_sending_keeps_the_answer() -> None:
         assert tunnel(gw).pooled_streams == 0
 
 
-async def test_error_answer_stops_the_upload_even_if_the_upstream_reads_on() -> None:
-    """An upstream that answers 401 at once, then drains the body: the gateway
-    stops the upload (the upstream gets far less than the body) and closes."""
-    received = 0
-    drained = trio.Event()
+async def refuse_slowly_while_reading(stream: trio.abc.Stream, received: list[int]) -> None:
+    """Read a request head, wait 0.2 s without reading (the upload fills the
+    buffers and blocks), then answer 401 in pieces over 0.3 s while reading the
+    body on, until the agent closes the connection; counts what it read."""
+    conn, _ = await read_head(stream)
+    await trio.sleep(0.2)
+    head = h11.Response(status_code=401, headers=[(b"content-length", b"12")])
+    await stream.send_all(conn.send(head) or b"")
 
-    async def answer_then_drain(stream: trio.SocketStream) -> None:
-        nonlocal received
-        conn, _ = await read_head(stream)
-        await respond(conn, stream, 401, b"no")
+    async def answer() -> None:
+        for piece in (b"who ", b"are ", b"you?"):
+            await trio.sleep(0.1)
+            await stream.send_all(conn.send(h11.Data(data=piece)) or b"")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
         try:
             while data := await stream.receive_some(CHUNK):
-                received += len(data)
-        finally:
-            drained.set()  # the agent closed the connection
+                received.append(len(data))
+        except trio.BrokenResourceError:
+            pass
+    received.append(0)  # the end: the agent closed the connection
 
-    async with stack(answer_then_drain) as (gw, port, _), connect(port) as client:
+
+async def test_error_answer_stops_the_upload_even_if_the_upstream_reads_on() -> None:
+    """An upstream that starts a 401 during the upload and reads on while it
+    ends it: the gateway stops the upload at the head (the upstream gets far
+    less than the body), relays the whole answer and closes."""
+    received: list[int] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await refuse_slowly_while_reading(stream, received)
+
+    async with stack(handler) as (gw, port, _), connect(port) as client:
         with trio.fail_after(5):
             response, body = await answer_during_upload(
                 client, upload_head("/a/web/upload", UPLOAD), UPLOAD
             )
-            assert (response.status_code, body) == (401, b"no")
+            assert (response.status_code, body) == (401, b"who are you?")
             assert await client.closed_by_peer()
-            await drained.wait()
-        assert received < UPLOAD // 4
+            await wait_for(lambda: received[-1:] == [0])
+        assert sum(received) < UPLOAD // 4
         assert tunnel(gw).pooled_streams == 0
 
 
@@ -238,30 +255,17 @@ def tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 async def test_error_answer_over_tls_arrives_whole_and_stops_the_upload(
     tls: tuple[ssl.SSLContext, ssl.SSLContext],
 ) -> None:
-    """An https upstream that answers 401 slowly while the upload is blocked, then
-    drains: the whole answer arrives, and the upload stops."""
+    """The same from an https upstream: the agent's TLS write is blocked when the
+    answer begins; the whole answer still arrives, and the upload stops."""
     server_context, client_context = tls
-    received = 0
-    drained = trio.Event()
+    received: list[int] = []
 
-    async def slow_refusal(tcp: trio.SocketStream) -> None:
-        nonlocal received
+    async def handler(tcp: trio.SocketStream) -> None:
         stream = trio.SSLStream(tcp, server_context, server_side=True)
-        conn, _ = await read_head(stream)
-        await trio.sleep(0.2)  # the upload fills the buffers and blocks meanwhile
-        head = h11.Response(status_code=401, headers=[(b"content-length", b"12")])
-        await stream.send_all(conn.send(head) or b"")
-        for piece in (b"who ", b"are ", b"you?"):  # several reads after the stop
-            await trio.sleep(0.1)
-            await stream.send_all(conn.send(h11.Data(data=piece)) or b"")
-        try:
-            while data := await stream.receive_some(CHUNK):
-                received += len(data)
-        finally:
-            drained.set()
+        await refuse_slowly_while_reading(stream, received)
 
     async with (
-        stack(slow_refusal, tls=client_context) as (gw, port, _),
+        stack(handler, tls=client_context) as (gw, port, _),
         connect(port) as client,
     ):
         with trio.fail_after(5):
@@ -270,8 +274,8 @@ async def test_error_answer_over_tls_arrives_whole_and_stops_the_upload(
             )
             assert (response.status_code, body) == (401, b"who are you?")
             assert await client.closed_by_peer()
-            await drained.wait()
-        assert received < UPLOAD // 4
+            await wait_for(lambda: received[-1:] == [0])
+        assert sum(received) < UPLOAD // 4
         assert tunnel(gw).pooled_streams == 0
 
 
