@@ -46,8 +46,9 @@ async def test_agent_without_the_subprotocol_is_closed_4426_and_never_registered
                 while True:  # no tunnel starts: not even the gateway's SETTINGS
                     message = await ws.get_message()
                     pytest.fail(f"unexpected message {message!r}")
-            assert info.value.reason.code == MISMATCH_CODE
-            assert info.value.reason.reason == MISMATCH_REASON
+            reason = info.value.reason
+            assert reason is not None
+            assert (reason.code, reason.reason) == (MISMATCH_CODE, MISMATCH_REASON)
             assert gw.gateway.registry.lookup("x") is None
             with trio.move_on_after(0.05):
                 async for event in sub:
@@ -142,7 +143,9 @@ async def handshake_then_close(request: WebSocketRequest) -> WebSocketConnection
     session.initiate()
     await ws.send_message(session.data_to_send())
     while not session.handshake_complete:
-        session.receive_data(await ws.get_message())
+        message = await ws.get_message()
+        assert isinstance(message, bytes)
+        session.receive_data(message)
         if out := session.data_to_send():
             await ws.send_message(out)
     await ws.aclose(MISMATCH_CODE, MISMATCH_REASON)
@@ -166,18 +169,7 @@ async def test_gateway_that_selects_no_subprotocol_stops_the_agent_with_4426() -
 @pytest.mark.parametrize(
     "behaviour",
     [
-        pytest.param(
-            select_then_close,
-            id="closed-during-tunnel-handshake",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "src/revconn/_agent/agent.py _connect_in_scope maps close code 4426 to "
-                    "ProtocolVersionError only after tunnel.serve(); a 4426 close during "
-                    "tunnel.handshake() raises ConnectionLost, which the supervisor retries"
-                ),
-            ),
-        ),
+        pytest.param(select_then_close, id="closed-during-tunnel-handshake"),
         pytest.param(handshake_then_close, id="closed-after-tunnel-handshake"),
     ],
 )

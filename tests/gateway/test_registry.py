@@ -22,7 +22,7 @@ class FakeSession:
         self.rtt = rtt
         self.close_requests: list[tuple[int, str]] = []
 
-    async def acquire(self) -> object:
+    async def acquire(self, *, fresh: bool = False) -> object:
         raise AssertionError("the registry never borrows streams")
 
     def release(self, stream: object, *, reusable: bool) -> None:

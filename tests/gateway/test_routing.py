@@ -86,7 +86,7 @@ class _Session:
     def request_close(self, close_code: int, reason: str) -> None:
         raise AssertionError
 
-    async def acquire(self) -> object:
+    async def acquire(self, *, fresh: bool = False) -> object:
         raise AssertionError
 
     def release(self, stream: object, *, reusable: bool) -> None:

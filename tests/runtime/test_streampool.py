@@ -27,7 +27,7 @@ from revconn._codes import H2_CANCEL
 from revconn._proto.connect import CONNECT_HEADERS
 from revconn._runtime.streampool import IDLE_TIMEOUT, MAX_REFUSAL_BODY, StreamPool, StreamRefused
 from revconn._runtime.streams import TunnelStream
-from revconn._runtime.tunnel import Tunnel
+from revconn._runtime.tunnel import RequestHandler, Tunnel
 
 from .._gateway_helpers import SECRET, RunningGateway, running_gateway, wait_for
 from .._memory import tunnels
@@ -74,6 +74,20 @@ class Recorder:
             self.changed = trio.Event()
 
 
+LIMIT = 60.0
+"""Virtual seconds any in-memory test may take (a hang fails at once in real time)."""
+
+
+@asynccontextmanager
+async def bounded_tunnels(
+    handler: RequestHandler, *, max_streams: int = 100
+) -> AsyncIterator[Tunnel]:
+    """``tunnels()`` under ``trio.fail_after(LIMIT)``."""
+    with trio.fail_after(LIMIT):
+        async with tunnels(handler, max_streams=max_streams) as gw:
+            yield gw
+
+
 async def exchange(stream: TunnelStream) -> None:
     """One request/response on a lent stream."""
     await stream.send_body(b"ping")
@@ -89,7 +103,7 @@ async def settle() -> None:
 # -- lending ------------------------------------------------------------------------------
 async def test_sequential_requests_reuse_one_stream(autojump_clock: trio.testing.MockClock) -> None:
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         first, fresh = await gw.acquire()
         assert fresh
         await exchange(first)
@@ -109,7 +123,7 @@ async def test_most_recently_released_stream_is_lent_first(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         a, _ = await gw.acquire()
         b, _ = await gw.acquire()
         c, _ = await gw.acquire()
@@ -127,7 +141,7 @@ async def test_concurrent_acquires_open_distinct_streams_up_to_the_agent_limit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = Recorder()
-    async with tunnels(agent.handler, max_streams=3) as gw:
+    async with bounded_tunnels(agent.handler, max_streams=3) as gw:
         lent: list[tuple[TunnelStream, bool]] = []
         busy: list[AgentBusy] = []
 
@@ -159,7 +173,7 @@ async def test_release_not_reusable_resets_the_stream(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         stream, _ = await gw.acquire()
         await exchange(stream)
         gw.release(stream, reusable=False)
@@ -177,7 +191,7 @@ async def test_stream_ended_by_the_agent_is_not_lent(
 ) -> None:
     """An upstream that closed its kept-alive connection ends its stream."""
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         stream, _ = await gw.acquire()
         await exchange(stream)
         gw.release(stream, reusable=True)
@@ -194,7 +208,7 @@ async def test_stream_ended_before_release_is_not_pooled(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         stream, _ = await gw.acquire()
         await stream.send_body(b"ping bye")
         assert await stream.read() == b"pong"
@@ -208,7 +222,7 @@ async def test_stream_holding_unread_bytes_is_not_lent(
 ) -> None:
     """A 408 an upstream wrote on an idle connection must not answer the next request."""
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         stream, _ = await gw.acquire()
         await exchange(stream)
         gw.release(stream, reusable=True)
@@ -228,7 +242,7 @@ async def test_prune_retires_streams_idle_for_idle_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         pool = StreamPool(gw)  # (a pool of its own: no heartbeat prunes it)
         old, _ = await pool.acquire()
         new, _ = await pool.acquire()
@@ -263,7 +277,7 @@ async def test_prune_everything_retires_every_idle_stream(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         pool = StreamPool(gw)
         streams = [(await pool.acquire())[0] for _ in range(3)]
         for stream in streams:
@@ -282,7 +296,7 @@ async def test_heartbeat_prunes_at_its_ping_times(autojump_clock: trio.testing.M
     at 15, 30, 45 s. A stream released at 1 s is 44 s idle at 45 s: retired
     then, not at 31 s."""
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         assert trio.current_time() == 0.0
         stream, _ = await gw.acquire()
         await exchange(stream)
@@ -304,7 +318,7 @@ async def test_gateway_drain_retires_idle_streams_then_closes_when_the_rest_retu
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         a, _ = await gw.acquire()
         b, _ = await gw.acquire()
         busy, _ = await gw.acquire()
@@ -335,7 +349,7 @@ async def test_draining_agent_gets_its_idle_streams_retired(
     idle streams at once, so the agent's drain completes without waiting for
     IDLE_TIMEOUT."""
     agent = Recorder()
-    async with tunnels(agent.handler) as gw:
+    async with bounded_tunnels(agent.handler) as gw:
         streams = [(await gw.acquire())[0] for _ in range(3)]
         for stream in streams:
             await exchange(stream)
@@ -370,7 +384,7 @@ async def test_refused_connect_raises_stream_refused_with_the_agents_answer(
         await refuse(stream, 502, "upstream_unreachable", "web", detail)
 
     body = error_body("upstream_unreachable", "web", detail)
-    async with tunnels(unreachable) as gw:
+    async with bounded_tunnels(unreachable) as gw:
         with pytest.raises(StreamRefused) as info:
             await gw.acquire()
         assert info.value.status == 502
@@ -444,7 +458,9 @@ async def answer(conn: h11.Connection, stream: trio.SocketStream, body: bytes) -
     await stream.send_all(data + (conn.send(h11.EndOfMessage()) or b""))
 
 
-async def one_answer_per_connection(upstream: Upstream, index: int, stream: trio.SocketStream) -> None:
+async def one_answer_per_connection(
+    upstream: Upstream, index: int, stream: trio.SocketStream
+) -> None:
     """Keep-alive in words only: answers one request, reads the next, closes
     unanswered (an idle timeout firing as the request arrives)."""
     conn, target = await next_request(upstream, index, stream, None)
@@ -463,7 +479,9 @@ async def close_when_idle(upstream: Upstream, index: int, stream: trio.SocketStr
         return
 
 
-async def close_after_first_answer(upstream: Upstream, index: int, stream: trio.SocketStream) -> None:
+async def close_after_first_answer(
+    upstream: Upstream, index: int, stream: trio.SocketStream
+) -> None:
     """Closes right after its first response, which said nothing of closing."""
     conn, target = await next_request(upstream, index, stream, None)
     await answer(conn, stream, b"answer to " + target)
@@ -480,9 +498,9 @@ async def stray_408_when_idle(upstream: Upstream, index: int, stream: trio.Socke
 
 
 @asynccontextmanager
-async def stack(handler: Callable[[trio.SocketStream], Awaitable[None]]) -> AsyncIterator[
-    tuple[RunningGateway, Tunnel, int]
-]:
+async def stack(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+) -> AsyncIterator[tuple[RunningGateway, Tunnel, int]]:
     """A gateway with agent "pool" relaying to ``handler``; yields the gateway,
     the agent's tunnel as the gateway holds it, and the data plane's port."""
     async with serving(handler) as upstream_port, running_gateway() as gw:
@@ -603,14 +621,6 @@ async def test_stray_bytes_on_an_idle_connection_never_answer_the_next_request(
     no_errors_logged(caplog)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "src/revconn/_gateway/exchange.py HttpConnection._retry takes its 'fresh' stream "
-        "from session.acquire(), which lends a pooled idle stream first (StreamPool.acquire): "
-        "the retry lands on another stale stream and the GET gets 502"
-    ),
-)
 async def test_retry_goes_on_a_fresh_stream_not_another_pooled_one(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

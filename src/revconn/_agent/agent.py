@@ -203,6 +203,11 @@ class Agent:
             try:
                 try:
                     await tunnel.handshake()
+                except ConnectionLost as exc:
+                    if exc.close_code == _codes.WS_VERSION_MISMATCH:
+                        raise ProtocolVersionError(f"{exc}: upgrade this agent") from None
+                    log.warning("disconnected: handshake failed: %s", exc)
+                    raise
                 except RevconnError as exc:
                     log.warning("disconnected: handshake failed: %s", exc)
                     raise

@@ -680,7 +680,7 @@ class HttpConnection:
         session = exchange.forward.session
         session.release(exchange.stream, reusable=False)
         try:
-            stream, _ = await session.acquire()
+            stream, _ = await session.acquire(fresh=True)
         except (AgentBusy, StreamError, StreamRefused):
             return False
         exchange.stream = stream

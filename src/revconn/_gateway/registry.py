@@ -87,11 +87,11 @@ class AgentSession(Protocol):
     def request_close(self, close_code: int, reason: str) -> None:
         """Ask the session to end (GOAWAY, then close the WebSocket). Must not block."""
 
-    async def acquire(self) -> tuple[RequestStream, bool]:
-        """Lend a stream for one request (an idle pooled one, else a new one),
-        and whether it is new. AgentBusy at the agent's stream limit,
-        StreamError if closing, StreamRefused if the agent cannot reach its
-        upstream."""
+    async def acquire(self, *, fresh: bool = False) -> tuple[RequestStream, bool]:
+        """Lend a stream for one request (an idle pooled one, else a new one;
+        with ``fresh`` always a new one), and whether it is new. AgentBusy at
+        the agent's stream limit, StreamError if closing, StreamRefused if the
+        agent cannot reach its upstream."""
         ...
 
     def release(self, stream: RequestStream, *, reusable: bool) -> None:

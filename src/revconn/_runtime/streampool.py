@@ -73,8 +73,10 @@ class StreamPool:
             and stream.id in self._tunnel._streams
         )
 
-    async def acquire(self) -> tuple[TunnelStream, bool]:
-        """A stream for one request, and whether it is new (never used).
+    async def acquire(self, *, fresh: bool = False) -> tuple[TunnelStream, bool]:
+        """A stream for one request, and whether it is new (never used); with
+        ``fresh``, always a new one (a retry: idle streams of an upstream
+        that closed its kept-alive connections tend to go stale together).
 
         Raises AgentBusy at the agent's stream limit, StreamError when the
         tunnel is closing or the stream failed before it was accepted, and
@@ -82,7 +84,7 @@ class StreamPool:
         """
         tunnel = self._tunnel
         idle = self._idle
-        while idle:
+        while idle and not fresh:
             stream = idle.pop()
             if self._usable(stream) and tunnel.accepting:
                 return stream, False

@@ -166,12 +166,12 @@ class Tunnel:
         self._streams[stream_id] = stream
         return stream
 
-    async def acquire(self) -> tuple[TunnelStream, bool]:
+    async def acquire(self, *, fresh: bool = False) -> tuple[TunnelStream, bool]:
         """(gateway) A stream for one request from the pool (see StreamPool.acquire)."""
         pool = self._pool
         if pool is None:
             pool = self._pool = StreamPool(self)
-        return await pool.acquire()
+        return await pool.acquire(fresh=fresh)
 
     def release(self, stream: object, *, reusable: bool) -> None:
         """(gateway) Give a stream back once its response has ended."""
