@@ -14,6 +14,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import h11
@@ -92,7 +93,7 @@ async def next_request(stream: trio.abc.Stream) -> tuple[h11.Connection, h11.Req
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(CHUNK))
+            conn.receive_data(bytes(await stream.receive_some(CHUNK)))
             continue
         if isinstance(event, h11.ConnectionClosed):
             return None
@@ -125,11 +126,11 @@ async def upload(
 
 
 async def answer_during_upload(
-    client: Client, head: bytes, length: int, **kwargs: float
+    client: Client, head: bytes, length: int, *, piece: bytes = PIECE, interval: float = 0.0
 ) -> tuple[h11.Response, bytes]:
     """Upload while reading the response; the upload stops when the response is in."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: upload(client, head, length, **kwargs))  # type: ignore[arg-type]
+        nursery.start_soon(partial(upload, client, head, length, piece=piece, interval=interval))
         response, body = await client.response()
         nursery.cancel_scope.cancel()
     return response, body
@@ -184,6 +185,37 @@ async def test_broken_pipe_while_sending_keeps_the_answer() -> None:
         assert tunnel(gw).pooled_streams == 0
 
 
+async def refuse_from_the_head(stream: trio.SocketStream) -> None:
+    conn, _ = await read_head(stream)
+    await respond(conn, stream, 413, b"too large")
+    await stream.aclose()
+
+
+async def test_an_early_upstream_answer_says_connection_close() -> None:
+    """An upstream's answer before the body was read ends the client connection,
+    and says so (Connection: close), like the gateway's own early answers."""
+    async with stack(refuse_from_the_head) as (_, port, _), connect(port) as client:
+        with trio.fail_after(5):
+            await client.send_raw(upload_head("/a/web/upload", UPLOAD) + b"x" * 1000)
+            response, body = await client.response()
+    assert (response.status_code, body) == (413, b"too large")
+    assert (b"connection", b"close") in response.headers
+
+
+async def test_an_early_upstream_answer_closes_even_if_the_client_stops_sending() -> None:
+    """A client that stops sending once answered early gets a FIN at once, not a
+    connection held open until the gateway's idle timeout."""
+    async with stack(refuse_from_the_head) as (_, port, _), connect(port) as client:
+        with trio.fail_after(5):
+            await client.send_raw(upload_head("/a/web/upload", UPLOAD) + b"x" * 1000)
+            response, body = await client.response()
+        closed = False
+        with trio.move_on_after(1):
+            closed = await client.stream.receive_some(65536) == b""
+    assert (response.status_code, body) == (413, b"too large")
+    assert closed
+
+
 async def refuse_slowly_while_reading(stream: trio.abc.Stream, received: list[int]) -> None:
     """Read a request head, wait 0.2 s without reading (the upload fills the
     buffers and blocks), then answer 401 in pieces over 0.3 s while reading the
@@ -209,9 +241,8 @@ async def refuse_slowly_while_reading(stream: trio.abc.Stream, received: list[in
 
 
 async def test_error_answer_stops_the_upload_even_if_the_upstream_reads_on() -> None:
-    """An upstream that starts a 401 during the upload and reads on while it
-    ends it: the gateway stops the upload at the head (the upstream gets far
-    less than the body), relays the whole answer and closes."""
+    """An upstream that starts a 401 mid-upload and reads on while it ends it: the
+    upload stops at the head (the upstream gets far less), the answer arrives."""
     received: list[int] = []
 
     async def handler(stream: trio.SocketStream) -> None:
@@ -234,7 +265,7 @@ def tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """Server and client contexts for a self-signed certificate for 127.0.0.1."""
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        import trustme
+        import trustme  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         openssl = shutil.which("openssl")
         if openssl is None:

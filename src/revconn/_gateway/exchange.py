@@ -126,6 +126,7 @@ class _InFlight:
         "stop_upload",
         "stream",
         "timeout",
+        "upload_wait",
     )
 
     def __init__(self, stream: RequestStream, outbound: Forward, head: RequestHead) -> None:
@@ -142,6 +143,9 @@ class _InFlight:
         self.request_done = False
         """The whole request (head and body) is in the stream."""
         self.stop_upload = False
+        self.upload_wait: trio.CancelScope | None = None
+        """(the reader) Waiting for more of the body from the client; cancelled
+        when the response ended first, so the connection closes at once."""
         """The upstream answered >= 300 before the body was sent: send no more."""
         upstream = stream.upstream
         self.timeout = (
@@ -470,8 +474,14 @@ class HttpConnection:
                         continued = True
                         await self._write([CONTINUE])
                     self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
-                    data = await self.stream.receive_some(READ_SIZE)
+                    with trio.CancelScope() as exchange.upload_wait:
+                        data = await self.stream.receive_some(READ_SIZE)
+                    exchange.upload_wait = None
                     self._timeout.deadline = math.inf
+                    if exchange.done:
+                        # The response ended before the body was read: the
+                        # rest is not needed.
+                        raise StreamError("answered before the body was read")  # noqa: TRY301
                     if not data:
                         self._client_gone(exchange)
                         raise trio.BrokenResourceError("client closed during the upload")
@@ -547,6 +557,8 @@ class HttpConnection:
                 await self._upstream_timeout(exchange)
         finally:
             exchange.done = True
+            if exchange.upload_wait is not None:
+                exchange.upload_wait.cancel()
             reusable = reusable and exchange.request_done
             exchange.forward.session.release(exchange.stream, reusable=reusable)
             self._cycle_done.set()
@@ -615,7 +627,10 @@ class HttpConnection:
             elif isinstance(event, ResponseHead):
                 upstream_keeps = event.keep_alive
                 if event.status >= 300 and not exchange.request_done:
+                    # An answer before the body was read: the rest of the
+                    # upload stops, and the connection closes after it.
                     exchange.stop_upload = True
+                    self._keep_alive = False
                 chunking = self._response_framing(event, out)
             elif isinstance(event, Informational):
                 if event.status != 100 and not self._http10:  # (100: we said it already)
@@ -691,9 +706,11 @@ class HttpConnection:
         return True
 
     def _finish_cycle(self, exchange: _InFlight) -> None:
+        if exchange.head.has_body and not exchange.request_done:
+            return  # the reader drops the rest of the body (a lingering close)
         if self._closing or not self._keep_alive:
             self._abort()
-        elif exchange.request_done:
+        else:
             self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
 
     def _abort(self) -> None:
