@@ -26,6 +26,7 @@ H2_SETTINGS_TIMEOUT = 0x4
 H2_FRAME_SIZE_ERROR = 0x6
 H2_REFUSED_STREAM = 0x7
 H2_CANCEL = 0x8
+H2_CONNECT_ERROR = 0xA  # (agent) its upstream connection was reset (RFC 9113 8.5)
 H2_ENHANCE_YOUR_CALM = 0xB
 
 # GOAWAY debug data (ASCII) naming why a session ends.

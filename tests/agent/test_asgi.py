@@ -662,7 +662,7 @@ def test_asgi_config_suits_the_tunnel() -> None:
     config = asgi_config(keep_alive_timeout=12.5)
     assert config.keep_alive_timeout == 12.5
     assert config.accesslog is None
-    assert config.h11_max_incomplete_size == 64 * 1024
+    assert config.h11_max_incomplete_size == 96 * 1024  # a 64 KiB public head plus X-Forwarded-*
     assert config.websocket_max_message_size == 1024 * 1024
     assert config.include_server_header is False
     assert config.root_path == ""

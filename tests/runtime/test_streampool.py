@@ -228,11 +228,12 @@ async def test_stream_holding_unread_bytes_is_not_lent(
         gw.release(stream, reusable=True)
         await stream.send_body(b"stray")  # (as if the upstream spoke while idle)
         await settle()
-        assert stream._chunks and not stream.remote_ended
+        # Reset on arrival: nothing is kept that could pass for an answer.
+        assert stream.reset_code == H2_CANCEL and not stream._chunks
+        assert stream.id not in gw._streams
         other, fresh = await gw.acquire()
         assert fresh and other.id != stream.id
         await exchange(other)  # pong, not the stray bytes
-        assert stream.reset_code == H2_CANCEL
         await settle()
         assert stream.id in agent.reset
 
@@ -613,7 +614,9 @@ async def test_stray_bytes_on_an_idle_connection_never_answer_the_next_request(
             upstream.speak.set()
             pool = tunnel._pool
             assert pool is not None
-            await wait_for(lambda: any(s._chunks for s in pool._idle))  # the 408 is here
+            # The 408 arrives on the idle stream, which is reset at once.
+            await wait_for(lambda: any(s.reset_code is not None for s in pool._idle))
+            assert not any(s._chunks for s in pool._idle)
             await client.send_raw(get("/a/pool/2"))
             response, body = await client.response()
             assert (response.status_code, body) == (200, b"answer to /2")

@@ -123,7 +123,9 @@ def asgi_config(*, keep_alive_timeout: float = 60.0) -> Config:
     config.errorlog = logging.getLogger("revconn.hypercorn")
     config.include_server_header = False
     config.keep_alive_timeout = keep_alive_timeout
-    config.h11_max_incomplete_size = 64 * 1024
+    config.h11_max_incomplete_size = (
+        96 * 1024
+    )  # the gateway accepts 64 KiB heads, then adds X-Forwarded-*
     config.websocket_max_message_size = 1024 * 1024
     config.websocket_ping_interval = None
     config.read_timeout = None

@@ -201,9 +201,10 @@ class HttpUpstream:
                 nursery.start_soon(self._to_upstream, stream, conn, nursery.cancel_scope)
                 await self._to_gateway(stream, conn)
                 nursery.cancel_scope.cancel()
-            if not stream.local_ended:
-                await stream.end()  # the gateway retired the stream: end ours too
-            finish(stream)
+            if stream.reset_code is None:
+                if not stream.local_ended:
+                    await stream.end()  # the gateway retired the stream: end ours too
+                finish(stream)
         finally:
             await trio.aclose_forcefully(conn)
 
@@ -228,13 +229,16 @@ class HttpUpstream:
         scope.cancel()
 
     async def _to_gateway(self, stream: TunnelStream, conn: _Conn) -> None:
-        """Upstream -> gateway; the upstream closing ends the stream."""
+        """Upstream -> gateway; the upstream closing ends the stream, the
+        upstream resetting the connection resets it with CONNECT_ERROR (RFC
+        9113 8.5): what came before still reaches the gateway, which keeps a
+        complete response and aborts an incomplete or close-delimited one."""
         try:
             while data := await conn.receive_some(READ_SIZE):
                 await stream.send_body(bytes(data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # a reset connection ends the stream like a close: the gateway
-            # knows from the bytes whether the response was complete
+            stream.reset(_codes.H2_CONNECT_ERROR)
+            return
         await stream.end()
 
 

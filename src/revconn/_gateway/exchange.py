@@ -116,6 +116,7 @@ class _InFlight:
     __slots__ = (
         "done",
         "forward",
+        "fresh",
         "gone",
         "head",
         "head_bytes",
@@ -127,6 +128,7 @@ class _InFlight:
         "stream",
         "timeout",
         "upload_wait",
+        "waiting_on_client",
     )
 
     def __init__(self, stream: RequestStream, outbound: Forward, head: RequestHead) -> None:
@@ -136,6 +138,10 @@ class _InFlight:
         self.head = head
         self.head_bytes = b""
         self.scope = trio.CancelScope()
+        self.fresh = True
+        """The stream was new (a failure on it is not a stale keep-alive)."""
+        self.waiting_on_client = False
+        """The relay is writing to the client (its deadline is the client's)."""
         self.gone = False
         """The client left (the scope was cancelled for that, not a timeout)."""
         self.done = False
@@ -151,6 +157,11 @@ class _InFlight:
         self.timeout = (
             math.inf if upstream is None or upstream.timeout is None else upstream.timeout
         )
+
+    @property
+    def send_allowance(self) -> float:
+        """How long the upload may wait for the upstream to take more."""
+        return 60.0 if self.timeout == math.inf else self.timeout
 
     def uploaded(self) -> None:
         """The whole request is sent: the upstream's silence counts from now."""
@@ -261,15 +272,27 @@ class HttpConnection:
                 if self._closing:
                     return
             except ParseError as exc:
-                ex = self._exchange
-                if ex is not None and not ex.done:
-                    self._client_gone(ex)
-                else:
+                # A malformed request after one in flight: that one is
+                # answered first, then this one gets its 400.
+                self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
+                await self._cycle_done.wait()
+                if not self._closing:
                     await self._bad_request(exc)
                 return
 
     async def _timed_out(self) -> None:
-        """Idle or slow client: say 408 if a request head had begun, then close."""
+        """Idle or slow client: say 408 if a request head had begun, then
+        close; an upstream that stopped taking the request body: 504."""
+        ex = self._exchange
+        if ex is not None and not ex.done and not self._responding:
+            detail = "the upstream stopped reading the request body"
+            payload = {"error": "upstream_timeout", "agent": ex.name, "detail": detail}
+            ex.gone = True
+            ex.stream.reset(_codes.H2_CANCEL)
+            ex.scope.cancel()
+            with trio.move_on_after(1):
+                await self._reply(json_reply(504, payload), close=True)
+            return
         if self.parser.head_started and self._cycle_done.is_set():
             detail = f"request head not received within {self.plane.idle_timeout:g} s"
             self._method = b""
@@ -288,10 +311,13 @@ class HttpConnection:
             if parser.eof:
                 return None
             data = await self.stream.receive_some(READ_SIZE)
-            if data:
-                parser.feed(data)
-            else:
-                parser.feed_eof()
+            try:
+                if data:
+                    parser.feed(data)
+                else:
+                    parser.feed_eof()
+            except ParseError:
+                pass  # next_event() raises it after the requests before it
 
     async def _bad_request(self, exc: ParseError) -> None:
         if not self._responding and self._cycle_done.is_set():
@@ -334,6 +360,13 @@ class HttpConnection:
             await self._answer_early(self._health(head.method), head)
             return None
         assert isinstance(decision, Route)
+        hosts = sum(1 for n, _ in head.headers if n == b"host")
+        if hosts > 1 or (hosts == 0 and head.version == b"1.1"):
+            detail = "an HTTP/1.1 request needs exactly one Host header (RFC 9112 3.2)"
+            await self._answer_early(
+                json_reply(400, {"error": "bad_request", "detail": detail}), head, close=True
+            )
+            return None
         outbound = forward(
             self.plane.registry,
             decision,
@@ -345,18 +378,29 @@ class HttpConnection:
         if isinstance(outbound, Reply):
             await self._answer_early(outbound, head)
             return None
+        self._timeout.deadline = math.inf
         try:
-            stream, _fresh = await outbound.session.acquire()
+            with trio.move_on_after(self.plane.idle_timeout) as waiting:
+                stream, fresh = await outbound.session.acquire()
         except AgentBusy:
             await self._answer_early(agent_busy(outbound.name), head)
             return None
         except StreamRefused as refused:
             await self._answer_early(_refusal(refused), head)
             return None
-        except StreamError:
-            await self._answer_early(agent_offline(outbound.name), head)
+        except StreamError as exc:
+            failed = agent_offline(outbound.name)
+            if exc.error_code is not None:
+                failed = stream_failure(exc, outbound.name)
+            await self._answer_early(failed, head)
+            return None
+        if waiting.cancelled_caught:
+            detail = f"the agent did not accept a stream within {self.plane.idle_timeout:g} s"
+            payload = {"error": "upstream_timeout", "agent": outbound.name, "detail": detail}
+            await self._answer_early(json_reply(504, payload), head)
             return None
         exchange = _InFlight(stream, outbound, head)
+        exchange.fresh = fresh
         self._exchange = exchange
         self._cycle_done = trio.Event()
         assert self._nursery is not None
@@ -364,11 +408,9 @@ class HttpConnection:
             exchange.head_bytes = outbound.head(stream.upstream, framing=[])
             self._nursery.start_soon(self._relay, exchange)
             try:
-                await stream.send_body(exchange.head_bytes)
+                await stream.send_body(exchange.head_bytes, queued=exchange.uploaded)
             except StreamError:
                 pass  # the relay says what happened
-            else:
-                exchange.uploaded()
         else:
             self._nursery.start_soon(self._relay, exchange)
             await self._upload(exchange)
@@ -477,7 +519,9 @@ class HttpConnection:
                     with trio.CancelScope() as exchange.upload_wait:
                         data = await self.stream.receive_some(READ_SIZE)
                     exchange.upload_wait = None
-                    self._timeout.deadline = math.inf
+                    # Sending it on may wait for the upstream to read: bounded
+                    # by its timeout (504 then, in _timed_out).
+                    self._timeout.deadline = trio.current_time() + exchange.send_allowance
                     if exchange.done:
                         # The response ended before the body was read: the
                         # rest is not needed.
@@ -501,8 +545,9 @@ class HttpConnection:
                         pending = b""
                     await stream.send_body(piece)
                 elif isinstance(event, EndOfMessage):
-                    await stream.send_body(pending + LAST_CHUNK if chunked else pending)
-                    exchange.uploaded()
+                    await stream.send_body(
+                        pending + LAST_CHUNK if chunked else pending, queued=exchange.uploaded
+                    )
                     return
                 else:
                     raise AssertionError(event)  # noqa: TRY004
@@ -512,8 +557,19 @@ class HttpConnection:
             await self._discard_body()
 
     async def _discard_body(self) -> None:
-        await self._cycle_done.wait()
+        """Drop the rest of the body while the answer is written (a client
+        that sends all before it reads must not block the answer), then linger."""
+        if not self._cycle_done.is_set():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._drop_input, nursery.cancel_scope)
+                await self._cycle_done.wait()
+                nursery.cancel_scope.cancel()
         await self._linger()
+
+    async def _drop_input(self, scope: trio.CancelScope) -> None:
+        while await self.stream.receive_some(READ_SIZE):
+            pass
+        scope.cancel()
 
     async def _linger(self) -> NoReturn:
         """The answer is out but the client is still sending: end our side
@@ -554,7 +610,11 @@ class HttpConnection:
             with exchange.scope:
                 reusable = await self._relay_response(exchange)
             if exchange.scope.cancelled_caught and not exchange.gone:
-                await self._upstream_timeout(exchange)
+                if exchange.waiting_on_client:
+                    log.info("agent %r: client stopped reading the response", exchange.name)
+                    self._abort()
+                else:
+                    await self._upstream_timeout(exchange)
         finally:
             exchange.done = True
             if exchange.upload_wait is not None:
@@ -578,7 +638,7 @@ class HttpConnection:
                 event = parser.next_event()
                 if event is None:
                     if out:
-                        await self._write(out)
+                        await self._write_response(exchange, out)
                         out = []
                     data = await self._read(exchange)
                     if data is None:
@@ -593,7 +653,11 @@ class HttpConnection:
                         parser = ResponseParser(max_head=MAX_HEAD)
                         parser.expect(method)
                         continue
-                    await self._reply(stream_failure(exc, name), close=not exchange.request_done)
+                    failed = stream_failure(exc, name)
+                    if exc.error_code == _codes.H2_CONNECT_ERROR:  # the upstream reset it
+                        payload = {"error": "upstream_unreachable", "agent": name, "detail": BROKEN}
+                        failed = json_reply(502, payload)
+                    await self._reply(failed, close=not exchange.request_done)
                     self._finish_cycle(exchange)
                 else:
                     log.info("agent %r: response aborted mid-body: %s", name, exc)
@@ -621,10 +685,17 @@ class HttpConnection:
                 if chunking:
                     out.append(LAST_CHUNK)
                 if out:
-                    await self._write(out)
+                    await self._write_response(exchange, out)
                 self._finish_cycle(exchange)
-                return upstream_keeps
+                return upstream_keeps and not parser.stray
             elif isinstance(event, ResponseHead):
+                if event.status == 101 and not self._responding:
+                    # No Upgrade is forwarded: a switch nobody asked for.
+                    log.info("agent %r: unrequested 101 from the upstream", name)
+                    payload = {"error": "upstream_unreachable", "agent": name, "detail": BROKEN}
+                    await self._reply(json_reply(502, payload), close=True)
+                    self._finish_cycle(exchange)
+                    return False
                 upstream_keeps = event.keep_alive
                 if event.status >= 300 and not exchange.request_done:
                     # An answer before the body was read: the rest of the
@@ -665,9 +736,19 @@ class HttpConnection:
         """The next bytes of the response. Once the request is sent, the
         upstream may stay silent for its timeout: the relay's own scope has
         that deadline (one scope per request, not per read)."""
+        exchange.waiting_on_client = False
         if exchange.request_done and exchange.timeout != math.inf:
             exchange.scope.deadline = trio.current_time() + exchange.timeout
+        elif exchange.scope.deadline != math.inf:
+            exchange.scope.deadline = math.inf
         return await exchange.stream.read()
+
+    async def _write_response(self, exchange: _InFlight, out: list[bytes]) -> None:
+        """Write to the client; one that takes nothing for the idle timeout is
+        cut off (the upstream's silence is not counted meanwhile)."""
+        exchange.waiting_on_client = True
+        exchange.scope.deadline = trio.current_time() + self.plane.idle_timeout
+        await self._write(out)
 
     async def _upstream_timeout(self, exchange: _InFlight) -> None:
         """The upstream was silent for its timeout: 504 if nothing was
@@ -689,6 +770,8 @@ class HttpConnection:
         head = exchange.head
         if head.has_body or head.method not in _IDEMPOTENT or not exchange.request_done:
             return False
+        if exchange.fresh:
+            return False  # not a stale keep-alive: the upstream failed on a new connection
         if exchange.retried:
             return False
         exchange.retried = True
@@ -699,6 +782,7 @@ class HttpConnection:
         except (AgentBusy, StreamError, StreamRefused):
             return False
         exchange.stream = stream
+        exchange.fresh = True
         try:
             await stream.send_body(exchange.head_bytes)
         except StreamError:
@@ -711,6 +795,7 @@ class HttpConnection:
         if self._closing or not self._keep_alive:
             self._abort()
         else:
+            self._responding = False
             self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
 
     def _abort(self) -> None:

@@ -54,9 +54,16 @@ class RequestStream(Protocol):
         """The agent ended its side (its upstream connection closed)."""
         ...
 
-    async def send_body(self, data: bytes, *, end_stream: bool = False) -> None:
-        """Send bytes (waits for flow-control credit); StreamError if the agent
-        reset the stream or the session ended."""
+    async def send_body(
+        self,
+        data: bytes,
+        *,
+        end_stream: bool = False,
+        queued: Callable[[], None] | None = None,
+    ) -> None:
+        """Send bytes (waits for flow-control credit); ``queued()`` is called
+        once they are all queued. StreamError if the agent reset the stream
+        or the session ended."""
         ...
 
     async def read(self) -> bytes | None:

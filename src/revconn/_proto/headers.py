@@ -106,7 +106,10 @@ def forwarded_request_headers(
         b"x-forwarded-prefix",
         b"via",
     )
-    out = clean_headers(headers)
+    # Names with "_" are dropped, as nginx does by default: CGI-style
+    # upstreams fold "x_forwarded_for" and "x-forwarded-for" into one
+    # variable, which would let a client spoof the chain added here.
+    out = [(n, v) for n, v in clean_headers(headers) if 95 not in n]
     chain = [v for n, v in out if n == b"x-forwarded-for"]
     existing_via = [v for n, v in out if n == b"via"]
     out = [(n, v) for n, v in out if n not in replaced]

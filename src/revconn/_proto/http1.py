@@ -518,7 +518,7 @@ class ResponseParser(_Parser):
     HTTP exchange: ``upgrade_trailing`` holds the bytes after its head.
     """
 
-    __slots__ = ("_head_method",)
+    __slots__ = ("_head_method", "stray")
     _BAD = 502
     _WHAT = "response"
     _p: httptools.HttpResponseParser
@@ -527,6 +527,10 @@ class ResponseParser(_Parser):
         super().__init__(max_head, _IDLE)
         self._p = httptools.HttpResponseParser(self)
         self._head_method = False
+        self.stray = False
+        """Bytes came after a complete response (before the next ``expect()``):
+        an upstream that miscounted a body. They are dropped; the connection
+        must not carry another request."""
 
     def next_event(self) -> Informational | ResponseHead | Body | EndOfMessage | None:
         """The next queued event, or None when more data is needed; raises
@@ -625,7 +629,12 @@ class ResponseParser(_Parser):
 
     def _leftover(self, state: int) -> None:
         if state == _IDLE:
-            raise ParseError(502, "unsolicited data from upstream outside a response")
+            # Not fatal for the response just completed (its events are
+            # queued); the connection is unusable from here on.
+            self.stray = True
+            self._state = _DEAD
+            self._error = ParseError(502, "unsolicited data from upstream outside a response")
+            return
         raise self._misuse(state)
 
 

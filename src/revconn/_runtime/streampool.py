@@ -86,6 +86,7 @@ class StreamPool:
         idle = self._idle
         while idle and not fresh:
             stream = idle.pop()
+            stream.pooled = False
             if self._usable(stream) and tunnel.accepting:
                 return stream, False
             stream.reset(_codes.H2_CANCEL)
@@ -117,6 +118,7 @@ class StreamPool:
             and not tunnel.session.peer_draining
         ):
             stream.idle_since = trio.current_time()
+            stream.pooled = True
             self._idle.append(stream)
         else:
             stream.reset(_codes.H2_CANCEL)

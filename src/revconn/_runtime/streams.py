@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -34,6 +35,7 @@ class TunnelStream:
         "id",
         "idle_since",
         "local_ended",
+        "pooled",
         "remote_ended",
         "request",
         "reset_code",
@@ -58,6 +60,8 @@ class TunnelStream:
         self._changed = trio.Event()
         self.upstream: UpstreamInfo | None = None
         """(gateway) What the agent said about its upstream when it accepted the stream."""
+        self.pooled = False
+        """(gateway) Idle in the pool: nothing may arrive for it now."""
         self.idle_since = 0.0
         """(gateway) When the stream was last given back to the pool."""
 
@@ -127,8 +131,16 @@ class TunnelStream:
         self.responded = True
         self.local_ended = end_stream
 
-    async def send_body(self, data: bytes, *, end_stream: bool = False) -> None:
-        """Send body bytes, waiting for flow-control credit as needed."""
+    async def send_body(
+        self,
+        data: bytes,
+        *,
+        end_stream: bool = False,
+        queued: Callable[[], None] | None = None,
+    ) -> None:
+        """Send body bytes, waiting for flow-control credit as needed.
+        ``queued`` is called once all of them are in the session's queue,
+        before the last flush (another task's flush may send them)."""
         session = self.tunnel.session
         view = memoryview(data)
         while True:
@@ -147,6 +159,8 @@ class TunnelStream:
                 await self.tunnel.flush()
             else:
                 await self.tunnel.wait_window()
+        if queued is not None:
+            queued()
         await self.tunnel.flush()
 
     async def end(self) -> None:
@@ -174,18 +188,21 @@ class TunnelStream:
         """(the tunnel's reader) The peer sent RST_STREAM.
 
         Calls waiting on the stream fail with StreamError, and a handler is
-        cancelled. What the peer sent stays readable if it was complete
-        (END_STREAM came first), whatever the error code: the reset then only
-        ends our direction. A server that answered before reading the whole
-        request resets with NO_ERROR to stop the upload, and the client must
-        not discard that answer (RFC 9113 8.1). The owner closes the stream as
-        usual (which gives back the credit for what it did not read).
+        cancelled. What the peer sent stays readable, whatever the error code:
+        after END_STREAM the reset only ends our direction; without it,
+        ``read()`` hands out what arrived, then raises StreamError (an agent
+        whose upstream connection was reset mid-response: the bytes before
+        the reset still count, the end does not look clean). A server that
+        answered before reading the whole request resets with NO_ERROR to
+        stop the upload, and the client must not discard that answer (RFC
+        9113 8.1). The owner closes the stream as usual (which gives back the
+        credit for what it did not read).
         """
         self.reset_code = error_code
         self._wake()
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
-        if not self.remote_ended:
+        if not self.remote_ended and not self._chunks:
             self.close()
 
     def close(self) -> None:

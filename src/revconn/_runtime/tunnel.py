@@ -395,6 +395,12 @@ class Tunnel:
                     stream = self._streams.get(event.stream_id)
                     if stream is None:
                         self.session.ack_data(event.stream_id, event.flow_length)
+                    elif stream.pooled and event.data:
+                        # Bytes on an idle pooled stream: an upstream that
+                        # miscounted a body, or spoke unasked. They must never
+                        # pass for the next request's answer: the stream goes.
+                        self.session.ack_data(event.stream_id, event.flow_length)
+                        stream.reset(_codes.H2_CANCEL)
                     else:
                         stream._chunks.append(event)
                         stream.remote_ended = event.end_stream
