@@ -52,7 +52,7 @@ from .._proto.http1 import (
 from .._runtime.fastpath import WriteLock, send_all
 from .._runtime.streampool import StreamRefused
 from .registry import Registry, RequestStream
-from .replies import Reply, agent_busy, agent_offline, json_reply, stream_failure
+from .replies import Reply, agent_busy, agent_offline, json_reply, stream_failure, upstream_broken
 from .routing import Forward, Route, Target, dispatch, forward
 from .websocket import WebSocketTransport, upgrade_response
 
@@ -71,7 +71,6 @@ _REASONS = {int(status): status.phrase.encode("ascii") for status in http.HTTPSt
 JOIN_LIMIT = 64 * 1024
 """Pieces of a write are joined into one send below this size (one syscall);
 larger bodies go out as they are (no copy)."""
-BROKEN = "the agent's upstream service did not send a valid response"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 VERSION_MISMATCH = f"protocol version mismatch: this gateway speaks {WS_SUBPROTOCOL}"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -655,8 +654,7 @@ class HttpConnection:
                         continue
                     failed = stream_failure(exc, name)
                     if exc.error_code == _codes.H2_CONNECT_ERROR:  # the upstream reset it
-                        payload = {"error": "upstream_unreachable", "agent": name, "detail": BROKEN}
-                        failed = json_reply(502, payload)
+                        failed = upstream_broken(name)
                     await self._reply(failed, close=not exchange.request_done)
                     self._finish_cycle(exchange)
                 else:
@@ -670,8 +668,7 @@ class HttpConnection:
                         parser.expect(method)
                         continue
                     log.info("agent %r: invalid response: %s", name, exc.detail)
-                    payload = {"error": "upstream_unreachable", "agent": name, "detail": BROKEN}
-                    await self._reply(json_reply(502, payload), close=not exchange.request_done)
+                    await self._reply(upstream_broken(name), close=not exchange.request_done)
                     self._finish_cycle(exchange)
                 else:
                     # A body cut short or contradicting its framing: the client
@@ -692,8 +689,7 @@ class HttpConnection:
                 if event.status == 101 and not self._responding:
                     # No Upgrade is forwarded: a switch nobody asked for.
                     log.info("agent %r: unrequested 101 from the upstream", name)
-                    payload = {"error": "upstream_unreachable", "agent": name, "detail": BROKEN}
-                    await self._reply(json_reply(502, payload), close=True)
+                    await self._reply(upstream_broken(name), close=True)
                     self._finish_cycle(exchange)
                     return False
                 upstream_keeps = event.keep_alive

@@ -22,6 +22,7 @@ __all__ = [
     "not_found",
     "stream_failure",
     "unauthorized",
+    "upstream_broken",
 ]
 
 
@@ -77,6 +78,15 @@ def stream_failure(exc: StreamError, name: str) -> Reply:
         return agent_busy(name, str(exc))
     error = "agent_disconnected" if exc.error_code is None else "agent_reset"
     return json_reply(502, {"error": error, "agent": name, "detail": str(exc)})
+
+
+BROKEN = "the agent's upstream service did not send a valid response"
+
+
+def upstream_broken(name: str) -> Reply:
+    """502 for an upstream answer that is not valid HTTP/1.1, or a connection
+    it reset before answering (the detail names no address)."""
+    return json_reply(502, {"error": "upstream_unreachable", "agent": name, "detail": BROKEN})
 
 
 def not_found(detail: str) -> Reply:
