@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -11,6 +12,7 @@ import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from revconn import Gateway, GatewayConfig, Heartbeat, SharedSecretPolicy
+from revconn._gateway.addresses import AddressPolicy
 from revconn._proto.connect import WS_SUBPROTOCOL
 from revconn._proto.session import Role, TunnelSession
 
@@ -36,11 +38,20 @@ class RunningGateway:
 
 @asynccontextmanager
 async def running_gateway(
-    heartbeat: Heartbeat = Heartbeat(15, 10), **config: object
+    heartbeat: Heartbeat = Heartbeat(15, 10),
+    *,
+    address_policy: AddressPolicy | None = None,
+    url_ssl_context: ssl.SSLContext | None = None,
+    **config: object,
 ) -> AsyncIterator[RunningGateway]:
     config.setdefault("admin_binds", ("127.0.0.1:0",))
     cfg = GatewayConfig(binds=("127.0.0.1:0",), heartbeat=heartbeat, **config)  # type: ignore[arg-type]
-    gateway = Gateway(cfg, SharedSecretPolicy(SECRET))
+    gateway = Gateway(
+        cfg,
+        SharedSecretPolicy(SECRET),
+        address_policy=address_policy,
+        url_ssl_context=url_ssl_context,
+    )
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(partial(gateway.serve, shutdown_trigger=stop.wait))

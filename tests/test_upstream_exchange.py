@@ -9,13 +9,10 @@ sockets parsed with h11.
 from __future__ import annotations
 
 import json
-import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 
 import h11
 import pytest
@@ -258,30 +255,6 @@ async def test_error_answer_stops_the_upload_even_if_the_upstream_reads_on() -> 
             await wait_for(lambda: received[-1:] == [0])
         assert sum(received) < UPLOAD // 4
         assert tunnel(gw).pooled_streams == 0
-
-
-@pytest.fixture
-def tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """Server and client contexts for a self-signed certificate for 127.0.0.1."""
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        import trustme  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            pytest.skip("neither trustme nor openssl to make a certificate")
-        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-        subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-        files = ["-keyout", str(key), "-out", str(cert)]
-        args = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        subprocess.run([*args, *subject, *files], check=True, capture_output=True)
-        server.load_cert_chain(cert, key)
-        return server, ssl.create_default_context(cafile=str(cert))
-    ca = trustme.CA()
-    ca.issue_cert("127.0.0.1").configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
 
 
 async def test_error_answer_over_tls_arrives_whole_and_stops_the_upload(

@@ -1,4 +1,6 @@
-"""The agent: dials the gateway, keeps the tunnel up, redials with backoff."""
+"""The agent: dials the gateway, keeps the tunnel up, redials with backoff
+(tunnel mode); or announces a URL the gateway connects to (announce mode,
+``announcer.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import math
 import random
 import ssl
 from collections.abc import Callable
+from functools import partial
 
 import attrs
 import trio
@@ -19,6 +22,7 @@ from .._errors import (
     ReplacedError,
     RevconnError,
 )
+from .._proto.announce import DEFAULT_INTERVAL, MAX_TTL, MIN_TTL, TTL_INTERVALS, parse_url
 from .._proto.connect import WS_SUBPROTOCOL
 from .._proto.rules import valid_agent_name
 from .._proto.session import Role, TunnelSession
@@ -26,6 +30,7 @@ from .._runtime import wsmask
 from .._runtime.heartbeat import Heartbeat
 from .._runtime.supervisor import Backoff, Supervisor, SupervisorStatistics
 from .._runtime.tunnel import Tunnel
+from .announcer import Announcer, Exchange
 from .dial import (
     HandshakeWatch,
     WebSocketTransport,
@@ -33,8 +38,9 @@ from .dial import (
     open_stream,
     open_websocket,
     redacted,
-    tunnel_url,
 )
+from .dial import tunnel_url as websocket_url
+from .local import DEFAULT_LISTEN, parse_listen, serve_local
 from .upstream import ASGIApp, AsgiUpstream, HttpUpstream, Upstream
 
 __all__ = ["Agent", "AgentConfig"]
@@ -44,7 +50,12 @@ log = logging.getLogger("revconn.agent")
 
 @attrs.frozen
 class AgentConfig:
-    """Agent settings; validated on construction (ConfigError names the problem)."""
+    """Agent settings; validated on construction (ConfigError names the problem).
+
+    With ``tunnel_url`` the agent runs in announce mode: no tunnel, the
+    gateway connects to that URL itself; ``listen`` is where an in-process
+    app is served then (default 127.0.0.1:8000).
+    """
 
     gateway: str
     name: str
@@ -56,6 +67,9 @@ class AgentConfig:
     heartbeat: Heartbeat = Heartbeat()
     handshake_timeout: float = 10.0
     stable_after: float = 10.0
+    tunnel_url: str | None = None
+    announce_interval: float = DEFAULT_INTERVAL
+    listen: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if not valid_agent_name(self.name):
@@ -67,24 +81,55 @@ class AgentConfig:
             raise ConfigError("no secret: pass --secret or set REVCONN_SECRET")
         if not (math.isfinite(self.handshake_timeout) and self.handshake_timeout > 0):
             raise ConfigError("handshake timeout must be > 0 seconds")
-        tunnel_url(self.gateway, self.name)  # validates
+        websocket_url(self.gateway, self.name)  # validates
         if not 1 <= self.max_concurrent_streams <= 10_000:
             raise ConfigError("max concurrent streams must be 1-10000")
         if self.upstream is not None:
             HttpUpstream(self.upstream, agent=self.name, timeout=self.upstream_timeout)
+        self._check_announce_mode()
+
+    def _check_announce_mode(self) -> None:
+        interval = self.announce_interval
+        low, high = MIN_TTL / TTL_INTERVALS, MAX_TTL / TTL_INTERVALS
+        if not (math.isfinite(interval) and interval > 0 and low <= interval <= high):
+            raise ConfigError(
+                f"--announce-interval {interval:g}: must be {low:.3g}-{high:g} seconds "
+                f"(an announcement lives {TTL_INTERVALS} intervals, {MIN_TTL:g}-{MAX_TTL:g} s)"
+            )
+        if self.tunnel_url is not None:
+            try:
+                parse_url(self.tunnel_url)
+            except ValueError as exc:
+                raise ConfigError(f"--tunnel-url {self.tunnel_url!r}: {exc}") from None
+            if self.upstream is not None:
+                raise ConfigError(
+                    "--upstream is for tunnel mode; with --tunnel-url the gateway connects "
+                    "to URL itself: drop --upstream"
+                )
+        if self.listen is not None:
+            if self.tunnel_url is None:
+                raise ConfigError(
+                    "--listen is for --tunnel-url (or --no-tunnel): in tunnel mode the app "
+                    "is served through the tunnel, on no port"
+                )
+            parse_listen(self.listen)
 
     @property
     def url(self) -> str:
-        return tunnel_url(self.gateway, self.name)
+        """The WebSocket URL dialed in tunnel mode."""
+        return websocket_url(self.gateway, self.name)
 
 
 class Agent:
-    """Keeps one tunnel to the gateway up.
+    """Keeps one tunnel to the gateway up, or (announce mode) the gateway's
+    entry for ``config.tunnel_url``.
 
-    ``run()`` returns only when cancelled; it raises :class:`AuthError` when
-    the gateway rejects the credentials, :class:`ReplacedError` when another
-    agent took over the name and :class:`ConfigError` when the URL is not a
-    gateway's (HTTP 400 or 404); other failures are retried with backoff.
+    ``run()`` returns after ``stop()`` (announce mode; tunnel mode: when
+    cancelled); it raises :class:`AuthError` when the gateway rejects the
+    credentials, :class:`ReplacedError` when another agent took over the name
+    and :class:`ConfigError` when the URL is not a gateway's (HTTP 400 or 404);
+    in announce mode also :class:`FatalError` when a WebSocket agent holds the
+    name. Other failures are retried: with backoff, or on the announce schedule.
     """
 
     def __init__(
@@ -94,12 +139,35 @@ class Agent:
         app: ASGIApp | None = None,
         ssl_context: ssl.SSLContext | None = None,
         uniform01: Callable[[], float] = random.random,
+        announce_exchange: Exchange | None = None,
     ) -> None:
         """Serve ``app`` (an ASGI application, in-process) or ``config.upstream``
-        (an HTTP/1.1 URL) through the tunnel; ConfigError with neither."""
+        (an HTTP/1.1 URL) through the tunnel; ConfigError with neither.
+
+        In announce mode ``app``, if given, is served on ``config.listen``
+        (hypercorn), and ``announce_exchange`` replaces the HTTP requests to
+        the gateway (for tests).
+        """
         self.config = config
-        self.upstream: Upstream
-        if app is not None:
+        self.tunnel: Tunnel | None = None
+        self.connected = trio.Event()
+        """Set once connected (tunnel mode: reset at each disconnection) or
+        first announced."""
+        self._announcer: Announcer | None = None
+        self._app = app
+        self.upstream: Upstream | None = None
+        if config.tunnel_url is not None:
+            if app is None and config.listen is not None:
+                raise ConfigError(
+                    f"--listen {config.listen}: nothing to serve there: pass --app module:attribute"
+                )
+            self._announcer = Announcer(
+                config,
+                exchange=announce_exchange,
+                ssl_context=ssl_context,
+                on_announced=self.connected.set,
+            )
+        elif app is not None:
             self.upstream = AsgiUpstream(app, agent=config.name)
         elif config.upstream is not None:
             self.upstream = HttpUpstream(
@@ -111,8 +179,6 @@ class Agent:
                 "(from Python: AgentConfig(upstream=URL) or Agent(config, app=asgi_app))"
             )
         self._ssl_context = ssl_context
-        self.tunnel: Tunnel | None = None
-        self.connected = trio.Event()
         self._attempt_scope: trio.CancelScope | None = None
         self._supervisor = Supervisor(
             self._connect_once,
@@ -126,19 +192,47 @@ class Agent:
         return self._supervisor.statistics()
 
     async def run(self) -> None:
+        if self._announcer is not None:
+            await self._run_announcing(self._announcer)
+            return
+        upstream = self.upstream
+        assert upstream is not None
         try:
-            async with self.upstream.running():
+            async with upstream.running():
                 await self._supervisor.run()
         finally:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + 2.0
-                await self.upstream.aclose()
+                await upstream.aclose()
+
+    async def _run_announcing(self, announcer: Announcer) -> None:
+        """The announcer, after the app (if any) listens on ``config.listen``;
+        after the withdrawal, the app gets its graceful shutdown."""
+        if self._app is None:
+            await announcer.run()
+            return
+        listen = self.config.listen or DEFAULT_LISTEN
+        withdrawn = trio.Event()
+        async with trio.open_nursery() as nursery:
+            served = await nursery.start(
+                partial(serve_local, self._app, listen, shutdown_trigger=withdrawn.wait)
+            )
+            log.info("serving the app on %s, to announce as %s", served, announcer.url)
+            await announcer.run()
+            withdrawn.set()  # on a fatal error the nursery cancels the server instead
 
     def stop(self) -> None:
-        """Make ``run()`` return soon: a connected tunnel takes no new requests,
-        lets those in flight finish, then says goodbye (GOAWAY "shutdown", close
-        1001); a connection attempt or backoff wait is abandoned. The caller
-        bounds the wait (the CLI: 10 s, or a second signal)."""
+        """Make ``run()`` return soon.
+
+        Tunnel mode: a connected tunnel takes no new requests, lets those in
+        flight finish, then says goodbye (GOAWAY "shutdown", close 1001); a
+        connection attempt or backoff wait is abandoned. Announce mode: the
+        announcements stop, the URL is withdrawn (at most 5 s), then a local
+        app finishes its requests in flight (3 s). The caller bounds the wait
+        (the CLI: 10 s, or a second signal)."""
+        if self._announcer is not None:
+            self._announcer.stop()
+            return
         self._supervisor.stop()
         if self.tunnel is not None:
             self.tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
@@ -215,6 +309,7 @@ class Agent:
                 connected()
                 self.connected.set()
                 log.info("connected as %r", cfg.name)
+                assert self.upstream is not None
                 end = await tunnel.serve(on_request=self.upstream.handle)
             finally:
                 self.tunnel = None

@@ -4,15 +4,19 @@ SIGTERM/SIGINT. Loads nothing of the gateway side (tests check sys.modules)."""
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+from functools import partial
 
 import click
 import trio
 
 from .._agent.agent import Agent, AgentConfig
+from .._agent.local import DEFAULT_LISTEN, parse_listen, serve_local
 from .._agent.upstream import ASGIApp
 from .._errors import ConfigError
+from .._proto.announce import DEFAULT_INTERVAL, TTL_INTERVALS
 from .._runtime.heartbeat import Heartbeat
 from .._runtime.supervisor import Backoff
 from .common import EXIT_CONFIG, fail, run, setup_logging, until_signal
@@ -20,6 +24,8 @@ from .common import EXIT_CONFIG, fail, run, setup_logging, until_signal
 __all__ = ["main"]
 
 STOP_GRACE = 10.0  # time for requests in flight to finish after SIGTERM
+
+log = logging.getLogger("revconn.agent")
 
 
 def _load_app(ref: str, upstream: str | None) -> ASGIApp:
@@ -65,18 +71,66 @@ def main() -> None:
     """revconn agent: makes a local service reachable through a revconn gateway."""
 
 
+def _check_modes(
+    *,
+    no_tunnel: bool,
+    tunnel_url: str | None,
+    upstream: str | None,
+    app_ref: str | None,
+    listen: str | None,
+    gateway: str | None,
+    name: str | None,
+) -> None:
+    """The flags that go together, per mode (click.UsageError: exit 2)."""
+    if no_tunnel:
+        if upstream is not None:
+            raise click.UsageError(
+                "--no-tunnel and --upstream do not go together: --no-tunnel serves an "
+                "in-process --app on --listen; --upstream is for tunnel mode"
+            )
+        if tunnel_url is not None:
+            raise click.UsageError(
+                "--no-tunnel and --tunnel-url do not go together: --tunnel-url announces a URL "
+                "to a gateway, --no-tunnel registers with none"
+            )
+        if app_ref is None:
+            raise click.UsageError(
+                "--no-tunnel needs --app module:attribute: the ASGI app to serve on --listen"
+            )
+        return
+    if tunnel_url is not None and upstream is not None:
+        raise click.UsageError(
+            "--tunnel-url and --upstream do not go together: --upstream is for tunnel mode; "
+            "with --tunnel-url the gateway connects to URL itself: drop --upstream"
+        )
+    if listen is not None:
+        if tunnel_url is None:
+            raise click.UsageError(
+                "--listen goes with --tunnel-url or --no-tunnel: in tunnel mode the app is "
+                "served through the tunnel, on no port"
+            )
+        if app_ref is None:
+            raise click.UsageError(
+                "--listen goes with --app: it is where --app is served next to --tunnel-url"
+            )
+    for flag, value, env in (
+        ("--gateway", gateway, "REVCONN_GATEWAY"),
+        ("--name", name, "REVCONN_NAME"),
+    ):
+        if value is None:
+            raise click.UsageError(f"Missing option '{flag}' (or env {env}).")
+
+
 @main.command("serve")
 @click.option(
     "--gateway",
     envvar="REVCONN_GATEWAY",
-    required=True,
-    help="Gateway URL: http, https, ws or wss (env REVCONN_GATEWAY).",
+    help="Gateway URL: http, https, ws or wss (env REVCONN_GATEWAY). Not with --no-tunnel.",
 )
 @click.option(
     "--name",
     envvar="REVCONN_NAME",
-    required=True,
-    help="Agent name, a lowercase DNS label (env REVCONN_NAME).",
+    help="Agent name, a lowercase DNS label (env REVCONN_NAME). Not with --no-tunnel.",
 )
 @click.option(
     "--upstream",
@@ -89,6 +143,33 @@ def main() -> None:
     "app_ref",
     envvar="REVCONN_APP",
     help="Serve an in-process ASGI app instead of --upstream: module:attribute (env REVCONN_APP).",
+)
+@click.option(
+    "--tunnel-url",
+    envvar="REVCONN_TUNNEL_URL",
+    help="Announce mode: the http(s) URL the gateway reaches this service at; no tunnel "
+    "(env REVCONN_TUNNEL_URL).",
+)
+@click.option(
+    "--announce-interval",
+    type=float,
+    default=DEFAULT_INTERVAL,
+    show_default=True,
+    envvar="REVCONN_ANNOUNCE_INTERVAL",
+    help=f"With --tunnel-url: time between announcements, in seconds; each lives "
+    f"{TTL_INTERVALS} intervals (env REVCONN_ANNOUNCE_INTERVAL).",
+)
+@click.option(
+    "--no-tunnel",
+    is_flag=True,
+    help="Serve --app on --listen only: no gateway, nothing registered.",
+)
+@click.option(
+    "--listen",
+    envvar="REVCONN_LISTEN",
+    metavar="HOST:PORT",
+    help=f"Where --app is served with --no-tunnel or --tunnel-url [default: {DEFAULT_LISTEN}] "
+    "(env REVCONN_LISTEN).",
 )
 @click.option(
     "--upstream-timeout",
@@ -138,7 +219,7 @@ def main() -> None:
     default=10.0,
     show_default=True,
     help="Time allowed for each of the TCP/TLS connect, the WebSocket upgrade and the "
-    "tunnel handshake, in seconds.",
+    "tunnel handshake, in seconds (with --tunnel-url: for each announcement).",
 )
 @click.option(
     "--log-level",
@@ -147,11 +228,15 @@ def main() -> None:
     show_default=True,
 )
 def agent_serve(
-    gateway: str,
-    name: str,
+    gateway: str | None,
+    name: str | None,
     upstream: str | None,
     secret: str | None,
     app_ref: str | None,
+    tunnel_url: str | None,
+    announce_interval: float,
+    no_tunnel: bool,
+    listen: str | None,
     upstream_timeout: float,
     max_streams: int,
     backoff_min: float,
@@ -161,8 +246,28 @@ def agent_serve(
     handshake_timeout: float,
     log_level: str,
 ) -> None:
-    """Connect to the gateway and keep the tunnel up until SIGTERM/SIGINT."""
+    """Serve until SIGTERM/SIGINT, in one of three modes:
+
+    \b
+    tunnel:    --upstream URL | --app M:A; --gateway sends requests over a WebSocket
+    announce:  --tunnel-url URL [--app M:A]; --gateway connects to URL itself
+    no tunnel: --no-tunnel --app M:A; served on --listen, registered with no gateway
+    """
+    _check_modes(
+        no_tunnel=no_tunnel,
+        tunnel_url=tunnel_url,
+        upstream=upstream,
+        app_ref=app_ref,
+        listen=listen,
+        gateway=gateway,
+        name=name,
+    )
     setup_logging(log_level)
+    if no_tunnel:
+        assert app_ref is not None
+        _serve_without_tunnel(app_ref, listen or DEFAULT_LISTEN)
+        return
+    assert gateway is not None and name is not None
     try:
         config = AgentConfig(
             gateway=gateway,
@@ -174,6 +279,9 @@ def agent_serve(
             backoff=Backoff(backoff_min, backoff_max),
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
             handshake_timeout=handshake_timeout,
+            tunnel_url=tunnel_url,
+            announce_interval=announce_interval,
+            listen=listen,
         )
         app = _load_app(app_ref, upstream) if app_ref is not None else None
         agent = Agent(config, app=app)
@@ -185,6 +293,33 @@ def agent_serve(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(until_signal, agent.stop, STOP_GRACE, nursery.cancel_scope)
             await agent.run()
+            nursery.cancel_scope.cancel()
+
+    run(main_task)
+
+
+def _serve_without_tunnel(app_ref: str, listen: str) -> None:
+    """``--no-tunnel``: the app on ``listen`` until SIGTERM/SIGINT, no gateway."""
+    try:
+        parse_listen(listen)
+        app = _load_app(app_ref, None)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_CONFIG)
+        return
+
+    async def main_task() -> None:
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(until_signal, done.set, STOP_GRACE, nursery.cancel_scope)
+            # The server returns once done is set and its requests in flight
+            # are over (a second signal, or the grace period, cancels it).
+            async with trio.open_nursery() as server:
+                url = await server.start(
+                    partial(serve_local, app, listen, shutdown_trigger=done.wait)
+                )
+                log.info(
+                    "serving %s on %s (no tunnel: not registered with any gateway)", app_ref, url
+                )
             nursery.cancel_scope.cancel()
 
     run(main_task)

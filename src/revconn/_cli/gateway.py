@@ -99,6 +99,23 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     help="Seconds a public connection may sit idle between requests, and the "
     "time allowed to send a request head (then 408).",
 )
+@click.option(
+    "--announce-allow",
+    "announce_allow",
+    multiple=True,
+    metavar="CIDR",
+    help="Let announced URLs (revconn-agent --tunnel-url) reach this network too; by "
+    "default only public addresses are (no loopback, private, link-local or metadata "
+    "addresses). Repeatable, e.g. --announce-allow 10.0.0.0/8.",
+)
+@click.option(
+    "--announce-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds an announced URL's service may stay silent once a request is sent "
+    "(then 504 upstream_timeout).",
+)
 @click.option("--demo", is_flag=True, help="Also run an in-process demo agent named 'demo'.")
 @click.option(
     "--log-level",
@@ -115,11 +132,14 @@ def main(
     heartbeat_timeout: float,
     handshake_timeout: float,
     idle_timeout: float,
+    announce_allow: tuple[str, ...],
+    announce_timeout: float,
     demo: bool,
     log_level: str,
 ) -> None:
-    """Run the revconn gateway: agents dial /ws/connect and public requests for
-    /a/NAME/... reach them on --bind; operators list /endpoints on --admin-bind."""
+    """Run the revconn gateway: agents dial /ws/connect (or announce a URL on
+    /announce) and public requests for /a/NAME/... reach them on --bind;
+    operators list /endpoints on --admin-bind."""
     setup_logging(log_level)
     try:
         key, generated = _load_secret(secret, secret_file)
@@ -130,6 +150,8 @@ def main(
             idle_timeout=idle_timeout,
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
             handshake_timeout=handshake_timeout,
+            announce_allow=announce_allow,
+            announce_timeout=announce_timeout,
         )
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)

@@ -32,6 +32,7 @@ import trio
 
 from .. import _codes
 from .._errors import AgentBusy, StreamError
+from .._proto.announce import MAX_BODY as MAX_ANNOUNCE
 from .._proto.connect import WS_SUBPROTOCOL
 from .._proto.headers import clean_headers
 from .._proto.http1 import (
@@ -106,6 +107,17 @@ class DataPlane(Protocol):
         self, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
     ) -> str | Reply:
         """The agent's name, or the refusal to answer its upgrade with."""
+        ...
+
+    async def announce(
+        self,
+        method: bytes,
+        query_string: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        remote: str,
+    ) -> Reply:
+        """The answer to ``PUT``/``DELETE /announce`` (never raises for bad input)."""
         ...
 
 
@@ -358,6 +370,9 @@ class HttpConnection:
         if decision is Target.HEALTH:
             await self._answer_early(self._health(head.method), head)
             return None
+        if decision is Target.ANNOUNCE:
+            await self._announce(head)
+            return None
         assert isinstance(decision, Route)
         hosts = sum(1 for n, _ in head.headers if n == b"host")
         if hosts > 1 or (hosts == 0 and head.version == b"1.1"):
@@ -438,6 +453,40 @@ class HttpConnection:
         self.parser.feed(request_head(b"POST", b"/", framing) + trailing)
         synthetic = self.parser.next_event()
         assert isinstance(synthetic, RequestHead), synthetic
+
+    async def _announce(self, head: RequestHead) -> None:
+        """``/announce``: read its small body (413 beyond MAX_ANNOUNCE), answer."""
+        body = b""
+        if head.has_body:
+            if head.expect_continue:
+                await self._write([CONTINUE])
+            parts: list[bytes] = []
+            size = 0
+            while True:
+                event = self.parser.next_event()
+                if event is None:
+                    data = await self.stream.receive_some(READ_SIZE)
+                    if not data:
+                        raise trio.BrokenResourceError("client closed during the request body")
+                    self.parser.feed(data)  # a ParseError is answered by the read loop
+                    continue
+                if isinstance(event, EndOfMessage):
+                    break
+                assert isinstance(event, Body), event
+                size += len(event.data)
+                if size > MAX_ANNOUNCE:
+                    detail = f"an announcement is at most {MAX_ANNOUNCE} bytes"
+                    reply = json_reply(413, {"error": "payload_too_large", "detail": detail})
+                    await self._answer_early(reply, head, close=True)
+                    return
+                parts.append(event.data)
+            body = b"".join(parts)
+        query = head.target.partition(b"?")[2]
+        reply = await self.plane.announce(
+            head.method, query, head.headers, body, self.client or "unknown"
+        )
+        self._exchange = None
+        await self._reply(reply)
 
     def _health(self, method: bytes) -> Reply:
         if method not in (b"GET", b"HEAD"):

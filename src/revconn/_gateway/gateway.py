@@ -3,8 +3,10 @@
 ``Gateway.serve()`` runs the two surfaces and owns everything they share:
 
 * the **data plane** on ``binds`` (``--bind``): the lean trio listener
-  (``listener.py`` + ``exchange.py``) serving agents (``GET /ws/connect``),
-  public traffic (``ANY /a/NAME/...``) and ``GET /healthz``;
+  (``listener.py`` + ``exchange.py``) serving agents (``GET /ws/connect``,
+  and ``PUT/DELETE /announce`` for announced URLs), public traffic
+  (``ANY /a/NAME/...``, through a tunnel or to an announced URL) and
+  ``GET /healthz``;
 * the **operator surface** on ``admin_binds`` (``--admin-bind``): one
   QuartTrio app on hypercorn (``admin.py``; ``Gateway.admin_app``).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qs
 
@@ -29,7 +32,9 @@ from .._proto.session import Role, TunnelSession
 from .._runtime.heartbeat import Heartbeat, HeartbeatScheduler
 from .._runtime.transport import MessageTransport
 from .._runtime.tunnel import Tunnel, TunnelEnd
+from .addresses import AddressPolicy, parse_networks
 from .admin import make_admin_app, serve_admin
+from .announcing import Announcements
 from .auth import AuthPolicy, Scope, bearer_credential
 from .listener import Listener, listen_all, parse_bind, socket_url
 from .registry import InMemoryRegistry, Registration, Registry
@@ -61,6 +66,10 @@ class GatewayConfig:
     tcp_user_timeout: float | None = None
     """Seconds unacknowledged data may sit before the kernel drops a data-plane
     socket; default: heartbeat interval + timeout."""
+    announce_allow: tuple[str, ...] = ()
+    """CIDRs announced URLs may resolve to besides public addresses (``--announce-allow``)."""
+    announce_timeout: float = 60.0
+    """How long an announced URL's service may stay silent once a request is sent."""
 
     def __attrs_post_init__(self) -> None:
         if not self.binds:
@@ -69,9 +78,11 @@ class GatewayConfig:
             parse_bind(bind, "--bind")
         for bind in self.admin_binds:
             parse_bind(bind, "--admin-bind")
+        parse_networks(self.announce_allow)
         for label, value in (
             ("idle timeout", self.idle_timeout),
             ("handshake timeout", self.handshake_timeout),
+            ("announce timeout", self.announce_timeout),
         ):
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{label} must be > 0 seconds, got {value!r}")
@@ -95,10 +106,26 @@ class Gateway:
         config: GatewayConfig,
         auth: AuthPolicy,
         registry: Registry | None = None,
+        *,
+        address_policy: AddressPolicy | None = None,
+        url_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``address_policy``: which addresses announced URLs may reach
+        (default: public ones and ``config.announce_allow``);
+        ``url_ssl_context``: verifies https announced URLs (default: the
+        system's CAs)."""
         self.config = config
         self.auth = auth
         self.registry: Registry = registry if registry is not None else InMemoryRegistry()
+        policy = address_policy or AddressPolicy(parse_networks(config.announce_allow))
+        self.announcements = Announcements(
+            self.registry,
+            auth,
+            policy,
+            timeout=config.announce_timeout,
+            connect_timeout=config.handshake_timeout,
+            ssl_context=url_ssl_context,
+        )
         self._tunnels: set[Tunnel] = set()
         self._service_nursery: trio.Nursery | None = None
         self._heartbeats: HeartbeatScheduler | None = None
@@ -141,6 +168,19 @@ class Gateway:
         if self._shutting_down:
             return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
         return name
+
+    async def announce(
+        self,
+        method: bytes,
+        query_string: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        remote: str,
+    ) -> Reply:
+        """Answer ``PUT``/``DELETE /announce`` (an agent in ``--tunnel-url`` mode)."""
+        return await self.announcements.handle(
+            method, query_string, headers, body, remote=remote, shutting_down=self._shutting_down
+        )
 
     async def serve_agent(self, name: str, transport: MessageTransport, remote: str) -> None:
         """Run an admitted agent's tunnel over ``transport`` (an accepted WebSocket)
@@ -243,6 +283,7 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             scheduler = HeartbeatScheduler(cfg.heartbeat)
             await nursery.start(scheduler.run)
+            nursery.start_soon(self.registry.expire_announcements)
             self._heartbeats = scheduler
             self._service_nursery = nursery
             await nursery.start(Listener(self).serve, data)
@@ -262,6 +303,7 @@ class Gateway:
             admin_stop.set()
             with trio.move_on_after(CLOSE_GRACE):
                 await admin_done.wait()
+            self.announcements.close_all()
             nursery.cancel_scope.cancel()
         self._service_nursery = None
         self._heartbeats = None

@@ -1,9 +1,19 @@
-"""The socket registry: agent name -> live tunnel session.
+"""The registry: agent name -> how to reach it, for both transports.
+
+* ``websocket``: a live tunnel session (registered on connect, removed on
+  disconnect);
+* ``url``: an announced URL (``--tunnel-url``), renewed by heartbeat and
+  dropped exactly when its TTL lapses or when it is withdrawn.
+
+Names are single-owner: a newer WebSocket session replaces whatever held the
+name; a newer announcement replaces an older announcement, but never a live
+WebSocket session (``NameTaken``).
 
 ``Registry`` is the interface (a shared backend such as Redis implements it
 later); ``InMemoryRegistry`` is the default. Nothing outside this module may
 assume every agent lives in this process: callers go through ``lookup`` (which
-answers only for sessions held here) and ``snapshot`` (which lists them all).
+answers only for sessions reachable from here: tunnels held here, announced
+URLs) and ``snapshot`` (which lists them all).
 """
 
 from __future__ import annotations
@@ -11,8 +21,10 @@ from __future__ import annotations
 import collections
 import datetime
 import enum
+import heapq
 import itertools
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Protocol, runtime_checkable
@@ -26,7 +38,9 @@ from .._proto.connect import UpstreamInfo
 __all__ = [
     "AgentInfo",
     "AgentSession",
+    "Announced",
     "InMemoryRegistry",
+    "NameTaken",
     "Registration",
     "Registry",
     "RegistryEvent",
@@ -39,6 +53,10 @@ log = logging.getLogger("revconn.registry")
 
 FLAP_WINDOW = 60.0
 FLAP_THRESHOLD = 3
+WEBSOCKET = "websocket"
+URL = "url"
+REASON_EXPIRED = "announcement expired"
+REASON_WITHDRAWN = "withdrawn"
 
 
 class RequestStream(Protocol):
@@ -129,19 +147,59 @@ class AgentInfo:
     """Replacements of this name seen in the last ``FLAP_WINDOW`` seconds."""
     connected_at_iso: str = attrs.field(default="", eq=False, repr=False)
     """``connected_at`` as ISO 8601 UTC ("...Z"), formatted once at registration."""
+    transport: str = WEBSOCKET
+    """``websocket`` (a live tunnel) or ``url`` (an announced URL)."""
+    url: str | None = None
+    """The announced URL (``url`` transport only)."""
+    expires_at: datetime.datetime | None = None
+    """When the announcement lapses unless renewed (``url`` transport only)."""
 
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "status": "online",
-            "transport": "websocket",
+            "transport": self.transport,
+            "url": self.url,
             "connected_at": self.connected_at_iso or _iso(self.connected_at),
+            "expires_at": None if self.expires_at is None else _iso(self.expires_at),
             "remote": self.remote,
             "epoch": self.epoch,
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "flapping": self.flapping,
             "recent_replacements": self.replacements,
         }
+
+
+@attrs.frozen
+class Announced:
+    """An accepted announcement: its registration (withdraw with it) and expiry."""
+
+    registration: Registration
+    url: str
+    ttl: float
+    expires_at: datetime.datetime
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.registration.name,
+            "transport": URL,
+            "url": self.url,
+            "epoch": self.registration.epoch,
+            "ttl": self.ttl,
+            "expires_at": _iso(self.expires_at),
+        }
+
+
+class NameTaken(Exception):
+    """An announcement refused: ``holder`` (its transport) has the name.
+    ``replaced``: the announcement being renewed was replaced by it."""
+
+    def __init__(self, name: str, holder: str, *, replaced: bool) -> None:
+        what = "replaced by" if replaced else "held by"
+        super().__init__(f"agent name {name!r} is {what} a {holder} agent")
+        self.name = name
+        self.holder = holder
+        self.replaced = replaced
 
 
 def _iso(moment: datetime.datetime) -> str:
@@ -202,11 +260,37 @@ class Registry(Protocol):
 
     async def register(self, name: str, session: AgentSession, *, remote: str) -> Registration:
         """Register ``session`` under ``name``; a session already there is asked
-        to close with 4409 "replaced"."""
+        to close with 4409 "replaced" (an announcement there is dropped)."""
         ...
 
     async def unregister(self, registration: Registration) -> bool:
         """Remove the registration if it is still the current one for its name."""
+        ...
+
+    async def announce(
+        self,
+        name: str,
+        url: str,
+        *,
+        ttl: float,
+        remote: str,
+        renewing: int | None,
+        connect: Callable[[], AgentSession],
+    ) -> Announced:
+        """Announce (or, with the epoch it got, renew) ``url`` for ``name``
+        for ``ttl`` seconds; ``connect()`` makes the session that forwards to
+        it when one is needed. NameTaken if a WebSocket session holds the
+        name, or if the announcement being renewed was replaced."""
+        ...
+
+    async def withdraw(self, name: str, epoch: int | None) -> bool:
+        """Drop the announcement for ``name`` (only epoch ``epoch`` if given);
+        False if there was none. NameTaken if a WebSocket session holds it."""
+        ...
+
+    async def expire_announcements(self) -> None:
+        """Run for the gateway's lifetime: drops each announcement the moment
+        its TTL lapses."""
         ...
 
     async def snapshot(self) -> list[AgentInfo]:
@@ -232,6 +316,11 @@ class _Entry:
     replaced_at: collections.deque[float] | None
     """Recent replacement times; None until the name is first replaced (saves
     an idle deque per agent)."""
+    transport: str = WEBSOCKET
+    url: str | None = None
+    expires: float = math.inf
+    """(``url``) When the announcement lapses, on ``clock``."""
+    expires_wall: datetime.datetime | None = None
 
 
 class InMemoryRegistry:
@@ -248,6 +337,14 @@ class InMemoryRegistry:
         self._clock = clock
         self._wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
         self._subscribers: set[Subscription] = set()
+        self._expiries: list[tuple[float, int, str]] = []
+        """A heap of (expiry, epoch, name) of announcements; stale items are
+        skipped when they come up (a renewal pushes a new one)."""
+        self._replaced: dict[str, tuple[int, str, float]] = {}
+        """name -> (epoch, holder transport, forget at): the last announcement
+        replaced under each name, so its next renewal is told (one per name,
+        forgotten when it would have lapsed)."""
+        self._expiry_wait: trio.CancelScope | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -259,29 +356,43 @@ class InMemoryRegistry:
 
     def register_nowait(self, name: str, session: AgentSession, *, remote: str) -> Registration:
         epoch = next(self._epochs)
-        old = self._entries.get(name)
-        history: collections.deque[float] | None = None
-        if old is not None:
-            now = self._clock()
-            history = old.replaced_at or collections.deque(maxlen=FLAP_THRESHOLD * 4)
-            history.append(now)
-            while history and now - history[0] > FLAP_WINDOW:
-                history.popleft()
-            self._publish(RegistryEvent(RegistryEventKind.REPLACED, name, old.epoch))
-            if len(history) >= FLAP_THRESHOLD:
-                log.warning(
-                    "agent %r is flapping: replaced %d times in %.0f s "
-                    "(two processes with one name?)",
-                    name,
-                    len(history),
-                    FLAP_WINDOW,
-                )
-            log.info("agent %r epoch %d replaced by epoch %d", name, old.epoch, epoch)
-            old.session.request_close(_codes.WS_REPLACED, _codes.REASON_REPLACED)
+        history = self._replace(name, epoch, WEBSOCKET)
         now_wall = self._wall_clock()
         self._entries[name] = _Entry(session, epoch, remote, now_wall, _iso(now_wall), history)
         self._publish(RegistryEvent(RegistryEventKind.ONLINE, name, epoch))
         return Registration(name, epoch)
+
+    def _replace(self, name: str, epoch: int, by: str) -> collections.deque[float] | None:
+        """Retire whatever holds ``name`` for the newcomer ``epoch`` (of
+        transport ``by``); the name's replacement history."""
+        old = self._entries.get(name)
+        if old is None:
+            return None
+        now = self._clock()
+        history = old.replaced_at or collections.deque(maxlen=FLAP_THRESHOLD * 4)
+        history.append(now)
+        while history and now - history[0] > FLAP_WINDOW:
+            history.popleft()
+        self._publish(RegistryEvent(RegistryEventKind.REPLACED, name, old.epoch))
+        if len(history) >= FLAP_THRESHOLD:
+            log.warning(
+                "agent %r is flapping: replaced %d times in %.0f s (two processes with one name?)",
+                name,
+                len(history),
+                FLAP_WINDOW,
+            )
+        log.info(
+            "agent %r epoch %d (%s) replaced by epoch %d (%s)",
+            name,
+            old.epoch,
+            old.transport,
+            epoch,
+            by,
+        )
+        if old.transport == URL:
+            self._replaced[name] = (old.epoch, by, old.expires)
+        old.session.request_close(_codes.WS_REPLACED, _codes.REASON_REPLACED)
+        return history
 
     async def unregister(self, registration: Registration) -> bool:
         return self.unregister_nowait(registration)
@@ -290,15 +401,117 @@ class InMemoryRegistry:
         entry = self._entries.get(registration.name)
         if entry is None or entry.epoch != registration.epoch:
             return False
-        del self._entries[registration.name]
-        self._publish(RegistryEvent(RegistryEventKind.OFFLINE, registration.name, entry.epoch))
+        self._drop(registration.name, entry, REASON_WITHDRAWN)
         return True
+
+    def _drop(self, name: str, entry: _Entry, reason: str) -> None:
+        del self._entries[name]
+        if entry.transport == URL:
+            # The registry made this session: it closes it (idle connections).
+            entry.session.request_close(_codes.WS_GOING_AWAY, reason)
+            log.info("agent %r (url, epoch %d) offline: %s", name, entry.epoch, reason)
+        self._publish(RegistryEvent(RegistryEventKind.OFFLINE, name, entry.epoch))
+
+    # -- announced URLs -----------------------------------------------------------
+    async def announce(
+        self,
+        name: str,
+        url: str,
+        *,
+        ttl: float,
+        remote: str,
+        renewing: int | None,
+        connect: Callable[[], AgentSession],
+    ) -> Announced:
+        return self.announce_nowait(
+            name, url, ttl=ttl, remote=remote, renewing=renewing, connect=connect
+        )
+
+    def announce_nowait(
+        self,
+        name: str,
+        url: str,
+        *,
+        ttl: float,
+        remote: str,
+        renewing: int | None,
+        connect: Callable[[], AgentSession],
+    ) -> Announced:
+        now = self._clock()
+        self._expire_due(now)
+        replaced = self._replaced.get(name)
+        if renewing is not None and replaced is not None and replaced[0] == renewing:
+            del self._replaced[name]
+            raise NameTaken(name, replaced[1], replaced=True)
+        entry = self._entries.get(name)
+        if entry is not None and entry.transport == WEBSOCKET:
+            raise NameTaken(name, WEBSOCKET, replaced=False)
+        expires = now + ttl
+        expires_wall = self._wall_clock() + datetime.timedelta(seconds=ttl)
+        if entry is not None and renewing == entry.epoch:
+            if entry.url != url:
+                log.info("agent %r (url) now announces %s", name, url)
+                entry.session.request_close(_codes.WS_GOING_AWAY, "url changed")
+                entry.session = connect()
+                entry.url = url
+            entry.remote = remote
+        else:
+            epoch = next(self._epochs)
+            history = self._replace(name, epoch, URL)
+            now_wall = self._wall_clock()
+            entry = _Entry(connect(), epoch, remote, now_wall, _iso(now_wall), history, URL, url)
+            self._entries[name] = entry
+            log.info("agent %r announced %s from %s (epoch %d)", name, url, remote, epoch)
+            self._publish(RegistryEvent(RegistryEventKind.ONLINE, name, epoch))
+        entry.expires = expires
+        entry.expires_wall = expires_wall
+        heapq.heappush(self._expiries, (expires, entry.epoch, name))
+        scope = self._expiry_wait
+        if scope is not None and expires < scope.deadline:
+            scope.deadline = expires
+        return Announced(Registration(name, entry.epoch), url, ttl, expires_wall)
+
+    async def withdraw(self, name: str, epoch: int | None) -> bool:
+        return self.withdraw_nowait(name, epoch)
+
+    def withdraw_nowait(self, name: str, epoch: int | None) -> bool:
+        self._expire_due(self._clock())
+        entry = self._entries.get(name)
+        if entry is None or (epoch is not None and entry.epoch != epoch):
+            return False
+        if entry.transport == WEBSOCKET:
+            raise NameTaken(name, WEBSOCKET, replaced=False)
+        self._drop(name, entry, REASON_WITHDRAWN)
+        return True
+
+    async def expire_announcements(self) -> None:
+        while True:
+            try:
+                with trio.CancelScope() as self._expiry_wait:
+                    if self._expiries:
+                        self._expiry_wait.deadline = self._expiries[0][0]
+                    await trio.sleep_forever()
+            finally:
+                self._expiry_wait = None
+            self._expire_due(self._clock())
+
+    def _expire_due(self, now: float) -> None:
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, epoch, name = heapq.heappop(heap)
+            entry = self._entries.get(name)
+            if entry is not None and entry.epoch == epoch and entry.expires <= now:
+                self._drop(name, entry, REASON_EXPIRED)
+            replaced = self._replaced.get(name)
+            if replaced is not None and replaced[0] == epoch and replaced[2] <= now:
+                del self._replaced[name]
 
     async def snapshot(self) -> list[AgentInfo]:
         return self.snapshot_nowait()
 
     def snapshot_nowait(self) -> list[AgentInfo]:
         now = self._clock()
+        self._expire_due(now)
         rows = []
         for name in sorted(self._entries):
             e = self._entries[name]
@@ -314,13 +527,21 @@ class InMemoryRegistry:
                     flapping=recent >= FLAP_THRESHOLD,
                     replacements=recent,
                     connected_at_iso=e.connected_at_iso,
+                    transport=e.transport,
+                    url=e.url,
+                    expires_at=e.expires_wall,
                 )
             )
         return rows
 
     def lookup(self, name: str) -> AgentSession | None:
         entry = self._entries.get(name)
-        return None if entry is None else entry.session
+        if entry is None:
+            return None
+        if entry.expires != math.inf and entry.expires <= self._clock():
+            self._expire_due(self._clock())  # lapsed this instant: gone now, not at the sweep
+            return None
+        return entry.session
 
     @asynccontextmanager
     async def subscribe(self, capacity: int = 100) -> AsyncIterator[Subscription]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import attrs
 
+from .._proto.announce import ANNOUNCE_PATH as ANNOUNCE
 from .._proto.connect import UpstreamInfo
 from .._proto.headers import Headers, forwarded_request_headers
 from .._proto.http1 import request_head
@@ -22,6 +23,7 @@ from .replies import Reply, agent_offline, json_reply, not_found
 
 __all__ = [
     "AGENT_PATH",
+    "ANNOUNCE_PATH",
     "HEALTH_PATH",
     "PREFIX",
     "Forward",
@@ -34,6 +36,7 @@ __all__ = [
 
 PREFIX = b"/a/"
 AGENT_PATH = b"/ws/connect"
+ANNOUNCE_PATH = ANNOUNCE.encode()
 HEALTH_PATH = b"/healthz"
 
 
@@ -42,6 +45,8 @@ class Target(enum.Enum):
 
     AGENT = "agent"
     """``GET /ws/connect``: an agent dialing in."""
+    ANNOUNCE = "announce"
+    """``PUT``/``DELETE /announce``: an agent announcing (withdrawing) its URL."""
     HEALTH = "health"
     """``GET /healthz``."""
 
@@ -61,9 +66,11 @@ def dispatch(target: bytes) -> Target | Route | Reply:
         return route(path, query)
     if path == AGENT_PATH:
         return Target.AGENT
+    if path == ANNOUNCE_PATH:
+        return Target.ANNOUNCE
     if path == HEALTH_PATH:
         return Target.HEALTH
-    return not_found("the data plane serves /a/NAME/..., /ws/connect and /healthz")
+    return not_found("the data plane serves /a/NAME/..., /ws/connect, /announce and /healthz")
 
 
 def route(path: bytes, query: bytes) -> Route | Reply:

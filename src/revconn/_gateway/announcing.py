@@ -1,0 +1,161 @@
+"""The announce endpoint of the data plane (``PUT``/``DELETE /announce``):
+an agent in ``--tunnel-url`` mode registers the URL its service is reached
+at, by heartbeat, with the same credentials and name rules as
+``/ws/connect`` (docs/protocol.md section 8).
+
+The URL is a request the gateway will make on behalf of strangers, so it is
+checked here (SSRF: ``AddressPolicy``) and again by every new connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import weakref
+from collections.abc import Iterable
+from urllib.parse import parse_qs
+
+import trio
+
+from .. import _codes
+from .._proto.announce import AnnouncedUrl, parse_announcement
+from .._proto.rules import NAME_RULE, valid_agent_name
+from .addresses import AddressPolicy, AddressRefused
+from .auth import AuthPolicy, Scope, bearer_credential
+from .direct import DirectSession
+from .registry import NameTaken, Registry
+from .replies import Reply, json_reply, unauthorized
+
+__all__ = ["Announcements"]
+
+log = logging.getLogger("revconn.gateway")
+
+RESOLVE_TIMEOUT = 5.0
+ALLOW_HINT = "the gateway forwards only to public addresses unless --announce-allow covers them"
+
+
+class Announcements:
+    """Accepts, renews and withdraws announcements for one gateway."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        auth: AuthPolicy,
+        policy: AddressPolicy,
+        *,
+        timeout: float | None,
+        connect_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.registry = registry
+        self.auth = auth
+        self.policy = policy
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._ssl_context = ssl_context
+        self._sessions: weakref.WeakSet[DirectSession] = weakref.WeakSet()
+
+    def session(self, name: str, url: AnnouncedUrl) -> DirectSession:
+        session = DirectSession(
+            name,
+            url,
+            self.policy,
+            timeout=self._timeout,
+            connect_timeout=self._connect_timeout,
+            ssl_context=self._ssl_context,
+        )
+        self._sessions.add(session)
+        return session
+
+    def close_all(self) -> None:
+        """Gateway shutdown: every announced URL's kept-alive connections close."""
+        for session in list(self._sessions):
+            session.request_close(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
+
+    async def handle(
+        self,
+        method: bytes,
+        query_string: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        remote: str,
+        shutting_down: bool,
+    ) -> Reply:
+        """The answer to one announce request (never raises for bad input)."""
+        if method not in (b"PUT", b"DELETE"):
+            detail = "PUT announces or renews a URL, DELETE withdraws it"
+            return json_reply(
+                405,
+                {"error": "method_not_allowed", "detail": detail},
+                [(b"allow", b"PUT, DELETE")],
+            )
+        query = parse_qs(query_string.decode("latin-1"))
+        names = query.get("name", [])
+        if len(names) != 1 or not valid_agent_name(names[0]):
+            detail = f"name must be one lowercase DNS label: {NAME_RULE}"
+            return json_reply(400, {"error": "invalid_name", "detail": detail})
+        name = names[0]
+        if not self.auth.allows(bearer_credential(headers), agent=name, scope=Scope.CONNECT):
+            log.info("announcement for %r from %s: bad or missing credentials", name, remote)
+            return unauthorized()
+        if shutting_down:
+            return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
+        if method == b"DELETE":
+            return await self._withdraw(name, query.get("epoch", []))
+        return await self._announce(name, body, remote)
+
+    async def _announce(self, name: str, body: bytes, remote: str) -> Reply:
+        try:
+            wanted = parse_announcement(body)
+        except ValueError as exc:
+            return json_reply(400, {"error": "invalid_announcement", "detail": str(exc)})
+        url = wanted.url
+        with trio.move_on_after(RESOLVE_TIMEOUT):
+            try:
+                await self.policy.resolve(url.host, url.port)
+            except AddressRefused as exc:
+                error = "url_unresolvable" if exc.unresolvable else "url_forbidden"
+                detail = f"{url.text}: {exc}" + ("" if exc.unresolvable else f"; {ALLOW_HINT}")
+                log.info("announcement for %r from %s refused: %s", name, remote, detail)
+                return json_reply(400, {"error": error, "agent": name, "detail": detail})
+            try:
+                announced = await self.registry.announce(
+                    name,
+                    url.text,
+                    ttl=wanted.ttl,
+                    remote=remote,
+                    renewing=wanted.epoch,
+                    connect=lambda: self.session(name, url),
+                )
+            except NameTaken as exc:
+                error = "replaced" if exc.replaced else "name_in_use"
+                payload = {
+                    "error": error,
+                    "agent": name,
+                    "holder": {"transport": exc.holder},
+                    "detail": str(exc),
+                }
+                return json_reply(409, payload)
+            return json_reply(200, announced.to_json())
+        detail = f"{url.text}: {url.host} did not resolve within {RESOLVE_TIMEOUT:g} s"
+        return json_reply(400, {"error": "url_unresolvable", "agent": name, "detail": detail})
+
+    async def _withdraw(self, name: str, epochs: list[str]) -> Reply:
+        epoch: int | None = None
+        if epochs:
+            if len(epochs) != 1 or not epochs[0].isdigit():
+                detail = "epoch must be the announcement's epoch (a positive integer)"
+                return json_reply(400, {"error": "invalid_announcement", "detail": detail})
+            epoch = int(epochs[0])
+        try:
+            withdrawn = await self.registry.withdraw(name, epoch)
+        except NameTaken as exc:
+            payload = {
+                "error": "name_in_use",
+                "agent": name,
+                "holder": {"transport": exc.holder},
+                "detail": f"{exc}: a withdrawal removes announcements only",
+            }
+            return json_reply(409, payload)
+        return json_reply(200, {"name": name, "withdrawn": withdrawn})

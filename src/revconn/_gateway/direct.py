@@ -1,0 +1,252 @@
+"""Forwarding to an announced URL (``revconn-agent serve --tunnel-url``):
+an ``AgentSession`` whose "streams" are kept-alive TCP (or TLS) connections
+to the announced host, so the exchange that serves tunnel streams serves
+these too, byte for byte: the same head rewriting, framing, timeouts, retry
+on a stale kept-alive connection, and JSON errors. Flow control is TCP's.
+
+Every new connection resolves the host again and checks each address against
+the ``AddressPolicy`` (SSRF: DNS may have changed since the announcement),
+then connects to exactly the addresses it checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+import ssl
+from typing import Any
+
+import trio
+
+from .. import _codes
+from .._errors import AgentBusy, StreamError
+from .._proto.announce import AnnouncedUrl
+from .._proto.connect import UpstreamInfo
+from .._runtime.fastpath import send_all
+from .._runtime.streampool import IDLE_TIMEOUT, StreamRefused
+from .addresses import AddressPolicy, AddressRefused
+
+__all__ = ["DirectSession", "DirectStream"]
+
+log = logging.getLogger("revconn.direct")
+
+READ_SIZE = 64 * 1024
+MAX_IDLE = 32
+"""Kept-alive connections held per announced URL."""
+UNREACHABLE = "the announced service did not accept a connection"
+
+_Conn = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+def _refused(status: int, error: str, agent: str, detail: str) -> StreamRefused:
+    body = json.dumps({"error": error, "agent": agent, "detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return StreamRefused(status, headers, body)
+
+
+def _socket_of(conn: _Conn) -> trio.socket.SocketType:
+    if isinstance(conn, trio.SSLStream):
+        return conn.transport_stream.socket
+    return conn.socket
+
+
+class DirectStream:
+    """One connection to the announced service, lent to one request at a time
+    (the exchange's ``RequestStream``)."""
+
+    __slots__ = ("_conn", "_plain", "_upstream", "closed", "idle_since", "remote_ended")
+
+    def __init__(self, conn: _Conn, upstream: UpstreamInfo) -> None:
+        self._conn = conn
+        self._plain = isinstance(conn, trio.SocketStream)
+        self._upstream = upstream
+        self.remote_ended = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    @property
+    def upstream(self) -> UpstreamInfo:
+        return self._upstream
+
+    async def send_body(
+        self,
+        data: bytes,
+        *,
+        end_stream: bool = False,
+        queued: Any = None,
+    ) -> None:
+        try:
+            if self._plain:
+                assert isinstance(self._conn, trio.SocketStream)
+                await send_all(self._conn, data)
+            else:
+                await self._conn.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise StreamError(
+                f"the announced service's connection broke: {exc}",
+                error_code=_codes.H2_CONNECT_ERROR,
+            ) from None
+        if queued is not None:
+            queued()
+
+    async def read(self) -> bytes | None:
+        try:
+            data = await self._conn.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.remote_ended = True
+            raise StreamError(
+                f"the announced service's connection broke: {exc}",
+                error_code=_codes.H2_CONNECT_ERROR,
+            ) from None
+        if not data:
+            self.remote_ended = True
+            return None
+        return data if isinstance(data, bytes) else bytes(data)  # (TLS gives bytearray)
+
+    def reset(self, error_code: int = _codes.H2_CANCEL) -> None:
+        """Close the connection now (tasks using it get ClosedResourceError)."""
+        if not self.closed:
+            self.closed = True
+            _socket_of(self._conn).close()
+
+    def looks_alive(self) -> bool:
+        """An idle kept-alive connection the service has not closed (nor sent
+        anything on: that would be a protocol error)."""
+        if self.closed or self.remote_ended:
+            return False
+        fd = _socket_of(self._conn).fileno()
+        if fd < 0:
+            return False
+        poll = select.poll()
+        poll.register(fd, select.POLLIN | select.POLLPRI)
+        # Readable while idle: the service closed it (EOF) or sent stray bytes.
+        return not poll.poll(0)
+
+
+class DirectSession:
+    """An announced URL as the exchange sees an agent: it lends connections
+    (idle kept-alive ones first) and takes them back."""
+
+    def __init__(
+        self,
+        name: str,
+        url: AnnouncedUrl,
+        policy: AddressPolicy,
+        *,
+        timeout: float | None,
+        connect_timeout: float,
+        max_connections: int = 100,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self._policy = policy
+        self._upstream = UpstreamInfo(url.authority, url.prefix, timeout)
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._ssl_context = ssl_context
+        self._idle: list[DirectStream] = []
+        self._lent = 0
+        self._closed = False
+
+    rtt = None
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closed
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    def request_close(self, close_code: int, reason: str) -> None:
+        """The announcement is gone: close idle connections; lent ones close
+        when their request is done."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().reset()
+
+    async def acquire(self, *, fresh: bool = False) -> tuple[DirectStream, bool]:
+        if self._closed:
+            raise StreamError("the announcement was withdrawn")
+        if self._lent >= self._max_connections:
+            raise AgentBusy(f"{self._max_connections} requests in flight to the announced URL")
+        if not fresh:
+            self._prune(trio.current_time())
+            while self._idle:
+                stream = self._idle.pop()
+                if stream.looks_alive():
+                    self._lent += 1
+                    return stream, False
+                stream.reset()
+        self._lent += 1
+        try:
+            return await self._connect(), True
+        except BaseException:
+            self._lent -= 1
+            raise
+
+    def release(self, stream: Any, *, reusable: bool) -> None:
+        assert isinstance(stream, DirectStream)
+        self._lent -= 1
+        now = trio.current_time()
+        if reusable and not self._closed and len(self._idle) < MAX_IDLE and stream.looks_alive():
+            stream.idle_since = now
+            self._idle.append(stream)
+        else:
+            stream.reset()
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        while self._idle and now - self._idle[0].idle_since >= IDLE_TIMEOUT:
+            self._idle.pop(0).reset()
+
+    async def _connect(self) -> DirectStream:
+        url = self.url
+        try:
+            with trio.fail_after(self._connect_timeout):
+                addresses = await self._policy.resolve(url.host, url.port)
+                conn = await self._open(addresses)
+        except AddressRefused as exc:
+            log.warning("agent %r: not connecting to %s: %s", self.name, url.text, exc)
+            detail = f"{exc.public_reason}, which this gateway does not forward to"
+            raise _refused(502, "url_forbidden", self.name, detail) from None
+        except trio.TooSlowError:
+            log.info("agent %r: %s: connect timed out", self.name, url.text)
+            detail = f"the announced service did not accept within {self._connect_timeout:g} s"
+            raise _refused(504, "upstream_timeout", self.name, detail) from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            log.info("agent %r: %s: %s", self.name, url.text, exc)
+            raise _refused(502, "upstream_unreachable", self.name, UNREACHABLE) from None
+        return DirectStream(conn, self._upstream)
+
+    async def _open(self, addresses: list[tuple[int, tuple[Any, ...]]]) -> _Conn:
+        """Connect to the checked addresses in turn (never a fresh lookup)."""
+        error: OSError | None = None
+        for family, sockaddr in addresses:
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            try:
+                await sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            stream = trio.SocketStream(sock)
+            if not self.url.secure:
+                return stream
+            context = self._ssl_context or ssl.create_default_context()
+            tls = trio.SSLStream(
+                stream, context, server_hostname=self.url.host, https_compatible=True
+            )
+            try:
+                await tls.do_handshake()
+            except BaseException:
+                sock.close()
+                raise
+            return tls
+        raise error or OSError("no address to connect to")
