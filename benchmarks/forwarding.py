@@ -9,6 +9,7 @@ listeners on port 0) and stops by itself.
     python benchmarks/forwarding.py --compare 524843f   # and that revision, interleaved
     python benchmarks/forwarding.py --peer-localtunnel ../shared/peers   # and localtunnel
     python benchmarks/forwarding.py --peer-localtunnel ../shared/peers --only-peer --seconds 3
+    python benchmarks/forwarding.py --announced         # and agents in announce mode
 
 This tree is measured on its one data plane (``revconn-gateway --bind``: agents on
 /ws/connect and /a/NAME/... on one lean trio listener; ``--admin-bind`` on port 0).
@@ -298,12 +299,14 @@ class Lines:
                 return line.split(marker, 1)[1].strip().split(", ")[0]
 
 
-def start_gateway(code: Code, front: str) -> tuple[subprocess.Popen[str], str]:
+def start_gateway(
+    code: Code, front: str, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[str], str]:
     """``code``'s gateway, ready, and the URL of ``front``: agents dial it and /a/ is
     served on it. ``front`` is "lean" (the data plane, or --public-bind in the old
     layout) or "bind" (the old layout's hypercorn --bind alone)."""
     any_port = "127.0.0.1:0"
-    args = [*code.gateway, "--bind", any_port, "--log-level", "warning"]
+    args = [*code.gateway, "--bind", any_port, "--log-level", "warning", *extra]
     if code.layout == DATA_PLANE:
         assert front == "lean", front
         args += ["--admin-bind", any_port]
@@ -456,6 +459,12 @@ def main() -> None:
         action="store_true",
         help="measure only nginx direct and the peer (no revconn front): checks the peer set-up",
     )
+    parser.add_argument(
+        "--announced",
+        action="store_true",
+        help="also measure this tree with agents in announce mode (--tunnel-url: the "
+        "gateway connects to the upstream itself, no tunnel), same interleaved loop",
+    )
     args = parser.parse_args()
     if args.only_peer and args.peer_localtunnel is None:
         parser.error("--only-peer needs --peer-localtunnel DIR")
@@ -507,11 +516,18 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     # (kind, scenario) -> why that front has no figure for it; scenarios: c1, c32, dl10m, upload
     na: dict[tuple[str, str], str] = {}
 
-    def open_front(code: Code, front: str, title: str, with_upload: bool) -> Front:
-        gateway, url = start_gateway(code, front)
+    def open_front(
+        code: Code, front: str, title: str, with_upload: bool, *, announced: bool = False
+    ) -> Front:
+        """A gateway and its agents "bench" (nginx) and "upload" (hypercorn):
+        tunnel agents, or with ``announced`` agents that announce the upstream's
+        URL (--tunnel-url; the gateway then connects to it itself)."""
+        extra = ("--announce-allow", "127.0.0.0/8") if announced else ()
+        gateway, url = start_gateway(code, front, extra)
 
         def agent(name: str, upstream: str) -> subprocess.Popen[str]:
-            cmd = [*code.agent, "serve", "--gateway", url, "--name", name, "--upstream", upstream]
+            mode = ["--tunnel-url", upstream] if announced else ["--upstream", upstream]
+            cmd = [*code.agent, "serve", "--gateway", url, "--name", name, *mode]
             return start([*cmd, "--log-level", "warning"], code.env)
 
         bench = agent("bench", nginx_url)
@@ -545,6 +561,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     fronts: dict[str, Front] = {}
     if not args.only_peer:
         fronts["new"] = open_front(this_tree(), "lean", "this tree, data plane", True)
+    if args.announced:
+        title = "this tree, announced URL (--tunnel-url)"
+        fronts["url"] = open_front(this_tree(), "lean", title, True, announced=True)
     if old is not None:
         lean = "public listener" if old.layout == PUBLIC_BIND else "data plane"
         fronts["old"] = open_front(old, "lean", f"{old.label}, {lean}", True)
@@ -637,6 +656,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         return cell(value, fmt)
 
     compare = f" --compare {args.compare}" if args.compare else ""
+    compare += " --announced" if args.announced else ""
     if has_lt:
         compare += f" --peer-localtunnel {args.peer_localtunnel}"
         compare += " --only-peer" if args.only_peer else ""
