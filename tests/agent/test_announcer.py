@@ -451,7 +451,7 @@ async def test_withdrawal_outcomes_are_logged(
     assert agent_logs(caplog)[-1] == (level, message)
 
 
-async def test_stop_before_any_success_withdraws_nothing(
+async def test_stop_during_an_unanswered_first_announcement_withdraws_nothing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gateway = FakeGateway(HANG)
@@ -460,9 +460,55 @@ async def test_stop_before_any_success_withdraws_nothing(
         nursery.start_soon(announcer.run)
         await gateway.wait_calls(1)
         await trio.sleep(1.0)
-        announcer.stop()  # the attempt in flight is abandoned
-    assert trio.current_time() == 1.0
+        announcer.stop()  # the attempt in flight runs out its timeout (3 s), no longer
+    assert trio.current_time() == 3.0
     assert [c.method for c in gateway.calls] == [b"PUT"]
+
+
+class SlowFirst(FakeGateway):
+    """Answers the first PUT only after 2 s."""
+
+    async def __call__(
+        self, method: bytes, target: str, body: bytes
+    ) -> tuple[int, dict[str, object]]:
+        if method == b"PUT" and not self.calls:
+            self.calls.append(Call(trio.current_time(), method, target, json.loads(body)))
+            await trio.sleep(2.0)
+            return OK
+        return await super().__call__(method, target, body)
+
+
+async def test_stop_while_the_first_announcement_is_in_flight_withdraws_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The gateway may accept the announcement being cancelled: the agent waits
+    for its answer and withdraws the epoch it got (nothing lingers for the TTL)."""
+    gateway = SlowFirst()
+    announcer = Announcer(config(), exchange=gateway)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(announcer.run)
+        await trio.sleep(1.0)
+        announcer.stop()
+    assert [(c.at, c.method) for c in gateway.calls] == [(0.0, b"PUT"), (2.0, b"DELETE")]
+    assert gateway.calls[1].target.endswith("epoch=12")
+
+
+async def test_unresolvable_url_is_retried_not_fatal(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DNS failure at the gateway is not a configuration error: the agent
+    keeps announcing (the gateway cannot forward to it meanwhile either)."""
+    unresolvable = (400, {"error": "url_unresolvable", "detail": "x does not resolve"})
+    gateway = FakeGateway(unresolvable, unresolvable, OK)
+    announcer = Announcer(config(), exchange=gateway)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(announcer.run)
+        await gateway.wait_calls(3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert announcer.epoch == 12
+        announcer.stop()
+    assert [c.at for c in gateway.calls if c.method == b"PUT"] == [0.0, 10.0, 20.0]
+    assert sum("cannot resolve" in r.getMessage() for r in caplog.records) == 2
 
 
 async def test_stop_before_run_returns_at_once(autojump_clock: trio.testing.MockClock) -> None:

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import trio
 
-from revconn._gateway.addresses import AddressPolicy
+from revconn._gateway.addresses import AddressPolicy, parse_networks
 
 from .._gateway_helpers import SECRET, RunningGateway, raw_agent, running_gateway, wait_for
-from .._raw_upstream import CHUNK, serving
+from .._raw_upstream import CHUNK, read_body, read_head, respond, serving
 from .test_exchange import connect, get
 
 pytestmark = pytest.mark.e2e
@@ -198,12 +198,25 @@ async def test_bad_announcements_get_clear_errors() -> None:
             assert word in r.json()["detail"], (body, r.json())
         r = await client.put("/announce?name=svc", content=b"x" * 9000)
         assert (r.status_code, r.json()["error"]) == (413, "payload_too_large")
-        r = await client.delete("/announce?name=svc&epoch=abc")
-        assert r.status_code == 400
-        # The connection-level state survives a refused announcement: keep-alive.
-        r = await client.put("/announce?name=svc", json=good)
-        assert r.status_code == 200
-        assert await listing(gw) != []
+        for epoch in ("abc", "%C2%B2", "-1"):  # (a Unicode digit too: never a traceback)
+            r = await client.delete(f"/announce?name=svc&epoch={epoch}")
+            assert (r.status_code, r.json()["error"]) == (400, "invalid_announcement"), epoch
+        # A refused announcement leaves the connection usable (keep-alive): two
+        # requests on one raw connection.
+        port = int(gw.url.rsplit(":", 1)[1])
+        body = json.dumps(good).encode()
+        put = (
+            f"PUT /announce?name=svc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET}\r\n"
+            f"Content-Length: {{}}\r\n\r\n"
+        )
+        async with connect(port) as raw:
+            await raw.send_raw(put.format(3).encode() + b"bad")
+            head, answer = await raw.response("PUT")
+            assert head.status_code == 400
+            await raw.send_raw(put.format(len(body)).encode() + body)
+            head, answer = await raw.response("PUT")
+            assert head.status_code == 200, answer
+        assert [row["name"] for row in await listing(gw)] == ["svc"]
 
 
 @pytest.mark.parametrize(
@@ -378,10 +391,163 @@ async def test_address_is_checked_again_when_connecting() -> None:
         assert r.status_code == 200
         answers["svc.example"] = [(socket.AF_INET, ("10.0.0.5", port))]
         r = await client.get("/a/svc/")
+        # The same answer as a tunnel agent that cannot reach its upstream: the
+        # reason (and the address) is in the gateway's log only.
         assert r.status_code == 502
-        assert r.json()["error"] == "url_forbidden"
-        assert "10.0.0.5" not in r.text
-        assert "private" in r.json()["detail"]
+        assert r.json() == {
+            "error": "upstream_unreachable",
+            "agent": "svc",
+            "detail": "the agent could not reach its upstream service",
+        }
+
+
+async def test_connects_to_the_addresses_it_checked(caplog: pytest.LogCaptureFixture) -> None:
+    """A name only the policy's resolver knows: the connection goes to what
+    it returned (never a second lookup); a DNS failure later is unreachable."""
+    answers: dict[str, list[tuple[int, tuple[Any, ...]]]] = {}
+
+    async def resolver(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return answers[host]
+
+    policy = AddressPolicy(parse_networks(LOOPBACK), resolver=resolver)
+    async with (
+        serving(Echo()) as port,
+        running_gateway(address_policy=policy) as gw,
+        httpx.AsyncClient(base_url=gw.url, headers=AUTH) as client,
+    ):
+        answers["svc.internal"] = [(socket.AF_INET, ("127.0.0.1", port))]
+        r = await client.put("/announce?name=svc", json={"url": f"http://svc.internal:{port}/"})
+        assert r.status_code == 200
+        r = await client.get("/a/svc/hello", headers={"Connection": "close"})
+        assert r.status_code == 200
+        assert dict(r.json()["headers"])["host"] == f"svc.internal:{port}"
+        del answers["svc.internal"]
+        session = gw.gateway.registry.lookup("svc")
+        session.prune(trio.current_time() + 3600)  # type: ignore[union-attr]  (no kept-alive one)
+        r = await client.get("/a/svc/again")
+        assert (r.status_code, r.json()["error"]) == (502, "upstream_unreachable")
+        assert any("does not resolve" in rec.getMessage() for rec in caplog.records)
+
+
+class Permissive(AddressPolicy):
+    """Judges every address public (as a public IP of the gateway's host would be)."""
+
+    def _judge(self, ip: Any) -> str | None:
+        return None
+
+
+async def test_the_gateways_own_host_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """A public address of the gateway's host passes the policy but reaches
+    everything listening there: a connection whose two ends share an address
+    is refused unless --announce-allow names it."""
+    async with (
+        serving(Echo()) as port,
+        running_gateway(address_policy=Permissive()) as gw,
+        httpx.AsyncClient(base_url=gw.url, headers=AUTH) as client,
+    ):
+        r = await client.put("/announce?name=svc", json={"url": f"http://127.0.0.1:{port}/"})
+        assert r.status_code == 200
+        r = await client.get("/a/svc/")
+        assert (r.status_code, r.json()["error"]) == (502, "upstream_unreachable")
+        assert any("own host" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_connection_accounting_survives_a_failed_retry() -> None:
+    """The service answers once, then (restarting) closes the kept-alive
+    connection as the next request arrives and accepts no new one: the
+    gateway's retry on a fresh connection fails, the client gets 502, and the
+    session's count of lent connections (which bounds requests in flight)
+    returns to 0."""
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+
+    async def service() -> None:
+        stream = await listener.accept()
+        conn, _ = await read_head(stream)
+        await read_body(conn, stream)
+        await respond(conn, stream, 200, b"one")
+        await stream.receive_some(CHUNK)  # the next request: go away instead
+        await listener.aclose()
+        await stream.aclose()
+
+    async with (
+        running_gateway(announce_allow=LOOPBACK) as gw,
+        httpx.AsyncClient(base_url=gw.url, headers=AUTH) as client,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(service)
+        url = f"http://127.0.0.1:{port}/"
+        assert (await client.put("/announce?name=svc", json={"url": url})).status_code == 200
+        assert (await client.get("/a/svc/one")).text == "one"
+        session = gw.gateway.registry.lookup("svc")
+        assert session is not None
+        r = await client.get("/a/svc/two")
+        assert (r.status_code, r.json()["error"]) == (502, "upstream_unreachable")
+        assert session.lent_connections == 0  # type: ignore[attr-defined]
+        assert session.idle_connections == 0  # type: ignore[attr-defined]
+
+
+async def test_requests_beyond_the_connection_limit_are_busy() -> None:
+    async def slow(stream: trio.SocketStream) -> None:
+        await stream.receive_some(CHUNK)
+        await trio.sleep(2)
+
+    async with (
+        serving(slow) as port,
+        running_gateway(announce_allow=LOOPBACK) as gw,
+        httpx.AsyncClient(base_url=gw.url, headers=AUTH, timeout=10) as client,
+    ):
+        r = await client.put("/announce?name=svc", json={"url": f"http://127.0.0.1:{port}/"})
+        assert r.status_code == 200
+        session = gw.gateway.registry.lookup("svc")
+        session._max_connections = 2  # type: ignore[union-attr]
+        statuses: list[int] = []
+
+        async def one() -> None:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
+                statuses.append((await c.get("/a/svc/")).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+            await wait_for(lambda: 503 in statuses)
+            assert session.lent_connections == 2  # type: ignore[union-attr]
+            nursery.cancel_scope.cancel()
+        # The two clients left: their connections are given back (and closed).
+        await wait_for(lambda: session.lent_connections == 0)  # type: ignore[union-attr]
+
+
+async def test_idle_connections_closed_by_the_service_are_pruned() -> None:
+    """A kept-alive connection the service closes while idle is dropped by the
+    periodic prune (no request needed), and never lent again."""
+    closed = trio.Event()
+
+    async def answer_then_close(stream: trio.SocketStream) -> None:
+        conn, _ = await read_head(stream)
+        await read_body(conn, stream)
+        await respond(conn, stream, 200, b"ok")  # keep-alive (HTTP/1.1 default)
+        await trio.sleep(0.05)
+        await stream.aclose()
+        closed.set()
+
+    async with (
+        serving(answer_then_close) as port,
+        running_gateway(announce_allow=LOOPBACK) as gw,
+        httpx.AsyncClient(base_url=gw.url, headers=AUTH) as client,
+    ):
+        r = await client.put("/announce?name=svc", json={"url": f"http://127.0.0.1:{port}/"})
+        assert r.status_code == 200
+        assert (await client.get("/a/svc/")).status_code == 200
+        session = gw.gateway.registry.lookup("svc")
+        assert session is not None
+        assert session.idle_connections == 1  # type: ignore[attr-defined]
+        await closed.wait()
+        await wait_for(lambda: session._idle[0].looks_alive() is False)  # type: ignore[attr-defined]
+        session.prune(trio.current_time())  # type: ignore[attr-defined]
+        assert session.idle_connections == 0  # type: ignore[attr-defined]
+        assert (await client.get("/a/svc/")).status_code == 200  # a fresh connection
 
 
 async def test_https_announced_url(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:

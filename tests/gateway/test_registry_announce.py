@@ -94,6 +94,32 @@ async def test_renewal_keeps_epoch_and_session_and_moves_expiry(
     assert len(maker.made) == 1  # the session (and its kept-alive connections) stays
     (row,) = await reg.snapshot()
     assert row.expires_at == FIXED + datetime.timedelta(seconds=3)  # wall clock is fixed here
+    await trio.sleep(2)  # past the first expiry (t=3), before the renewed one (t=5)
+    assert reg.lookup("svc") is maker.made[0]
+    await trio.sleep(1)
+    assert reg.lookup("svc") is None
+
+
+async def test_renewals_keep_one_expiry_item_per_announcement(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Memory: a renewing announcer does not grow the expiry heap."""
+    reg = make_registry()
+    first = await reg.announce("svc", URL, ttl=3600, remote="a", renewing=None, connect=Maker())
+    for _ in range(1000):
+        await reg.announce(
+            "svc", URL, ttl=3600, remote="a", renewing=first.registration.epoch, connect=Maker()
+        )
+    assert len(reg._expiries) == 1
+
+
+async def test_epochs_do_not_restart_at_one() -> None:
+    """A renewal from before a gateway restart must not match a new epoch."""
+    starts = set()
+    for _ in range(5):
+        reg = make_registry()
+        starts.add((await reg.register("svc", FakeSession(), remote="a")).epoch)
+    assert len(starts) == 5
 
 
 async def test_expiry_at_the_exact_instant(autojump_clock: trio.testing.MockClock) -> None:

@@ -64,6 +64,8 @@ def _gateway_prefix(config: AgentConfig) -> str:
     """The path prefix of the gateway's data plane (``""`` for none), as the
     tunnel URL has it (``/ws/connect`` dropped)."""
     path = urlsplit(tunnel_url(config.gateway, config.name)).path
+    if not path.isascii():
+        raise ConfigError(f"gateway URL {config.gateway!r}: percent-encode the path")
     return path.removesuffix("/ws/connect")
 
 
@@ -218,15 +220,18 @@ class Announcer:
         timeout = self.config.handshake_timeout
         body = announcement_body(self.url, self.ttl, self.epoch)
         target = announce_target(self._prefix, self.config.name)
-        try:
-            with trio.fail_after(timeout):
+        # Shielded: a stop() while the gateway may be accepting this one waits
+        # for its answer (bounded), so the epoch it returns can be withdrawn.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + timeout
+            try:
                 status, answer = await self._exchange(b"PUT", target, body)
-        except trio.TooSlowError:
+            except FatalError:
+                raise
+            except RevconnError as exc:
+                return str(exc)
+        if scope.cancelled_caught:
             return f"no answer from the gateway within {timeout:g} s"
-        except FatalError:
-            raise
-        except RevconnError as exc:
-            return str(exc)
         return self._accepted(status, answer)
 
     def _accepted(self, status: int, answer: dict[str, object]) -> str | None:
@@ -269,6 +274,9 @@ class Announcer:
             raise FatalError(
                 f"name {name!r} is held by a websocket agent: stop it, or pick another --name"
             )
+        if status == 400 and error == "url_unresolvable":
+            # The gateway's DNS (or ours) may be having a bad minute: retry.
+            return f"the gateway cannot resolve the URL's host ({detail or 'no detail'})"
         if status == 400:
             raise ConfigError(
                 f"the gateway refused the announcement of {self.url} as {name!r} "

@@ -34,7 +34,7 @@ import trio
 
 from .. import _codes
 from .._errors import ConfigError, StreamError, UpstreamConnectError
-from .._proto.connect import PROTOCOL_TOKEN
+from .._proto.connect import PROTOCOL_TOKEN, UPSTREAM_UNREACHABLE
 from .._runtime.fastpath import send_all
 from .._runtime.streams import TunnelStream
 
@@ -55,7 +55,7 @@ LIFESPAN_TIMEOUT = 10.0
 READ_SIZE = 256 * 1024
 # The public details of 502s name no address: the agent's network is its own
 # (its log says which upstream failed, and why).
-UNREACHABLE = "the agent could not reach its upstream service"
+UNREACHABLE = UPSTREAM_UNREACHABLE
 
 _Conn = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 

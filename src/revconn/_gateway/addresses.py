@@ -123,6 +123,14 @@ class AddressPolicy:
             return None
         return f"{address!r} is {kind}" if kind == _NOT_AN_ADDRESS else f"{address} is {kind}"
 
+    def explicitly_allowed(self, address: str) -> bool:
+        """``address`` is in an ``allow`` network (not merely public)."""
+        try:
+            ip = ipaddress.ip_address(address.partition("%")[0])
+        except ValueError:
+            return False
+        return _within(ip, self.allow)
+
     async def resolve(self, host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
         """The ``(family, sockaddr)`` pairs to connect to, deduplicated, in order.
 

@@ -31,6 +31,7 @@ __all__ = ["Announcements"]
 log = logging.getLogger("revconn.gateway")
 
 RESOLVE_TIMEOUT = 5.0
+PRUNE_EVERY = 5.0
 ALLOW_HINT = "the gateway forwards only to public addresses unless --announce-allow covers them"
 
 
@@ -66,6 +67,16 @@ class Announcements:
         )
         self._sessions.add(session)
         return session
+
+    async def prune_idle(self) -> None:
+        """Run for the gateway's lifetime: idle connections to announced URLs
+        close after IDLE_TIMEOUT (or once their service closed them) even
+        when no request comes."""
+        while True:
+            await trio.sleep(PRUNE_EVERY)
+            now = trio.current_time()
+            for session in list(self._sessions):
+                session.prune(now)
 
     def close_all(self) -> None:
         """Gateway shutdown: every announced URL's kept-alive connections close."""
@@ -144,7 +155,7 @@ class Announcements:
     async def _withdraw(self, name: str, epochs: list[str]) -> Reply:
         epoch: int | None = None
         if epochs:
-            if len(epochs) != 1 or not epochs[0].isdigit():
+            if len(epochs) != 1 or not (epochs[0].isascii() and epochs[0].isdigit()):
                 detail = "epoch must be the announcement's epoch (a positive integer)"
                 return json_reply(400, {"error": "invalid_announcement", "detail": detail})
             epoch = int(epochs[0])

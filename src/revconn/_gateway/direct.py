@@ -23,7 +23,7 @@ import trio
 from .. import _codes
 from .._errors import AgentBusy, StreamError
 from .._proto.announce import AnnouncedUrl
-from .._proto.connect import UpstreamInfo
+from .._proto.connect import UPSTREAM_UNREACHABLE, UpstreamInfo
 from .._runtime.fastpath import send_all
 from .._runtime.streampool import IDLE_TIMEOUT, StreamRefused
 from .addresses import AddressPolicy, AddressRefused
@@ -35,7 +35,6 @@ log = logging.getLogger("revconn.direct")
 READ_SIZE = 64 * 1024
 MAX_IDLE = 32
 """Kept-alive connections held per announced URL."""
-UNREACHABLE = "the announced service did not accept a connection"
 
 _Conn = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
@@ -56,7 +55,7 @@ class DirectStream:
     """One connection to the announced service, lent to one request at a time
     (the exchange's ``RequestStream``)."""
 
-    __slots__ = ("_conn", "_plain", "_upstream", "closed", "idle_since", "remote_ended")
+    __slots__ = ("_conn", "_plain", "_upstream", "closed", "idle_since", "lent", "remote_ended")
 
     def __init__(self, conn: _Conn, upstream: UpstreamInfo) -> None:
         self._conn = conn
@@ -65,6 +64,8 @@ class DirectStream:
         self.remote_ended = False
         self.closed = False
         self.idle_since = 0.0
+        self.lent = True
+        """Lent to a request (release() counts it back exactly once)."""
 
     @property
     def upstream(self) -> UpstreamInfo:
@@ -150,6 +151,8 @@ class DirectSession:
         self._idle: list[DirectStream] = []
         self._lent = 0
         self._closed = False
+        self._failing: str | None = None
+        """Why the last connection attempt failed (logged once per change)."""
 
     rtt = None
 
@@ -160,6 +163,10 @@ class DirectSession:
     @property
     def idle_connections(self) -> int:
         return len(self._idle)
+
+    @property
+    def lent_connections(self) -> int:
+        return self._lent
 
     def request_close(self, close_code: int, reason: str) -> None:
         """The announcement is gone: close idle connections; lent ones close
@@ -179,6 +186,7 @@ class DirectSession:
                 stream = self._idle.pop()
                 if stream.looks_alive():
                     self._lent += 1
+                    stream.lent = True
                     return stream, False
                 stream.reset()
         self._lent += 1
@@ -190,6 +198,9 @@ class DirectSession:
 
     def release(self, stream: Any, *, reusable: bool) -> None:
         assert isinstance(stream, DirectStream)
+        if not stream.lent:
+            return  # released already (a failed retry gives its stream back first)
+        stream.lent = False
         self._lent -= 1
         now = trio.current_time()
         if reusable and not self._closed and len(self._idle) < MAX_IDLE and stream.looks_alive():
@@ -198,6 +209,14 @@ class DirectSession:
         else:
             stream.reset()
         self._prune(now)
+
+    def prune(self, now: float) -> None:
+        """Close idle connections older than IDLE_TIMEOUT, or that the service
+        closed (called on acquire and release, and periodically)."""
+        self._prune(now)
+        for stream in [s for s in self._idle if not s.looks_alive()]:
+            self._idle.remove(stream)
+            stream.reset()
 
     def _prune(self, now: float) -> None:
         while self._idle and now - self._idle[0].idle_since >= IDLE_TIMEOUT:
@@ -210,43 +229,80 @@ class DirectSession:
                 addresses = await self._policy.resolve(url.host, url.port)
                 conn = await self._open(addresses)
         except AddressRefused as exc:
-            log.warning("agent %r: not connecting to %s: %s", self.name, url.text, exc)
-            detail = f"{exc.public_reason}, which this gateway does not forward to"
-            raise _refused(502, "url_forbidden", self.name, detail) from None
+            self._failed(f"not connecting: {exc}")
+            raise _refused(502, "upstream_unreachable", self.name, UPSTREAM_UNREACHABLE) from None
         except trio.TooSlowError:
-            log.info("agent %r: %s: connect timed out", self.name, url.text)
-            detail = f"the announced service did not accept within {self._connect_timeout:g} s"
+            self._failed(f"no connection within {self._connect_timeout:g} s")
+            detail = f"the upstream did not accept a connection within {self._connect_timeout:g} s"
             raise _refused(504, "upstream_timeout", self.name, detail) from None
         except (OSError, trio.BrokenResourceError) as exc:
-            log.info("agent %r: %s: %s", self.name, url.text, exc)
-            raise _refused(502, "upstream_unreachable", self.name, UNREACHABLE) from None
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            self._failed(f"cannot connect: {cause or exc}")
+            raise _refused(502, "upstream_unreachable", self.name, UPSTREAM_UNREACHABLE) from None
+        if self._failing is not None:
+            log.info("agent %r: %s is reachable again", self.name, url.text)
+            self._failing = None
         return DirectStream(conn, self._upstream)
 
+    def _failed(self, why: str) -> None:
+        """Log a failure to reach the URL once per change, not once per request."""
+        if why != self._failing:
+            log.warning("agent %r: %s: %s", self.name, self.url.text, why)
+            self._failing = why
+
     async def _open(self, addresses: list[tuple[int, tuple[Any, ...]]]) -> _Conn:
-        """Connect to the checked addresses in turn (never a fresh lookup)."""
+        """Connect to the checked addresses in turn (never a fresh lookup),
+        each with its share of the connect timeout (a black-holed first
+        address must not use it all up)."""
         error: OSError | None = None
+        share = max(self._connect_timeout / len(addresses), 1.0)
         for family, sockaddr in addresses:
             sock = trio.socket.socket(family, socket.SOCK_STREAM)
             try:
-                await sock.connect(sockaddr)
+                with trio.move_on_after(share):
+                    await sock.connect(sockaddr)
+                    self._check_not_self(sock)
+                    break
+                error = OSError(f"no connection to {sockaddr[0]} within {share:g} s")
             except OSError as exc:
-                sock.close()
                 error = exc
-                continue
             except BaseException:
                 sock.close()
                 raise
-            stream = trio.SocketStream(sock)
-            if not self.url.secure:
-                return stream
-            context = self._ssl_context or ssl.create_default_context()
-            tls = trio.SSLStream(
-                stream, context, server_hostname=self.url.host, https_compatible=True
-            )
-            try:
-                await tls.do_handshake()
-            except BaseException:
-                sock.close()
-                raise
-            return tls
-        raise error or OSError("no address to connect to")
+            sock.close()
+        else:
+            raise error or OSError("no address to connect to")
+        stream = trio.SocketStream(sock)
+        if not self.url.secure:
+            return stream
+        tls = trio.SSLStream(
+            stream,
+            self._ssl_context or _default_context(),
+            server_hostname=self.url.host,
+            https_compatible=True,
+        )
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            sock.close()
+            raise
+        return tls
+
+    def _check_not_self(self, sock: trio.socket.SocketType) -> None:
+        """A public address of the gateway's own host passes the policy, but
+        reaches everything listening there (its admin port, databases on
+        0.0.0.0): refused unless --announce-allow names it."""
+        local, peer = sock.getsockname()[0], sock.getpeername()[0]
+        if local == peer and not self._policy.explicitly_allowed(peer):
+            raise AddressRefused(f"{peer} is this gateway's own host", "the host is the gateway")
+
+
+_DEFAULT_CONTEXT: ssl.SSLContext | None = None
+
+
+def _default_context() -> ssl.SSLContext:
+    """The system's CAs, loaded once (loading them costs ~20 ms of CPU)."""
+    global _DEFAULT_CONTEXT
+    if _DEFAULT_CONTEXT is None:
+        _DEFAULT_CONTEXT = ssl.create_default_context()
+    return _DEFAULT_CONTEXT

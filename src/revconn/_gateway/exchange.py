@@ -482,9 +482,13 @@ class HttpConnection:
                 parts.append(event.data)
             body = b"".join(parts)
         query = head.target.partition(b"?")[2]
+        # The answer may wait for a DNS lookup (bounded by the plane): not the
+        # client's time.
+        self._timeout.deadline = math.inf
         reply = await self.plane.announce(
             head.method, query, head.headers, body, self.client or "unknown"
         )
+        self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
         self._exchange = None
         await self._reply(reply)
 
@@ -821,7 +825,7 @@ class HttpConnection:
             return False
         exchange.retried = True
         session = exchange.forward.session
-        session.release(exchange.stream, reusable=False)
+        session.release(exchange.stream, reusable=False)  # (again in _relay: a no-op)
         try:
             stream, _ = await session.acquire(fresh=True)
         except (AgentBusy, StreamError, StreamRefused):

@@ -284,6 +284,7 @@ class Gateway:
             scheduler = HeartbeatScheduler(cfg.heartbeat)
             await nursery.start(scheduler.run)
             nursery.start_soon(self.registry.expire_announcements)
+            nursery.start_soon(self.announcements.prune_idle)
             self._heartbeats = scheduler
             self._service_nursery = nursery
             await nursery.start(Listener(self).serve, data)

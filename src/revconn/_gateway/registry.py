@@ -25,6 +25,7 @@ import heapq
 import itertools
 import logging
 import math
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Protocol, runtime_checkable
@@ -333,13 +334,16 @@ class InMemoryRegistry:
         wall_clock: Callable[[], datetime.datetime] | None = None,
     ) -> None:
         self._entries: dict[str, _Entry] = {}
-        self._epochs = itertools.count(1)
+        # Epochs start at a random point: a renewal carrying an epoch from
+        # before a restart must not match another agent's new one.
+        self._epochs = itertools.count(1 + secrets.randbelow(1 << 40))
         self._clock = clock
         self._wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
         self._subscribers: set[Subscription] = set()
         self._expiries: list[tuple[float, int, str]] = []
-        """A heap of (expiry, epoch, name) of announcements; stale items are
-        skipped when they come up (a renewal pushes a new one)."""
+        """A heap of (time, epoch, name): at most one item per announcement
+        (a renewal pushes none: its item, when it comes up early, is pushed
+        again at the new expiry) and per replacement record."""
         self._replaced: dict[str, tuple[int, str, float]] = {}
         """name -> (epoch, holder transport, forget at): the last announcement
         replaced under each name, so its next renewal is told (one per name,
@@ -463,13 +467,18 @@ class InMemoryRegistry:
             self._entries[name] = entry
             log.info("agent %r announced %s from %s (epoch %d)", name, url, remote, epoch)
             self._publish(RegistryEvent(RegistryEventKind.ONLINE, name, epoch))
+        renewal = entry.expires != math.inf
         entry.expires = expires
         entry.expires_wall = expires_wall
-        heapq.heappush(self._expiries, (expires, entry.epoch, name))
-        scope = self._expiry_wait
-        if scope is not None and expires < scope.deadline:
-            scope.deadline = expires
+        if not renewal:
+            self._schedule(expires, entry.epoch, name)
         return Announced(Registration(name, entry.epoch), url, ttl, expires_wall)
+
+    def _schedule(self, at: float, epoch: int, name: str) -> None:
+        heapq.heappush(self._expiries, (at, epoch, name))
+        scope = self._expiry_wait
+        if scope is not None and at < scope.deadline:
+            scope.deadline = at
 
     async def withdraw(self, name: str, epoch: int | None) -> bool:
         return self.withdraw_nowait(name, epoch)
@@ -497,14 +506,24 @@ class InMemoryRegistry:
 
     def _expire_due(self, now: float) -> None:
         heap = self._expiries
+        later: list[tuple[float, int, str]] = []
         while heap and heap[0][0] <= now:
             _, epoch, name = heapq.heappop(heap)
             entry = self._entries.get(name)
-            if entry is not None and entry.epoch == epoch and entry.expires <= now:
-                self._drop(name, entry, REASON_EXPIRED)
+            if entry is not None and entry.epoch == epoch:
+                if entry.expires <= now:
+                    self._drop(name, entry, REASON_EXPIRED)
+                else:
+                    later.append((entry.expires, epoch, name))  # renewed since
+                continue
             replaced = self._replaced.get(name)
-            if replaced is not None and replaced[0] == epoch and replaced[2] <= now:
-                del self._replaced[name]
+            if replaced is not None and replaced[0] == epoch:
+                if replaced[2] <= now:
+                    del self._replaced[name]
+                else:
+                    later.append((replaced[2], epoch, name))
+        for item in later:
+            heapq.heappush(heap, item)
 
     async def snapshot(self) -> list[AgentInfo]:
         return self.snapshot_nowait()

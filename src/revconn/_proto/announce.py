@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from urllib.parse import quote, urlsplit
 
 import attrs
@@ -41,6 +42,7 @@ MAX_TTL = 3600.0
 MAX_BODY = 8 * 1024
 """Largest announce request body the gateway reads (413 beyond)."""
 MAX_URL = 2048
+_HOST = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_.])?")
 
 
 @attrs.frozen(slots=True)
@@ -91,9 +93,15 @@ def parse_url(text: str) -> AnnouncedUrl:
         raise ValueError("the URL must not carry a query or fragment: give the base URL")
     if port == 0:
         raise ValueError("the URL's port must be 1-65535")
+    bracketed = f"[{host}]" if ":" in host else host
+    given = bracketed if parts.port is None else f"{bracketed}:{parts.port}"
+    if parts.netloc.lower() not in (given, f"{bracketed}:{port_text(parts.netloc)}"):
+        raise ValueError(f"the URL's host and port {parts.netloc!r} are malformed")
+    if not (parts.netloc.startswith("[") and ":" in host) and not _HOST.fullmatch(host):
+        raise ValueError(f"the URL's host {host!r} is not a host name or an IP address")
     default = 443 if scheme == "https" else 80
     port = default if port is None else port
-    netloc = f"[{host}]" if ":" in host else host
+    netloc = bracketed
     if port != default:
         netloc += f":{port}"
     path = parts.path.rstrip("/")
@@ -107,6 +115,11 @@ def parse_url(text: str) -> AnnouncedUrl:
         prefix=path.encode("ascii"),
         authority=netloc.encode("ascii"),
     )
+
+
+def port_text(netloc: str) -> str:
+    """The port as written after the host (``"08080"`` stays as it is)."""
+    return netloc.rpartition("]")[2].rpartition(":")[2] if ":" in netloc else ""
 
 
 @attrs.frozen(slots=True)

@@ -8,12 +8,22 @@ import math
 
 import attrs
 
-__all__ = ["CONNECT_HEADERS", "PROTOCOL_TOKEN", "WS_SUBPROTOCOL", "UpstreamInfo"]
+__all__ = [
+    "CONNECT_HEADERS",
+    "PROTOCOL_TOKEN",
+    "UPSTREAM_UNREACHABLE",
+    "WS_SUBPROTOCOL",
+    "UpstreamInfo",
+]
 
 WS_SUBPROTOCOL = "revconn.v2"
 """The protocol version, offered by the agent as its WebSocket subprotocol."""
 PROTOCOL_TOKEN = b"revconn-http1"
 """The ``:protocol`` of a tunnel stream (RFC 8441 extended CONNECT)."""
+UPSTREAM_UNREACHABLE = "the agent could not reach its upstream service"
+"""The detail of ``502 upstream_unreachable`` when a connection to the upstream
+fails, whoever made it (the agent, or the gateway for an announced URL): the
+same words, so public clients cannot tell the modes apart."""
 CONNECT_HEADERS = [
     (b":method", b"CONNECT"),
     (b":protocol", PROTOCOL_TOKEN),
