@@ -19,12 +19,11 @@ import trio
 
 from .. import _codes
 from .._proto.announce import AnnouncedUrl, parse_announcement
-from .._proto.rules import NAME_RULE, valid_agent_name
 from .addresses import AddressPolicy, AddressRefused
-from .auth import AuthPolicy, Scope, bearer_credential
+from .auth import AuthPolicy, admit_agent_name
 from .direct import DirectSession
 from .registry import NameTaken, Registry
-from .replies import Reply, json_reply, unauthorized
+from .replies import Reply, json_reply
 
 __all__ = ["Announcements"]
 
@@ -102,16 +101,11 @@ class Announcements:
                 [(b"allow", b"PUT, DELETE")],
             )
         query = parse_qs(query_string.decode("latin-1"))
-        names = query.get("name", [])
-        if len(names) != 1 or not valid_agent_name(names[0]):
-            detail = f"name must be one lowercase DNS label: {NAME_RULE}"
-            return json_reply(400, {"error": "invalid_name", "detail": detail})
-        name = names[0]
-        if not self.auth.allows(bearer_credential(headers), agent=name, scope=Scope.CONNECT):
-            log.info("announcement for %r from %s: bad or missing credentials", name, remote)
-            return unauthorized()
-        if shutting_down:
-            return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
+        name = admit_agent_name(self.auth, query, headers, shutting_down=shutting_down)
+        if isinstance(name, Reply):
+            if name.status == 401:
+                log.info("announcement from %s: bad or missing credentials", remote)
+            return name
         if method == b"DELETE":
             return await self._withdraw(name, query.get("epoch", []))
         return await self._announce(name, body, remote)

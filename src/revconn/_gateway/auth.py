@@ -14,11 +14,14 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from .._errors import ConfigError
+from .._proto.rules import NAME_RULE, valid_agent_name
+from .replies import Reply, json_reply, unauthorized
 
 __all__ = [
     "AuthPolicy",
     "Scope",
     "SharedSecretPolicy",
+    "admit_agent_name",
     "bearer_credential",
     "generate_secret",
 ]
@@ -95,3 +98,25 @@ def bearer_credential(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
         return token.decode("ascii")
     except UnicodeDecodeError:
         return None
+
+
+def admit_agent_name(
+    auth: AuthPolicy,
+    query: dict[str, list[str]],
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    shutting_down: bool,
+) -> str | Reply:
+    """An agent's request (``/ws/connect``, ``/announce``): its ``name``, or
+    the refusal to answer with (400 invalid name, 401 bad credentials, 503
+    shutting down). ``query`` is the parsed query string."""
+    names = query.get("name", [])
+    if len(names) != 1 or not valid_agent_name(names[0]):
+        detail = f"name must be one lowercase DNS label: {NAME_RULE}"
+        return json_reply(400, {"error": "invalid_name", "detail": detail})
+    name = names[0]
+    if not auth.allows(bearer_credential(headers), agent=name, scope=Scope.CONNECT):
+        return unauthorized()
+    if shutting_down:
+        return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
+    return name

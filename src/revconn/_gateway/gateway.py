@@ -27,7 +27,7 @@ import trio
 
 from .. import _codes
 from .._errors import ConfigError, ConnectionLost, ProtocolError, RevconnTimeout
-from .._proto.rules import MAX_MESSAGE_SIZE, NAME_RULE, valid_agent_name
+from .._proto.rules import MAX_MESSAGE_SIZE
 from .._proto.session import Role, TunnelSession
 from .._runtime.heartbeat import Heartbeat, HeartbeatScheduler
 from .._runtime.transport import MessageTransport
@@ -35,10 +35,10 @@ from .._runtime.tunnel import Tunnel, TunnelEnd
 from .addresses import AddressPolicy, parse_networks
 from .admin import make_admin_app, serve_admin
 from .announcing import Announcements
-from .auth import AuthPolicy, Scope, bearer_credential
+from .auth import AuthPolicy, admit_agent_name
 from .listener import Listener, listen_all, parse_bind, socket_url
 from .registry import InMemoryRegistry, Registration, Registry
-from .replies import Reply, json_reply, unauthorized
+from .replies import Reply
 
 __all__ = ["Gateway", "GatewayConfig"]
 
@@ -156,17 +156,9 @@ class Gateway:
         """Check a ``/ws/connect`` upgrade: the agent's name, or the refusal to answer
         with (400 invalid name, 401 bad credentials, 503 shutting down)."""
         query = parse_qs(query_string.decode("latin-1"))
-        names = query.get("name", [])
-        if len(names) != 1 or not valid_agent_name(names[0]):
-            detail = f"name must be one lowercase DNS label: {NAME_RULE}"
-            return json_reply(400, {"error": "invalid_name", "detail": detail})
-        name = names[0]
-        credential = bearer_credential(headers)
-        if not self.auth.allows(credential, agent=name, scope=Scope.CONNECT):
-            log.info("agent %r rejected: bad or missing credentials", name)
-            return unauthorized()
-        if self._shutting_down:
-            return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
+        name = admit_agent_name(self.auth, query, headers, shutting_down=self._shutting_down)
+        if isinstance(name, Reply) and name.status == 401:
+            log.info("agent %r rejected: bad or missing credentials", query.get("name"))
         return name
 
     async def announce(
