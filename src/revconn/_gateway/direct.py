@@ -179,7 +179,7 @@ class DirectSession:
         if self._closed:
             raise StreamError("the announcement was withdrawn")
         if self._lent >= self._max_connections:
-            raise AgentBusy(f"{self._max_connections} requests in flight to the announced URL")
+            raise AgentBusy("too many concurrent requests")  # (a tunnel agent's words)
         if not fresh:
             self._prune(trio.current_time())
             while self._idle:
