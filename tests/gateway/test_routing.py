@@ -14,11 +14,11 @@ from revconn._proto.connect import UpstreamInfo
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
-        (b"/a/web/", Route("web", b"/")),
-        (b"/a/web/x/y?q=1&r", Route("web", b"/x/y?q=1&r")),
-        (b"/a/web/a%2Fb/%7E?x=%20", Route("web", b"/a%2Fb/%7E?x=%20")),  # byte-exact
-        (b"/a/web//double", Route("web", b"//double")),
-        (b"/a/0-9/", Route("0-9", b"/")),
+        (b"/a/web/", Route("web", b"/", "/a/web")),
+        (b"/a/web/x/y?q=1&r", Route("web", b"/x/y?q=1&r", "/a/web")),
+        (b"/a/web/a%2Fb/%7E?x=%20", Route("web", b"/a%2Fb/%7E?x=%20", "/a/web")),  # byte-exact
+        (b"/a/web//double", Route("web", b"//double", "/a/web")),
+        (b"/a/0-9/", Route("0-9", b"/", "/a/0-9")),
         (b"/ws/connect", Target.AGENT),
         (b"/ws/connect?name=laptop", Target.AGENT),
         (b"/healthz", Target.HEALTH),
@@ -65,6 +65,74 @@ def test_an_invalid_agent_name_is_a_404_naming_it(target: bytes) -> None:
     assert json.loads(reply.body)["error"] == "not_found"
 
 
+DOMAINS = ("tunnel.example.com", "t.test")
+
+
+@pytest.mark.parametrize(
+    ("host", "target", "expected"),
+    [
+        # NAME.DOMAIN: the agent, the target unchanged (no prefix)
+        (b"laptop.tunnel.example.com", b"/x?y=1", Route("laptop", b"/x?y=1")),
+        (b"laptop.tunnel.example.com:8443", b"/", Route("laptop", b"/")),
+        (b"LapTop.Tunnel.Example.COM", b"/", Route("laptop", b"/")),
+        (b"laptop.tunnel.example.com.", b"/", Route("laptop", b"/")),
+        (b"laptop.tunnel.example.com.:80", b"/", Route("laptop", b"/")),
+        (b"web.t.test", b"/a/other/x", Route("web", b"/a/other/x")),  # the agent's own path
+        (b"web.t.test", b"/ws/connect", Route("web", b"/ws/connect")),
+        (b"web.t.test", b"/healthz", Route("web", b"/healthz")),
+        (b"0-9.t.test:1", b"*", Route("0-9", b"*")),
+        # the bare domain and any other host: the data plane's own routes
+        (b"tunnel.example.com", b"/healthz", Target.HEALTH),
+        (b"tunnel.example.com:8080", b"/ws/connect?name=x", Target.AGENT),
+        (b"TUNNEL.example.com.", b"/a/web/z", Route("web", b"/z", "/a/web")),
+        (b"other.test", b"/a/web/", Route("web", b"/", "/a/web")),
+        (b"127.0.0.1:8080", b"/healthz", Target.HEALTH),
+        (b"[::1]:8080", b"/a/web/", Route("web", b"/", "/a/web")),
+        (b"example.com", b"/healthz", Target.HEALTH),  # a parent of no domain
+        (b"xtunnel.example.com", b"/healthz", Target.HEALTH),  # not a subdomain
+    ],
+)
+def test_host_routing_accepts(host: bytes, target: bytes, expected: object) -> None:
+    assert dispatch(target, [host], DOMAINS) == expected
+
+
+@pytest.mark.parametrize(
+    ("hosts", "word"),
+    [
+        ([], "required"),
+        ([b"a.t.test", b"a.t.test"], "exactly one"),
+        ([b"a.b.t.test"], "more than one label"),
+        ([b"Under_score.t.test"], "agent name"),
+        ([b"-x.t.test"], "agent name"),
+        ([b"x-.t.test"], "agent name"),
+        ([b"a" * 64 + b".t.test"], "agent name"),
+        ([b".t.test"], "agent name"),
+        ([b"web.t.test:99999"], "port"),
+        ([b"web.t.test:8o"], "malformed"),
+        ([b"user@web.t.test"], "malformed"),
+        ([b"web.t.test/x"], "malformed"),
+        ([b"web.t.test "], "malformed"),
+        ([b""], "malformed"),
+        ([b"w\xc3\xa9b.t.test"], "malformed"),
+        ([b"[::1"], "malformed"),
+    ],
+)
+def test_host_routing_refuses_with_a_400(hosts: list[bytes], word: str) -> None:
+    reply = dispatch(b"/", hosts, DOMAINS)
+    assert isinstance(reply, Reply), reply
+    assert reply.status == 400
+    body = json.loads(reply.body)
+    assert body["error"] == "bad_request"
+    assert word in body["detail"]
+
+
+def test_without_domains_hosts_do_not_route() -> None:
+    assert dispatch(b"/a/web/", [b"laptop.tunnel.example.com"]) == Route("web", b"/", "/a/web")
+    assert dispatch(b"/healthz", []) == Target.HEALTH  # (HTTP/1.0 may omit Host)
+    reply = dispatch(b"/healthz", [b"a", b"b"])
+    assert isinstance(reply, Reply) and reply.status == 400
+
+
 def test_missing_slash_after_the_name_redirects_keeping_the_query() -> None:
     reply = dispatch(b"/a/web?x=1")
     assert isinstance(reply, Reply)
@@ -105,7 +173,7 @@ def test_forward_goes_through_the_registry_interface_only() -> None:
     """Any object satisfying AgentSession routes (no test for the Tunnel class):
     a registry whose sessions live in another process uses the same code."""
     registry = _Registry({"web": _Session(True), "leaving": _Session(False)})
-    route = Route("web", b"/x?y=1")
+    route = Route("web", b"/x?y=1", "/a/web")
     headers = [(b"host", b"gw.example"), (b"accept", b"*/*")]
     out = forward(registry, route, b"GET", headers, client="192.0.2.1", proto="http")  # type: ignore[arg-type]
     assert not isinstance(out, Reply)
@@ -126,7 +194,9 @@ def test_the_forwarded_head_addresses_the_agents_upstream() -> None:
     stream carries uses them (the public Host goes to X-Forwarded-Host)."""
     registry = _Registry({"web": _Session(True)})
     headers = [(b"host", b"gw.example"), (b"expect", b"100-continue"), (b"content-length", b"3")]
-    out = forward(registry, Route("web", b"/x"), b"POST", headers, client=None, proto="https")  # type: ignore[arg-type]
+    out = forward(
+        registry, Route("web", b"/x", "/a/web"), b"POST", headers, client=None, proto="https"
+    )  # type: ignore[arg-type]
     assert not isinstance(out, Reply)
     upstream = UpstreamInfo(b"127.0.0.1:8080", b"/base", 5.0)
     head = out.head(upstream, framing=[(b"content-length", b"3")])

@@ -23,7 +23,7 @@ from .._errors import (
     RevconnError,
 )
 from .._proto.announce import DEFAULT_INTERVAL, MAX_TTL, MIN_TTL, TTL_INTERVALS, parse_url
-from .._proto.connect import WS_SUBPROTOCOL
+from .._proto.connect import PUBLIC_URL_HEADER, WS_SUBPROTOCOL
 from .._proto.rules import valid_agent_name
 from .._proto.session import Role, TunnelSession
 from .._runtime import wsmask
@@ -150,6 +150,8 @@ class Agent:
         """
         self.config = config
         self.tunnel: Tunnel | None = None
+        self.public_urls: list[str] = []
+        """The URLs that reach this agent, as the gateway said when it last connected."""
         self.connected = trio.Event()
         """Set once connected (tunnel mode: reset at each disconnection) or
         first announced."""
@@ -306,9 +308,18 @@ class Agent:
                     log.warning("disconnected: handshake failed: %s", exc)
                     raise
                 self.tunnel = tunnel
+                self.public_urls = [
+                    v.decode("ascii", "replace")
+                    for n, v in ws.handshake_headers
+                    if n == PUBLIC_URL_HEADER
+                ]
                 connected()
                 self.connected.set()
-                log.info("connected as %r", cfg.name)
+                if self.public_urls:
+                    online = " and ".join(self.public_urls)
+                    log.info("connected as %r, online: %s", cfg.name, online)
+                else:  # (a gateway that does not say)
+                    log.info("connected as %r", cfg.name)
                 assert self.upstream is not None
                 end = await tunnel.serve(on_request=self.upstream.handle)
             finally:

@@ -100,6 +100,15 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     "time allowed to send a request head (then 408).",
 )
 @click.option(
+    "--domain",
+    "domains",
+    multiple=True,
+    metavar="DOMAIN",
+    help="Route requests for NAME.DOMAIN (any port) to agent NAME, path unchanged; "
+    "DOMAIN itself serves /ws/connect, /healthz and /a/NAME/. Needs a wildcard DNS "
+    "record *.DOMAIN. Repeatable.",
+)
+@click.option(
     "--announce-allow",
     "announce_allow",
     multiple=True,
@@ -132,6 +141,7 @@ def main(
     heartbeat_timeout: float,
     handshake_timeout: float,
     idle_timeout: float,
+    domains: tuple[str, ...],
     announce_allow: tuple[str, ...],
     announce_timeout: float,
     demo: bool,
@@ -150,6 +160,7 @@ def main(
             idle_timeout=idle_timeout,
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
             handshake_timeout=handshake_timeout,
+            domains=domains,
             announce_allow=announce_allow,
             announce_timeout=announce_timeout,
         )

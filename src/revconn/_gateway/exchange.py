@@ -33,7 +33,7 @@ import trio
 from .. import _codes
 from .._errors import AgentBusy, StreamError
 from .._proto.announce import MAX_BODY as MAX_ANNOUNCE
-from .._proto.connect import WS_SUBPROTOCOL
+from .._proto.connect import PUBLIC_URL_HEADER, WS_SUBPROTOCOL
 from .._proto.headers import clean_headers
 from .._proto.http1 import (
     END,
@@ -54,7 +54,7 @@ from .._runtime.fastpath import WriteLock, send_all
 from .._runtime.streampool import StreamRefused
 from .registry import Registry, RequestStream
 from .replies import Reply, agent_busy, agent_offline, json_reply, stream_failure, upstream_broken
-from .routing import Forward, Route, Target, dispatch, forward
+from .routing import Forward, Route, Target, dispatch, forward, public_urls
 from .websocket import WebSocketTransport, upgrade_response
 
 __all__ = ["MAX_HEAD", "DataPlane", "HttpConnection"]
@@ -98,6 +98,11 @@ class DataPlane(Protocol):
     @property
     def scheme(self) -> str:
         """``http`` or ``https``: what X-Forwarded-Proto says."""
+        ...
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """``--domain``: hosts ``NAME.DOMAIN`` route to agent NAME."""
         ...
 
     @property
@@ -348,7 +353,8 @@ class HttpConnection:
         if not head.has_body or head.upgrade:
             end = self.parser.next_event()  # the parser ends these with their head
             assert end is END, end
-        decision = dispatch(head.target)
+        hosts = [v for n, v in head.headers if n == b"host"]
+        decision = dispatch(head.target, hosts, self.plane.domains)
         if head.upgrade and decision is not Target.AGENT:
             if head.method == b"CONNECT":
                 reply = json_reply(
@@ -361,7 +367,8 @@ class HttpConnection:
             # them through), then the connection closes.
             self._resume_after_upgrade(head)
         if isinstance(decision, Reply):
-            await self._answer_early(decision, head)
+            # A bad Host (400): this connection's framing cannot be trusted either.
+            await self._answer_early(decision, head, close=decision.status == 400)
             return None
         if decision is Target.AGENT:
             await self._agent_tunnel(head)
@@ -374,8 +381,7 @@ class HttpConnection:
             await self._announce(head)
             return None
         assert isinstance(decision, Route)
-        hosts = sum(1 for n, _ in head.headers if n == b"host")
-        if hosts > 1 or (hosts == 0 and head.version == b"1.1"):
+        if not hosts and head.version == b"1.1":
             detail = "an HTTP/1.1 request needs exactly one Host header (RFC 9112 3.2)"
             await self._answer_early(
                 json_reply(400, {"error": "bad_request", "detail": detail}), head, close=True
@@ -530,7 +536,13 @@ class HttpConnection:
         }
         speaks = WS_SUBPROTOCOL in offered
         if speaks:
-            accept = [*accept, (b"sec-websocket-protocol", WS_SUBPROTOCOL.encode())]
+            host = next((v for n, v in headers if n == b"host"), None)
+            urls = public_urls(admitted, host, self.plane.domains, self.plane.scheme)
+            accept = [
+                *accept,
+                (b"sec-websocket-protocol", WS_SUBPROTOCOL.encode()),
+                *((PUBLIC_URL_HEADER, url.encode("ascii")) for url in urls),
+            ]
         switch = response_head(101, b"Switching Protocols", accept)
         await self.stream.send_all(switch)
         trailing = self.parser.upgrade_trailing or b""

@@ -39,6 +39,7 @@ from .auth import AuthPolicy, admit_agent_name
 from .listener import Listener, listen_all, parse_bind, socket_url
 from .registry import InMemoryRegistry, Registration, Registry
 from .replies import Reply
+from .routing import check_domain
 
 __all__ = ["Gateway", "GatewayConfig"]
 
@@ -66,6 +67,8 @@ class GatewayConfig:
     tcp_user_timeout: float | None = None
     """Seconds unacknowledged data may sit before the kernel drops a data-plane
     socket; default: heartbeat interval + timeout."""
+    domains: tuple[str, ...] = ()
+    """``--domain``: a request for ``NAME.DOMAIN`` goes to agent NAME (path unchanged)."""
     announce_allow: tuple[str, ...] = ()
     """CIDRs announced URLs may resolve to besides public addresses (``--announce-allow``)."""
     announce_timeout: float = 60.0
@@ -79,6 +82,8 @@ class GatewayConfig:
         for bind in self.admin_binds:
             parse_bind(bind, "--admin-bind")
         parse_networks(self.announce_allow)
+        for domain in self.domains:
+            check_domain(domain)
         for label, value in (
             ("idle timeout", self.idle_timeout),
             ("handshake timeout", self.handshake_timeout),
@@ -148,6 +153,10 @@ class Gateway:
     @property
     def shutting_down(self) -> bool:
         return self._shutting_down
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return self.config.domains
 
     # -- agent tunnels ------------------------------------------------------------
     def admit_agent(

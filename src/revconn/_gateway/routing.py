@@ -1,6 +1,8 @@
-"""Where a data-plane request goes, decided once from its raw request target
-(sans-I/O): the agent WebSocket endpoint, the health check, or an agent's
-``/a/NAME/...`` — and, for the last, the head its tunnel stream opens with.
+"""Where a data-plane request goes, decided once from its ``Host`` and raw
+request target (sans-I/O): an agent by host (``NAME.DOMAIN``, with
+``--domain``), the data plane's own endpoints (agent WebSocket, announce,
+health check), or an agent's ``/a/NAME/...`` — and, for an agent, the head
+its tunnel stream opens with.
 
 Dispatch reads the raw target bytes, never a percent-decoded path: ``/%61/x``
 is not ``/a/x`` and reaches no agent.
@@ -9,15 +11,17 @@ is not ``/a/x`` and reaches no agent.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 
 import attrs
 
+from .._errors import ConfigError
 from .._proto.announce import ANNOUNCE_PATH as ANNOUNCE
 from .._proto.connect import UpstreamInfo
 from .._proto.headers import Headers, forwarded_request_headers
 from .._proto.http1 import request_head
-from .._proto.rules import valid_agent_name
+from .._proto.rules import NAME_RULE, valid_agent_name
 from .registry import AgentSession, Registry
 from .replies import Reply, agent_offline, json_reply, not_found
 
@@ -29,8 +33,10 @@ __all__ = [
     "Forward",
     "Route",
     "Target",
+    "check_domain",
     "dispatch",
     "forward",
+    "public_urls",
     "route",
 ]
 
@@ -53,14 +59,54 @@ class Target(enum.Enum):
 
 @attrs.frozen(slots=True)
 class Route:
-    """``/a/NAME/REST?QUERY``: the agent and the target its upstream sees."""
+    """A request for agent ``name``: the target its upstream sees, and the
+    path prefix the public URL had (``/a/NAME``; empty when routed by host)."""
 
     name: str
     target: bytes
+    prefix: str = ""
 
 
-def dispatch(target: bytes) -> Target | Route | Reply:
-    """The one routing decision of the data plane, on the raw request target."""
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{0,5})?")
+_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def check_domain(domain: str) -> str:
+    """A ``--domain`` value, as routing compares it; ConfigError if malformed."""
+    if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
+        raise ConfigError(
+            f"--domain {domain!r}: expected a lowercase DNS name such as tunnel.example.com "
+            "(no scheme, port, '*.' or trailing dot)"
+        )
+    return domain
+
+
+def bad_host(detail: str) -> Reply:
+    return json_reply(400, {"error": "bad_request", "detail": detail})
+
+
+def dispatch(
+    target: bytes, hosts: Sequence[bytes] = (), domains: Sequence[str] = ()
+) -> Target | Route | Reply:
+    """The one routing decision of the data plane, on the ``Host`` header
+    values and the raw request target.
+
+    With ``domains``, a Host ``NAME.DOMAIN`` (any port, any case, one trailing
+    dot allowed) routes to agent NAME with the target unchanged; the bare
+    DOMAIN and any other host get the path routes. There, a Host that is
+    absent, malformed or more than one label under a domain is a 400; so is
+    more than one Host anywhere.
+    """
+    if len(hosts) > 1:
+        return bad_host("a request needs exactly one Host header (RFC 9112 3.2)")
+    if domains:
+        if not hosts:
+            return bad_host("a Host header is required (RFC 9112 3.2)")
+        found = _by_host(hosts[0], domains)
+        if isinstance(found, Reply):
+            return found
+        if found is not None:
+            return Route(found, target)
     path, _, query = target.partition(b"?")
     if path.startswith(PREFIX):
         return route(path, query)
@@ -71,6 +117,30 @@ def dispatch(target: bytes) -> Target | Route | Reply:
     if path == HEALTH_PATH:
         return Target.HEALTH
     return not_found("the data plane serves /a/NAME/..., /ws/connect, /announce and /healthz")
+
+
+def _by_host(host: bytes, domains: Sequence[str]) -> str | Reply | None:
+    """The agent NAME of a ``NAME.DOMAIN`` host, a 400, or None (another host)."""
+    if not _HOST.fullmatch(host):
+        return bad_host("the Host header is malformed")
+    text = host.decode("ascii").lower()
+    port = text.rpartition("]")[2].partition(":")[2]
+    if port and int(port) > 65535:
+        return bad_host("the Host header's port is out of range")
+    if text.startswith("["):
+        return None  # an IPv6 literal: not under any domain
+    name = text.partition(":")[0].removesuffix(".")
+    for domain in domains:
+        if name == domain:
+            return None
+        if name.endswith("." + domain):
+            label = name[: -len(domain) - 1]
+            if "." in label:
+                return bad_host(f"the Host names more than one label under {domain}")
+            if not valid_agent_name(label):
+                return bad_host(f"the Host's first label is not an agent name: {NAME_RULE}")
+            return label
+    return None
 
 
 def route(path: bytes, query: bytes) -> Route | Reply:
@@ -86,7 +156,28 @@ def route(path: bytes, query: bytes) -> Route | Reply:
     if not slash:
         location = PREFIX + name_bytes + b"/" + (b"?" + query if query else b"")
         return json_reply(308, {"error": "redirect", "agent": name}, [(b"location", location)])
-    return Route(name, b"/" + rest + (b"?" + query if query else b""))
+    return Route(name, b"/" + rest + (b"?" + query if query else b""), f"/a/{name}")
+
+
+def public_urls(name: str, host: bytes | None, domains: Sequence[str], scheme: str) -> list[str]:
+    """The URLs that reach agent ``name``, for a gateway reached at ``host``
+    (the Host its agent dialed): ``NAME.DOMAIN`` per domain (the same port),
+    then ``/a/NAME/`` on that host (on the bare domain if ``host`` is itself
+    an agent's)."""
+    authority, port = "", ""
+    if host is not None and _HOST.fullmatch(host):
+        authority = host.decode("ascii").lower()
+        if not authority.startswith("["):
+            hostname, _, port = authority.partition(":")
+            for domain in domains:
+                if hostname.removesuffix(".").endswith("." + domain):
+                    authority = domain + (f":{port}" if port else "")
+        else:
+            port = authority.rpartition("]")[2].removeprefix(":")
+    urls = [f"{scheme}://{name}.{domain}{':' + port if port else ''}/" for domain in domains]
+    if authority:
+        urls.append(f"{scheme}://{authority}/a/{name}/")
+    return urls
 
 
 @attrs.frozen(slots=True)
@@ -137,7 +228,7 @@ def forward(
             host = value
             break
     forwarded = forwarded_request_headers(
-        items, client=client, proto=proto, host=host or None, prefix=f"/a/{found.name}"
+        items, client=client, proto=proto, host=host or None, prefix=found.prefix or None
     )
     # The gateway answers Expect: 100-continue itself, and frames the body itself.
     forwarded = [(n, v) for n, v in forwarded if n not in _NOT_FORWARDED]

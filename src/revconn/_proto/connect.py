@@ -11,6 +11,7 @@ import attrs
 __all__ = [
     "CONNECT_HEADERS",
     "PROTOCOL_TOKEN",
+    "PUBLIC_URL_HEADER",
     "UPSTREAM_UNREACHABLE",
     "WS_SUBPROTOCOL",
     "UpstreamInfo",
@@ -20,6 +21,9 @@ WS_SUBPROTOCOL = "revconn.v2"
 """The protocol version, offered by the agent as its WebSocket subprotocol."""
 PROTOCOL_TOKEN = b"revconn-http1"
 """The ``:protocol`` of a tunnel stream (RFC 8441 extended CONNECT)."""
+PUBLIC_URL_HEADER = b"revconn-public-url"
+"""A header of the gateway's ``101`` to an agent, once per public URL that
+reaches it (``NAME.DOMAIN`` forms first, then the ``/a/NAME/`` form)."""
 UPSTREAM_UNREACHABLE = "the agent could not reach its upstream service"
 """The detail of ``502 upstream_unreachable`` when a connection to the upstream
 fails, whoever made it (the agent, or the gateway for an announced URL): the

@@ -89,15 +89,15 @@ def forwarded_request_headers(
     client: str | None,
     proto: str,
     host: bytes | None,
-    prefix: str,
+    prefix: str | None,
     via: bytes = b"1.1 revconn",
 ) -> Headers:
     """The end-to-end request headers plus X-Forwarded-* and Via, as the gateway sends them.
 
     ``X-Forwarded-For`` gets the client appended to any existing chain;
     ``X-Forwarded-Proto``, ``X-Forwarded-Host`` and ``X-Forwarded-Prefix`` are
-    replaced with the gateway's view (a client cannot spoof them); ``Via`` is
-    appended.
+    replaced with the gateway's view (a client cannot spoof them; no prefix:
+    none is sent); ``Via`` is appended.
     """
     replaced = (
         b"x-forwarded-for",
@@ -120,6 +120,7 @@ def forwarded_request_headers(
     out.append((b"x-forwarded-proto", proto.encode("ascii")))
     if host:
         out.append((b"x-forwarded-host", host))
-    out.append((b"x-forwarded-prefix", prefix.encode("latin-1")))
+    if prefix:
+        out.append((b"x-forwarded-prefix", prefix.encode("latin-1")))
     out.append((b"via", b", ".join([*existing_via, via])))
     return out
