@@ -663,7 +663,7 @@ def test_asgi_config_suits_the_tunnel() -> None:
     assert config.keep_alive_timeout == 12.5
     assert config.accesslog is None
     assert config.h11_max_incomplete_size == 96 * 1024  # a 64 KiB public head plus X-Forwarded-*
-    assert config.websocket_max_message_size == 1024 * 1024
+    assert config.websocket_max_message_size == 16 * 1024 * 1024
     assert config.include_server_header is False
     assert config.root_path == ""
     assert config.log.access_logger is None

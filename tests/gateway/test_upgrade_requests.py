@@ -1,9 +1,12 @@
 """Upgrade requests on the data plane, at the HTTP/1.1 byte level.
 
-``curl --http2`` over plain http asks for h2c (``Connection: Upgrade,
-HTTP2-Settings``, ``Upgrade: h2c``): the request is forwarded as a plain one,
-body intact, the upstream never sees the Upgrade, and the connection closes
-after the response. A CONNECT is not forwarded: 405, and the connection closes.
+Only WebSocket upgrades reach an agent (tests/gateway/test_websocket_passthrough.py).
+Anything else that asks for an Upgrade — h2c from ``curl --http2`` over plain
+http (``Connection: Upgrade, HTTP2-Settings``, ``Upgrade: h2c``), raw TCP
+protocols — is refused with 400 ``upgrade_not_supported`` before any stream
+is opened, and the connection closes (never a raw pipe by accident). A
+CONNECT is not forwarded: 405, and the connection closes. The gateway's own
+routes ignore an Upgrade (RFC 9110 7.8).
 
 An in-process gateway and an in-process agent serving the test upstream app;
 clients are raw sockets.
@@ -11,7 +14,6 @@ clients are raw sockets.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,7 +35,6 @@ H2C = (
     "Upgrade: h2c",
     "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
 )
-HOP_BY_HOP = {"connection", "upgrade", "http2-settings"}
 
 
 @asynccontextmanager
@@ -102,36 +103,58 @@ def writes_chunked() -> list[bytes]:
     [writes_with_length, writes_split, writes_chunked],
     ids=["content-length", "content-length-later", "chunked"],
 )
-async def test_h2c_upgrade_with_a_body_is_forwarded_plain_then_closed(writes: object) -> None:
+async def test_h2c_upgrade_with_a_body_is_refused_and_closed(writes: object) -> None:
     with trio.fail_after(5):
-        async with public_stack() as (_, port), connect(port) as client:
+        async with public_stack() as (gw, port), connect(port) as client:
             for data in writes():  # type: ignore[operator]
                 await client.send_raw(data)
             response, body = await client.response("POST")
-            assert response.status_code == 200
+            assert response.status_code == 400
+            assert json.loads(body)["error"] == "upgrade_not_supported"
             assert (b"connection", b"close") in response.headers
-            assert not any(n == b"upgrade" for n, _ in response.headers)
-            echo = json.loads(body)
-            assert echo["method"] == "POST"
-            assert echo["raw_path"] == "/echo/h2c"
-            assert echo["body_length"] == len(DATA)
-            assert echo["body_sha256"] == hashlib.sha256(DATA).hexdigest()
-            names = {name for name, _ in echo["headers"]}
-            assert not names & HOP_BY_HOP, names
             assert await client.closed_by_peer()
+            session = gw.gateway.registry.lookup("web")
+            assert isinstance(session, Tunnel)
+            assert session.pooled_streams == 0  # no stream was opened for it
 
 
-async def test_h2c_upgrade_without_a_body_is_forwarded_plain_then_closed() -> None:
-    """What ``curl --http2 http://...`` sends for a GET."""
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        (
+            "Connection: Upgrade, HTTP2-Settings",
+            "Upgrade: h2c",
+            "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+        ),
+        ("Connection: Upgrade", "Upgrade: tcp"),
+        ("Connection: Upgrade", "Upgrade: websocket, h2c"),
+        ("Connection: Upgrade", "Upgrade: TLS/1.2"),
+    ],
+)
+async def test_other_upgrades_to_an_agent_are_refused(upgrade: tuple[str, ...]) -> None:
+    """What ``curl --http2 http://...`` sends for a GET, and other protocols."""
+    with trio.fail_after(5):
+        async with public_stack() as (_, port):
+            async with connect(port) as client:
+                await client.send_raw(head("GET", "/a/web/echo/get?x=1", *upgrade))
+                response, body = await client.response()
+                assert response.status_code == 400
+                error = json.loads(body)
+                assert error["error"] == "upgrade_not_supported"
+                assert "WebSocket" in error["detail"]
+                assert await client.closed_by_peer()
+            async with connect(port) as client:
+                await client.send_raw(get("/a/web/status/200"))
+                ok, ok_body = await client.response()
+                assert (ok.status_code, ok_body) == (200, b"status 200")
+
+
+async def test_the_gateways_own_routes_ignore_an_upgrade() -> None:
     with trio.fail_after(5):
         async with public_stack() as (_, port), connect(port) as client:
-            await client.send_raw(head("GET", "/a/web/echo/get?x=1", *H2C))
+            await client.send_raw(head("GET", "/healthz", *H2C))
             response, body = await client.response()
-            assert response.status_code == 200
-            assert (b"connection", b"close") in response.headers
-            echo = json.loads(body)
-            assert (echo["method"], echo["query"], echo["body_length"]) == ("GET", "x=1", 0)
-            assert not {name for name, _ in echo["headers"]} & HOP_BY_HOP
+            assert (response.status_code, json.loads(body)) == (200, {"status": "ok"})
             assert await client.closed_by_peer()
 
 

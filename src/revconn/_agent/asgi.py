@@ -115,8 +115,9 @@ def asgi_config(*, keep_alive_timeout: float = 60.0) -> Config:
 
     No access log (the gateway logs requests); errors on ``revconn.hypercorn``
     (not configured here); no ``server`` header (the public would see it); h11
-    header block limit 64 KiB; WebSocket messages up to 1 MiB; no WebSocket
-    pings (the tunnel has its own heartbeat); the given keep-alive timeout.
+    header block limit 64 KiB; WebSocket messages up to 16 MiB (hypercorn's
+    default: what a passthrough WebSocket carries); no WebSocket pings from
+    the app's side; the given keep-alive timeout.
     """
     config = Config()
     config.accesslog = None
@@ -126,7 +127,7 @@ def asgi_config(*, keep_alive_timeout: float = 60.0) -> Config:
     config.h11_max_incomplete_size = (
         96 * 1024
     )  # the gateway accepts 64 KiB heads, then adds X-Forwarded-*
-    config.websocket_max_message_size = 1024 * 1024
+    config.websocket_max_message_size = 16 * 1024 * 1024
     config.websocket_ping_interval = None
     config.read_timeout = None
     return config

@@ -28,6 +28,7 @@ import math
 from collections.abc import Iterable
 from typing import NoReturn, Protocol
 
+import attrs
 import trio
 
 from .. import _codes
@@ -142,6 +143,8 @@ class _InFlight:
         "scope",
         "stop_upload",
         "stream",
+        "switch",
+        "switched",
         "timeout",
         "upload_wait",
         "waiting_on_client",
@@ -165,6 +168,10 @@ class _InFlight:
         self.request_done = False
         """The whole request (head and body) is in the stream."""
         self.stop_upload = False
+        self.switch: trio.Event | None = None
+        """(a WebSocket handshake) Set once the upstream's answer is known."""
+        self.switched = False
+        """The upstream answered 101: the stream is a byte pipe now."""
         self.upload_wait: trio.CancelScope | None = None
         """(the reader) Waiting for more of the body from the client; cancelled
         when the response ended first, so the connection closes at once."""
@@ -355,17 +362,17 @@ class HttpConnection:
             assert end is END, end
         hosts = [v for n, v in head.headers if n == b"host"]
         decision = dispatch(head.target, hosts, self.plane.domains)
+        websocket = False
         if head.upgrade and decision is not Target.AGENT:
-            if head.method == b"CONNECT":
-                reply = json_reply(
-                    405, {"error": "method_not_allowed", "detail": "CONNECT is not forwarded"}
-                )
-                await self._answer_early(reply, head, close=True)
+            refused = _refused_upgrade(head, decision)
+            if refused is not None:
+                await self._answer_early(refused, head, close=True)
                 return None
-            # Forwarded as a plain request (an Upgrade the upstream never sees:
-            # h2c from curl --http2, or a WebSocket until the gateway passes
-            # them through), then the connection closes.
-            self._resume_after_upgrade(head)
+            websocket = isinstance(decision, Route)
+            if not websocket:
+                # The gateway's own routes ignore an Upgrade (RFC 9110 7.8):
+                # answered as a plain request, then the connection closes.
+                self._resume_after_upgrade(head)
         if isinstance(decision, Reply):
             # A bad Host (400): this connection's framing cannot be trusted either.
             await self._answer_early(decision, head, close=decision.status == 400)
@@ -398,6 +405,9 @@ class HttpConnection:
         if isinstance(outbound, Reply):
             await self._answer_early(outbound, head)
             return None
+        if websocket:
+            # Upgrade and Connection are hop-by-hop: the handshake's own two go on.
+            outbound = attrs.evolve(outbound, headers=[*outbound.headers, *_WEBSOCKET_UPGRADE])
         self._timeout.deadline = math.inf
         try:
             with trio.move_on_after(self.plane.idle_timeout) as waiting:
@@ -421,6 +431,8 @@ class HttpConnection:
             return None
         exchange = _InFlight(stream, outbound, head)
         exchange.fresh = fresh
+        if websocket:
+            exchange.switch = trio.Event()
         self._exchange = exchange
         self._cycle_done = trio.Event()
         assert self._nursery is not None
@@ -439,11 +451,41 @@ class HttpConnection:
         self._timeout.deadline = math.inf
         if exchange.done:
             return None
+        if exchange.switch is not None:
+            await self._pipe_upload(exchange)
+            return None
         event = await self._next_event()
         if event is None and not exchange.done:
             self._client_gone(exchange)
             raise trio.BrokenResourceError("client closed the connection")
         return event  # the next (pipelined) request, or None: closed after the response
+
+    async def _pipe_upload(self, exchange: _InFlight) -> None:
+        """A WebSocket handshake is out: if the upstream switches (101), the
+        client's bytes go up the stream as they come, unparsed, until either
+        side ends; otherwise its answer is relayed and the connection closes.
+        The client must wait for the 101 before it sends (RFC 6455 4.1): until
+        then nothing is read."""
+        assert exchange.switch is not None
+        await exchange.switch.wait()
+        if not exchange.switched:
+            await self._cycle_done.wait()
+            return
+        stream = exchange.stream
+        try:
+            trailing = self.parser.upgrade_trailing
+            if trailing:
+                await stream.send_body(trailing)
+            while True:
+                data = await self.stream.receive_some(READ_SIZE)
+                if not data:
+                    break
+                await stream.send_body(data)
+        except StreamError:
+            return  # the agent or its upstream ended it: the relay closes the connection
+        # The client closed: the upstream connection is closed at once.
+        self._client_gone(exchange)
+        raise trio.BrokenResourceError("client closed its WebSocket")
 
     def _resume_after_upgrade(self, head: RequestHead) -> None:
         """Go on parsing an upgrade request's body as a plain HTTP body: a
@@ -681,6 +723,8 @@ class HttpConnection:
                     await self._upstream_timeout(exchange)
         finally:
             exchange.done = True
+            if exchange.switch is not None:
+                exchange.switch.set()
             if exchange.upload_wait is not None:
                 exchange.upload_wait.cancel()
             reusable = reusable and exchange.request_done
@@ -751,12 +795,17 @@ class HttpConnection:
                 self._finish_cycle(exchange)
                 return upstream_keeps and not parser.stray
             elif isinstance(event, ResponseHead):
-                if event.status == 101 and not self._responding:
-                    # No Upgrade is forwarded: a switch nobody asked for.
+                if event.status == 101 and exchange.switch is not None:
+                    await self._pipe_download(exchange, event, out, parser.upgrade_trailing)
+                    return False
+                if event.status == 101:
+                    # No Upgrade was forwarded: a switch nobody asked for.
                     log.info("agent %r: unrequested 101 from the upstream", name)
                     await self._reply(upstream_broken(name), close=True)
                     self._finish_cycle(exchange)
                     return False
+                if exchange.switch is not None:
+                    exchange.switch.set()  # refused: its answer is relayed as it is
                 upstream_keeps = event.keep_alive
                 if event.status >= 300 and not exchange.request_done:
                     # An answer before the body was read: the rest of the
@@ -771,6 +820,43 @@ class HttpConnection:
                     )
             else:
                 raise AssertionError(event)  # noqa: TRY004
+
+    async def _pipe_download(
+        self,
+        exchange: _InFlight,
+        head: ResponseHead,
+        out: list[bytes],
+        trailing: bytes | None,
+    ) -> None:
+        """The upstream switched to WebSocket: its 101 goes to the client, then
+        the stream's bytes as they come, unparsed (frames, pings, close frames
+        and extensions are end to end), until either side ends. Then the
+        connection closes: an agent lost mid-message cannot be given a close
+        frame, so the client sees its TCP connection end."""
+        headers = [*clean_headers(head.headers), *_WEBSOCKET_UPGRADE]
+        out.append(response_head(101, head.reason or b"Switching Protocols", headers))
+        if trailing:
+            out.append(trailing)
+        self._responding = True
+        exchange.switched = True
+        exchange.timeout = math.inf  # a WebSocket may be silent for hours
+        assert exchange.switch is not None
+        exchange.switch.set()
+        stream = exchange.stream
+        try:
+            while True:
+                if out:
+                    await self._write_response(exchange, out)
+                    out = []
+                exchange.waiting_on_client = False
+                exchange.scope.deadline = math.inf
+                data = await stream.read()
+                if data is None:
+                    break  # the upstream closed its side
+                out.append(data)
+        except StreamError as exc:
+            log.info("agent %r: WebSocket ended by the tunnel: %s", exchange.name, exc)
+        self._abort()
 
     def _response_framing(self, head: ResponseHead, out: list[bytes]) -> bool:
         """Queue the client's response head; True if the body is to be chunked."""
@@ -876,3 +962,42 @@ def _refusal(refused: StreamRefused) -> Reply:
         (b"content-length", str(len(refused.body)).encode()),
     ]
     return Reply(refused.status if 400 <= refused.status <= 599 else 502, headers, refused.body)
+
+
+_WEBSOCKET_UPGRADE = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+
+
+def _refused_upgrade(head: RequestHead, decision: object) -> Reply | None:
+    """For a request that asks for an Upgrade: the refusal to answer it with,
+    or None. A WebSocket handshake to an agent is passed through (checked
+    here: RFC 6455 4.1); any other Upgrade to an agent (h2c, raw TCP
+    protocols) is refused: never a raw pipe by accident."""
+    if head.method == b"CONNECT":
+        return json_reply(
+            405, {"error": "method_not_allowed", "detail": "CONNECT is not forwarded"}
+        )
+    if not isinstance(decision, Route):
+        return None
+    protocols = {
+        token.strip().lower()
+        for name, value in head.headers
+        if name == b"upgrade"
+        for token in value.split(b",")
+    }
+    if protocols != {b"websocket"}:
+        detail = (
+            "only WebSocket upgrades are forwarded (this gateway speaks HTTP/1.1 to agents; "
+            "no h2c): retry without Upgrade"
+        )
+        return json_reply(400, {"error": "upgrade_not_supported", "detail": detail})
+    if head.version != b"1.1":
+        return json_reply(
+            400, {"error": "bad_websocket_handshake", "detail": "a WebSocket handshake is HTTP/1.1"}
+        )
+    checked = upgrade_response(head.method, head.headers)
+    if isinstance(checked, Reply):
+        return checked
+    if head.has_body:
+        detail = "a WebSocket handshake has no body"
+        return json_reply(400, {"error": "bad_websocket_handshake", "detail": detail})
+    return None
