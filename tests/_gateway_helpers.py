@@ -75,6 +75,7 @@ async def raw_agent(
     secret: str = SECRET,
     handshake: bool = True,
     subprotocols: list[str] | None = None,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> AsyncIterator[tuple[WebSocketConnection, TunnelSession]]:
     """A hand-driven agent: a WebSocket plus a TunnelSession we pump ourselves.
 
@@ -90,7 +91,7 @@ async def raw_agent(
             stream,
             f"127.0.0.1:{port}",
             f"/ws/connect?name={name}",
-            extra_headers=[(b"authorization", f"Bearer {secret}".encode())],
+            extra_headers=[(b"authorization", f"Bearer {secret}".encode()), *(extra_headers or [])],
             max_message_size=8 << 20,
             subprotocols=[WS_SUBPROTOCOL] if subprotocols is None else subprotocols,
         )

@@ -13,6 +13,7 @@ EXPECTED = {
     "AuthError",
     "AuthPolicy",
     "Backoff",
+    "CertificateVerifyError",
     "ConfigError",
     "ConnectError",
     "ConnectionLost",
@@ -63,5 +64,6 @@ def test_every_error_is_a_revconn_error() -> None:
 def test_fatal_errors() -> None:
     assert issubclass(revconn.AuthError, revconn.FatalError)
     assert issubclass(revconn.ReplacedError, revconn.FatalError)
+    assert issubclass(revconn.CertificateVerifyError, revconn.FatalError)
     assert not issubclass(revconn.ConnectError, revconn.FatalError)
     assert not issubclass(revconn.HeartbeatTimeout, revconn.FatalError)

@@ -14,6 +14,7 @@ import typing as _typing
 
 from ._errors import AgentBusy as AgentBusy
 from ._errors import AuthError as AuthError
+from ._errors import CertificateVerifyError as CertificateVerifyError
 from ._errors import ConfigError as ConfigError
 from ._errors import ConnectError as ConnectError
 from ._errors import ConnectionLost as ConnectionLost

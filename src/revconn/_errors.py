@@ -10,6 +10,7 @@
     ├── AuthError                 credentials missing or rejected             [fatal]
     ├── ReplacedError             a newer agent with the same name took over  [fatal]
     ├── ProtocolVersionError      the peer speaks another protocol version    [fatal]
+    ├── CertificateVerifyError    the gateway's certificate is not trusted    [fatal]
     ├── ConnectError              could not reach or talk to the peer         [transient]
     │   ├── ConnectionLost        an established session ended unexpectedly  [transient]
     │   ├── UpstreamConnectError  (agent) its upstream service cannot be reached
@@ -32,6 +33,7 @@ from . import _codes
 __all__ = [
     "AgentBusy",
     "AuthError",
+    "CertificateVerifyError",
     "ConfigError",
     "ConnectError",
     "ConnectionLost",
@@ -101,6 +103,12 @@ class AuthError(FatalError):
 class ProtocolVersionError(FatalError):
     """The peer speaks another version of the revconn protocol (WebSocket close
     4426): upgrade the older side."""
+
+
+class CertificateVerifyError(FatalError):
+    """(agent) The gateway's TLS certificate could not be verified (unknown CA,
+    expired, issued for another host): retrying would send the credential to
+    the same unverified peer, so the agent stops."""
 
 
 class ReplacedError(FatalError):

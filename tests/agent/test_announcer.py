@@ -42,7 +42,7 @@ Answer = tuple[int, dict[str, object]] | BaseException | object
 
 def config(**changes: object) -> AgentConfig:
     settings: dict[str, object] = {
-        "gateway": "http://gw.example",
+        "gateway": "https://gw.example",
         "name": "probe",
         "secret": SECRET,
         "tunnel_url": SERVICE,
@@ -132,7 +132,7 @@ def test_config_rejects_an_interval_whose_ttl_is_out_of_range(interval: float) -
 def test_config_listen_goes_with_tunnel_url_and_an_app() -> None:
     with pytest.raises(ConfigError, match=r"^--listen is for --tunnel-url"):
         AgentConfig(
-            gateway="http://gw.example", name="probe", secret=SECRET, upstream="http://u:1",
+            gateway="https://gw.example", name="probe", secret=SECRET, upstream="http://u:1",
             listen="127.0.0.1:0",
         )  # fmt: skip
     with pytest.raises(ConfigError, match=r"^--listen 'nope': expected HOST:PORT"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 
 import pytest
 import trio
@@ -129,6 +130,39 @@ async def test_send_all_to_a_vanished_peer_is_broken_resource_error() -> None:
         for _ in range(100):  # the first write may still be accepted by the kernel
             await send_all(left, b"x" * 65536)
     await left.aclose()
+
+
+async def test_send_all_on_tls_uses_the_tls_streams_own_send(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plaintext written to a TLS socket's fd would corrupt the session: on any
+    stream but a plain SocketStream, send_all is the stream's own send."""
+    server_context, client_context = tls
+    left, right = _stream_pair()
+    server = trio.SSLStream(left, server_context, server_side=True, https_compatible=True)
+    client = trio.SSLStream(right, client_context, server_hostname="127.0.0.1")
+    payload = os.urandom(3 << 20)  # many TLS records, partial writes
+    received = bytearray()
+
+    def no_write(fd: int, data: object) -> int:
+        raise AssertionError("os.write on a TLS socket")
+
+    monkeypatch.setattr(os, "write", no_write)
+
+    async def read_all() -> None:
+        while len(received) < len(payload):
+            received.extend(await client.receive_some(64 * 1024))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await send_all(server, payload)
+    assert received == payload
+    memory, peer = trio.testing.memory_stream_pair()  # any other stream, likewise
+    await send_all(memory, b"via its own send_all")
+    assert await peer.receive_some() == b"via its own send_all"
+    await trio.aclose_forcefully(server)
+    await trio.aclose_forcefully(client)
 
 
 async def test_send_all_honours_cancellation() -> None:

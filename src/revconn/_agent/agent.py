@@ -34,6 +34,8 @@ from .announcer import Announcer, Exchange
 from .dial import (
     HandshakeWatch,
     WebSocketTransport,
+    check_plaintext,
+    client_context,
     most_telling,
     open_stream,
     open_websocket,
@@ -55,6 +57,11 @@ class AgentConfig:
     With ``tunnel_url`` the agent runs in announce mode: no tunnel, the
     gateway connects to that URL itself; ``listen`` is where an in-process
     app is served then (default 127.0.0.1:8000).
+
+    An ``https``/``wss`` gateway's certificate is verified against the
+    system's CAs, or those in ``ca_file``. An ``http``/``ws`` gateway that is
+    not on loopback is refused (the secret would cross the network in clear
+    text) unless ``insecure_plaintext``.
     """
 
     gateway: str
@@ -70,6 +77,8 @@ class AgentConfig:
     tunnel_url: str | None = None
     announce_interval: float = DEFAULT_INTERVAL
     listen: str | None = None
+    ca_file: str | None = None
+    insecure_plaintext: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not valid_agent_name(self.name):
@@ -81,7 +90,12 @@ class AgentConfig:
             raise ConfigError("no secret: pass --secret or set REVCONN_SECRET")
         if not (math.isfinite(self.handshake_timeout) and self.handshake_timeout > 0):
             raise ConfigError("handshake timeout must be > 0 seconds")
-        websocket_url(self.gateway, self.name)  # validates
+        url = websocket_url(self.gateway, self.name)  # validates
+        check_plaintext(self.gateway, insecure_plaintext=self.insecure_plaintext)
+        if self.ca_file is not None and not url.startswith("wss:"):
+            raise ConfigError(
+                f"--ca-file is for an https:// (or wss://) gateway, not {self.gateway}"
+            )
         if not 1 <= self.max_concurrent_streams <= 10_000:
             raise ConfigError("max concurrent streams must be 1-10000")
         if self.upstream is not None:
@@ -144,11 +158,18 @@ class Agent:
         """Serve ``app`` (an ASGI application, in-process) or ``config.upstream``
         (an HTTP/1.1 URL) through the tunnel; ConfigError with neither.
 
+        ``ssl_context`` verifies an https gateway instead of the system's CAs
+        or ``config.ca_file`` (not both: ConfigError).
+
         In announce mode ``app``, if given, is served on ``config.listen``
         (hypercorn), and ``announce_exchange`` replaces the HTTP requests to
         the gateway (for tests).
         """
         self.config = config
+        if ssl_context is not None and config.ca_file is not None:
+            raise ConfigError("give either ssl_context or AgentConfig.ca_file, not both")
+        if ssl_context is None and config.url.startswith("wss:"):
+            ssl_context = client_context(config.ca_file)  # once, not per attempt
         self.tunnel: Tunnel | None = None
         self.public_urls: list[str] = []
         """The URLs that reach this agent, as the gateway said when it last connected."""

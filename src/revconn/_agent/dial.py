@@ -1,8 +1,13 @@
 """Dialing the gateway: the tunnel URL, TCP/TLS, trio-websocket's handshake,
-and every way that can fail mapped to the revconn error that says what to fix."""
+and every way that can fail mapped to the revconn error that says what to fix.
+
+The gateway's certificate is verified (the system's CAs, or ``--ca-file``); a
+failed verification is fatal. The credential never goes in clear text to a
+host that is not loopback unless ``--insecure-plaintext`` says so."""
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -19,6 +24,7 @@ from trio_websocket import (
 
 from .._errors import (
     AuthError,
+    CertificateVerifyError,
     ConfigError,
     ConnectError,
     ConnectionLost,
@@ -35,6 +41,9 @@ __all__ = [
     "GatewayStream",
     "HandshakeWatch",
     "WebSocketTransport",
+    "check_plaintext",
+    "client_context",
+    "is_loopback",
     "map_connect_error",
     "most_telling",
     "open_stream",
@@ -85,6 +94,51 @@ def tunnel_url(gateway: str, name: str) -> str:
     if not path.endswith("/ws/connect"):
         path += "/ws/connect"
     return urlunsplit((scheme, netloc, path, f"name={quote(name)}", ""))
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1 (also as ``::ffff:127.x.y.z``)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_plaintext(gateway: str, *, insecure_plaintext: bool) -> None:
+    """ConfigError for a ``http://``/``ws://`` gateway URL whose host is not
+    loopback, unless ``insecure_plaintext``: the bearer secret would cross the
+    network in clear text (call after ``tunnel_url`` validated it)."""
+    parts = urlsplit(gateway)
+    host = parts.hostname or ""
+    if parts.scheme.lower() in ("https", "wss") or insecure_plaintext or is_loopback(host):
+        return
+    secure = urlunsplit(("https" if parts.scheme.lower() == "http" else "wss", *parts[1:]))
+    raise ConfigError(
+        f"refusing to send the gateway secret in clear text to {host} ({gateway}): "
+        f"use {secure} (the gateway serves TLS with --certfile/--keyfile, or sits behind "
+        "a TLS proxy), or pass --insecure-plaintext if this network is trusted"
+    )
+
+
+def client_context(ca_file: str | None) -> ssl.SSLContext:
+    """The context that verifies the gateway: against ``ca_file`` (PEM CA
+    certificates; the system's CAs are then not used) or the system's CAs."""
+    if ca_file is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except OSError as exc:  # (ssl.SSLError is one: OpenSSL read the file)
+        if isinstance(exc, ssl.SSLError):
+            reason = str(exc.args[1] if len(exc.args) > 1 else exc).split(" (_ssl.c:", 1)[0]
+            raise ConfigError(
+                f"--ca-file {ca_file}: no usable PEM certificate in it (OpenSSL: {reason})"
+            ) from None
+        raise ConfigError(f"--ca-file {ca_file}: cannot read it: {exc.strerror}") from None
 
 
 class WebSocketTransport:
@@ -174,7 +228,7 @@ async def open_stream(
                 tls = await trio.open_ssl_over_tcp_stream(
                     host, port, ssl_context=context, https_compatible=True
                 )
-                await _tls_handshake(tls)
+                await _tls_handshake(tls, host)
                 return tls
             # Plain TCP: each tunnel message trio-websocket writes costs no
             # schedule point when the kernel takes it at once.
@@ -187,7 +241,7 @@ async def open_stream(
         raise map_connect_error(exc, url) from None
 
 
-async def _tls_handshake(stream: trio.SSLStream[trio.SocketStream]) -> None:
+async def _tls_handshake(stream: trio.SSLStream[trio.SocketStream], host: str) -> None:
     """Complete the TLS handshake before trio-websocket sees the stream (it would
     take a failure for a closed connection and wait out the deadline), closing
     the stream on failure."""
@@ -195,15 +249,21 @@ async def _tls_handshake(stream: trio.SSLStream[trio.SocketStream]) -> None:
         await stream.do_handshake()
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(stream)
-        raise _tls_error(exc.__cause__) from exc
+        raise _tls_error(exc.__cause__, host) from exc
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
 
 
-def _tls_error(cause: BaseException | None) -> ConnectError:
+def _tls_error(cause: BaseException | None, host: str) -> RevconnError:
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return ConnectError(f"TLS certificate verification failed: {cause.verify_message}")
+        # Fatal: every retry would meet the same certificate (and hand the
+        # secret to whoever presents it, were it accepted).
+        reason = (cause.verify_message or str(cause)).rstrip(".")
+        return CertificateVerifyError(
+            f"the gateway's certificate for {host} could not be verified ({reason}): "
+            "pass --ca-file with its CA, or fix the certificate"
+        )
     if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS_REASONS:
         return ConnectError(
             f"the gateway port does not speak TLS ({cause.reason}): "

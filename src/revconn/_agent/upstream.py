@@ -213,13 +213,9 @@ class HttpUpstream:
     ) -> None:
         """Gateway -> upstream. The gateway ending the stream retires it: the
         upstream connection is closed (an idle stream has nothing in flight)."""
-        plain = isinstance(conn, trio.SocketStream)
         try:
             while (data := await stream.read()) is not None:
-                if plain:
-                    await send_all(conn, data)  # type: ignore[arg-type]
-                else:
-                    await conn.send_all(data)
+                await send_all(conn, data)  # (TLS: the stream's own send)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The upstream stopped reading and closed (an early answer): what
             # it sent still reaches the gateway through the other direction.

@@ -139,6 +139,19 @@ def _check_modes(
 )
 @click.option("--secret", envvar="REVCONN_SECRET", help="Gateway secret (env REVCONN_SECRET).")
 @click.option(
+    "--ca-file",
+    envvar="REVCONN_CA_FILE",
+    type=click.Path(dir_okay=False),
+    help="Verify an https:// gateway's certificate against the PEM CA certificates in "
+    "this file instead of the system's (env REVCONN_CA_FILE).",
+)
+@click.option(
+    "--insecure-plaintext",
+    is_flag=True,
+    help="Allow an http:// or ws:// gateway that is not on loopback: the secret then "
+    "crosses the network in clear text.",
+)
+@click.option(
     "--app",
     "app_ref",
     envvar="REVCONN_APP",
@@ -232,6 +245,8 @@ def agent_serve(
     name: str | None,
     upstream: str | None,
     secret: str | None,
+    ca_file: str | None,
+    insecure_plaintext: bool,
     app_ref: str | None,
     tunnel_url: str | None,
     announce_interval: float,
@@ -282,6 +297,8 @@ def agent_serve(
             tunnel_url=tunnel_url,
             announce_interval=announce_interval,
             listen=listen,
+            ca_file=ca_file,
+            insecure_plaintext=insecure_plaintext,
         )
         app = _load_app(app_ref, upstream) if app_ref is not None else None
         agent = Agent(config, app=app)

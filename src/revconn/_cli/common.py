@@ -15,7 +15,14 @@ from collections.abc import Awaitable, Callable
 import click
 import trio
 
-from .._errors import AuthError, ConfigError, ProtocolVersionError, ReplacedError, RevconnError
+from .._errors import (
+    AuthError,
+    CertificateVerifyError,
+    ConfigError,
+    ProtocolVersionError,
+    ReplacedError,
+    RevconnError,
+)
 
 __all__ = [
     "EXIT_AUTH",
@@ -78,7 +85,7 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
             fail(str(error), EXIT_AUTH)
         elif isinstance(error, ReplacedError):
             fail(f"{error}; not reconnecting (two agents must not share a name)", EXIT_REPLACED)
-        elif isinstance(error, ConfigError | ProtocolVersionError):
+        elif isinstance(error, ConfigError | ProtocolVersionError | CertificateVerifyError):
             fail(str(error), EXIT_CONFIG)
         else:
             fail(str(error), EXIT_ERROR)

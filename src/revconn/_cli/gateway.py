@@ -1,11 +1,17 @@
 """``revconn-gateway``: flags -> GatewayConfig, then the gateway (and, with
-``--demo``, an in-process demo agent) until SIGTERM/SIGINT."""
+``--demo``, an in-process demo agent) until SIGTERM/SIGINT; SIGHUP reloads
+the TLS certificate."""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
+import signal
+import ssl
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 import trio
@@ -21,6 +27,8 @@ from .common import EXIT_CONFIG, fail, run, setup_logging, until_signal
 __all__ = ["main"]
 
 DEMO_NAME = "demo"
+
+log = logging.getLogger("revconn.cli")
 
 
 def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, bool]:
@@ -89,7 +97,8 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     type=float,
     default=10.0,
     show_default=True,
-    help="Seconds an agent has to complete the tunnel handshake after connecting.",
+    help="Seconds an agent has to complete the tunnel handshake after connecting (and "
+    "any client its TLS handshake, with --certfile).",
 )
 @click.option(
     "--idle-timeout",
@@ -98,6 +107,14 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     show_default=True,
     help="Seconds a public connection may sit idle between requests, and the "
     "time allowed to send a request head (then 408).",
+)
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    metavar="CIDR",
+    help="Believe X-Forwarded-For/-Proto/-Host from peers in this network (a TLS proxy "
+    "such as Caddy or nginx in front); everyone else's are replaced. Repeatable.",
 )
 @click.option(
     "--domain",
@@ -125,6 +142,17 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     help="Seconds an announced URL's service may stay silent once a request is sent "
     "(then 504 upstream_timeout).",
 )
+@click.option(
+    "--certfile",
+    type=click.Path(dir_okay=False),
+    help="Serve HTTPS/WSS on --bind and --admin-bind with this PEM certificate (then "
+    "its chain); needs --keyfile. SIGHUP reloads both files.",
+)
+@click.option(
+    "--keyfile",
+    type=click.Path(dir_okay=False),
+    help="The certificate's PEM private key (unencrypted); needs --certfile.",
+)
 @click.option("--demo", is_flag=True, help="Also run an in-process demo agent named 'demo'.")
 @click.option(
     "--log-level",
@@ -142,8 +170,11 @@ def main(
     handshake_timeout: float,
     idle_timeout: float,
     domains: tuple[str, ...],
+    trusted_proxies: tuple[str, ...],
     announce_allow: tuple[str, ...],
     announce_timeout: float,
+    certfile: str | None,
+    keyfile: str | None,
     demo: bool,
     log_level: str,
 ) -> None:
@@ -161,13 +192,16 @@ def main(
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
             handshake_timeout=handshake_timeout,
             domains=domains,
+            trusted_proxies=trusted_proxies,
             announce_allow=announce_allow,
             announce_timeout=announce_timeout,
+            certfile=certfile,
+            keyfile=keyfile,
         )
+        gateway = Gateway(config, policy)  # (loads the certificate)
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)
         return
-    gateway = Gateway(config, policy)
 
     async def main_task() -> None:
         stop = trio.Event()
@@ -187,6 +221,8 @@ def main(
             nursery.start_soon(
                 until_signal, begin_stop, config.graceful_timeout + 5.0, nursery.cancel_scope
             )
+            if gateway.tls_context is not None:
+                nursery.start_soon(_reload_on_sighup, gateway)
             urls: list[str] = await nursery.start(serve)
             base = urls[0]
             click.echo(f"revconn-gateway listening on {', '.join(urls)}")
@@ -195,8 +231,13 @@ def main(
             if generated:
                 click.echo(f"generated secret (shown once): {key}")
             if demo:
-                # The demo agent dials the address actually bound (port 0 resolved).
-                agent = Agent(AgentConfig(gateway=base, name=DEMO_NAME, secret=key), app=demo_app)
+                # The demo agent dials the address actually bound (port 0
+                # resolved), on loopback.
+                agent = Agent(
+                    AgentConfig(gateway=_loopback(base), name=DEMO_NAME, secret=key),
+                    app=demo_app,
+                    ssl_context=_own_socket_context() if gateway.tls_context else None,
+                )
                 agents.append(agent)
                 nursery.start_soon(agent.run)
                 click.echo(f"demo agent {DEMO_NAME!r} connecting; its page, through the tunnel:")
@@ -208,3 +249,38 @@ def main(
             sys.stdout.flush()
 
     run(main_task)
+
+
+async def _reload_on_sighup(gateway: Gateway) -> None:
+    """SIGHUP: load the certificate and key again; a failure keeps the current ones."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                gateway.reload_tls()
+            except ConfigError as exc:
+                # (the message says what is wrong: no traceback)
+                log.error("SIGHUP: TLS reload failed, the current certificate stays: %s", exc)  # noqa: TRY400
+
+
+def _loopback(url: str) -> str:
+    """``url`` with an unspecified host (``0.0.0.0``, ``::``) replaced by loopback."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return url
+    if not unspecified:
+        return url
+    netloc = "[::1]" if ":" in host else "127.0.0.1"
+    return urlunsplit(parts._replace(netloc=f"{netloc}:{parts.port}"))
+
+
+def _own_socket_context() -> ssl.SSLContext:
+    """TLS for the demo agent, which dials this process's own listening socket
+    on loopback: there is no one else to verify (the certificate names the
+    public host, not 127.0.0.1)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context

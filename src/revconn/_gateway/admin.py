@@ -1,5 +1,6 @@
 """The operator surface: one QuartTrio app (``/endpoints``, ``/healthz``; later
-events, metrics and the dashboard), served by hypercorn on ``--admin-bind``.
+events, metrics and the dashboard), served by hypercorn on ``--admin-bind``
+(over TLS with the gateway's own context, when it has one).
 
 Agents and public traffic never reach it: they are served by the data plane
 (``listener.py``). Keep it on a private address.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -78,15 +80,22 @@ async def serve_admin(
     *,
     graceful_timeout: float,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    tls: ssl.SSLContext | None = None,
+    handshake_timeout: float = 10.0,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run ``app`` on hypercorn's trio worker over ``sockets`` until ``shutdown_trigger``."""
-    hc = HypercornConfig()
+    """Run ``app`` on hypercorn's trio worker over ``sockets`` until
+    ``shutdown_trigger``; HTTPS with ``tls``."""
+    hc = _Config(tls)
     hc.graceful_timeout = graceful_timeout
     hc.accesslog = None
     hc.errorlog = logging.getLogger("revconn.hypercorn")
     hc.include_server_header = False
-    bound = Sockets(secure_sockets=[], insecure_sockets=list(sockets), quic_sockets=[])
+    hc.ssl_handshake_timeout = handshake_timeout
+    if tls is None:
+        bound = Sockets(secure_sockets=[], insecure_sockets=list(sockets), quic_sockets=[])
+    else:
+        bound = Sockets(secure_sockets=list(sockets), insecure_sockets=[], quic_sockets=[])
 
     await worker_serve(
         wrap_app(app, hc.wsgi_max_body_size, "asgi"),
@@ -95,6 +104,20 @@ async def serve_admin(
         shutdown_trigger=shutdown_trigger,
         task_status=task_status,
     )
+
+
+class _Config(HypercornConfig):
+    """hypercorn's settings, with the gateway's own TLS context: hypercorn
+    calls ``create_ssl_context()`` once and wraps every connection with what
+    it returns, so the context a certificate reload updates (``tls.py``) is
+    the one the admin surface uses too."""
+
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        super().__init__()
+        self._tls = tls
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self._tls
 
 
 def _quart(reply: Reply) -> Response:

@@ -55,11 +55,10 @@ class DirectStream:
     """One connection to the announced service, lent to one request at a time
     (the exchange's ``RequestStream``)."""
 
-    __slots__ = ("_conn", "_plain", "_upstream", "closed", "idle_since", "lent", "remote_ended")
+    __slots__ = ("_conn", "_upstream", "closed", "idle_since", "lent", "remote_ended")
 
     def __init__(self, conn: _Conn, upstream: UpstreamInfo) -> None:
         self._conn = conn
-        self._plain = isinstance(conn, trio.SocketStream)
         self._upstream = upstream
         self.remote_ended = False
         self.closed = False
@@ -79,11 +78,7 @@ class DirectStream:
         queued: Any = None,
     ) -> None:
         try:
-            if self._plain:
-                assert isinstance(self._conn, trio.SocketStream)
-                await send_all(self._conn, data)
-            else:
-                await self._conn.send_all(data)
+            await send_all(self._conn, data)  # (TLS: the stream's own send)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise StreamError(
                 f"the announced service's connection broke: {exc}",

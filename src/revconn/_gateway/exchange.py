@@ -55,7 +55,8 @@ from .._runtime.fastpath import WriteLock, send_all
 from .._runtime.streampool import StreamRefused
 from .registry import Registry, RequestStream
 from .replies import Reply, agent_busy, agent_offline, json_reply, stream_failure, upstream_broken
-from .routing import Forward, Route, Target, dispatch, forward, public_urls
+from .routing import Forward, Route, Target, dispatch, forward, public_urls, public_view
+from .tls import AcceptedStream
 from .websocket import WebSocketTransport, upgrade_response
 
 __all__ = ["MAX_HEAD", "DataPlane", "HttpConnection"]
@@ -104,6 +105,10 @@ class DataPlane(Protocol):
     @property
     def domains(self) -> tuple[str, ...]:
         """``--domain``: hosts ``NAME.DOMAIN`` route to agent NAME."""
+        ...
+
+    def trusts_proxy(self, client: str | None) -> bool:
+        """``client`` (an IP address) is a ``--trusted-proxy``."""
         ...
 
     @property
@@ -216,6 +221,7 @@ class HttpConnection:
         "_responding",
         "_send_lock",
         "_timeout",
+        "_trusted",
         "_tunnel",
         "client",
         "parser",
@@ -223,7 +229,7 @@ class HttpConnection:
         "stream",
     )
 
-    def __init__(self, plane: DataPlane, stream: trio.SocketStream, client: str | None):
+    def __init__(self, plane: DataPlane, stream: AcceptedStream, client: str | None):
         self.plane = plane
         self.stream = stream
         self.client = client
@@ -242,6 +248,8 @@ class HttpConnection:
         self._responding = False
         """A response to the current request has begun (nothing else may be sent)."""
         self._tunnel: tuple[str, WebSocketTransport] | None = None
+        self._trusted = plane.trusts_proxy(client)
+        """The peer is a --trusted-proxy: its X-Forwarded-* are believed."""
 
     # -- writing ------------------------------------------------------------------
     async def _write(self, parts: list[bytes]) -> None:
@@ -401,6 +409,7 @@ class HttpConnection:
             head.headers,
             client=self.client,
             proto=self.plane.scheme,
+            trusted=self._trusted,
         )
         if isinstance(outbound, Reply):
             await self._answer_early(outbound, head)
@@ -578,8 +587,8 @@ class HttpConnection:
         }
         speaks = WS_SUBPROTOCOL in offered
         if speaks:
-            host = next((v for n, v in headers if n == b"host"), None)
-            urls = public_urls(admitted, host, self.plane.domains, self.plane.scheme)
+            scheme, host = public_view(headers, self.plane.scheme, trusted=self._trusted)
+            urls = public_urls(admitted, host, self.plane.domains, scheme)
             accept = [
                 *accept,
                 (b"sec-websocket-protocol", WS_SUBPROTOCOL.encode()),

@@ -10,12 +10,16 @@
 * the **operator surface** on ``admin_binds`` (``--admin-bind``): one
   QuartTrio app on hypercorn (``admin.py``; ``Gateway.admin_app``).
 
+With ``certfile``/``keyfile`` both serve HTTPS/WSS with one TLS context
+(``tls.py``); ``reload_tls()`` reads the files again for new connections.
+
 The gateway itself decides who may connect (``admit_agent``), runs each
 admitted agent's tunnel (``serve_agent``) and drains them on shutdown.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import ssl
@@ -40,6 +44,7 @@ from .listener import Listener, listen_all, parse_bind, socket_url
 from .registry import InMemoryRegistry, Registration, Registry
 from .replies import Reply
 from .routing import check_domain
+from .tls import ServerTLS
 
 __all__ = ["Gateway", "GatewayConfig"]
 
@@ -69,19 +74,34 @@ class GatewayConfig:
     socket; default: heartbeat interval + timeout."""
     domains: tuple[str, ...] = ()
     """``--domain``: a request for ``NAME.DOMAIN`` goes to agent NAME (path unchanged)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """``--trusted-proxy``: CIDRs whose X-Forwarded-For/-Proto/-Host are believed."""
     announce_allow: tuple[str, ...] = ()
     """CIDRs announced URLs may resolve to besides public addresses (``--announce-allow``)."""
     announce_timeout: float = 60.0
     """How long an announced URL's service may stay silent once a request is sent."""
+    certfile: str | None = None
+    """``--certfile``: PEM certificate (then its chain); with ``keyfile``, both
+    surfaces serve HTTPS/WSS (TLS 1.2+)."""
+    keyfile: str | None = None
+    """``--keyfile``: the certificate's PEM private key, unencrypted."""
 
     def __attrs_post_init__(self) -> None:
         if not self.binds:
             raise ConfigError("at least one --bind is needed")
+        if (self.certfile is None) != (self.keyfile is None):
+            given, missing = "--certfile", "--keyfile"
+            if self.certfile is None:
+                given, missing = missing, given
+            raise ConfigError(
+                f"{given} without {missing}: give both for HTTPS, or neither for plain HTTP"
+            )
         for bind in self.binds:
             parse_bind(bind, "--bind")
         for bind in self.admin_binds:
             parse_bind(bind, "--admin-bind")
         parse_networks(self.announce_allow)
+        parse_networks(self.trusted_proxies, "--trusted-proxy")
         for domain in self.domains:
             check_domain(domain)
         for label, value in (
@@ -103,9 +123,6 @@ class Gateway:
     """The revconn gateway: ``serve()`` runs it; ``admin_app`` is its operator
     surface as an ASGI app."""
 
-    scheme = "http"
-    """What the data plane tells upstreams in X-Forwarded-Proto."""
-
     def __init__(
         self,
         config: GatewayConfig,
@@ -118,11 +135,18 @@ class Gateway:
         """``address_policy``: which addresses announced URLs may reach
         (default: public ones and ``config.announce_allow``);
         ``url_ssl_context``: verifies https announced URLs (default: the
-        system's CAs)."""
+        system's CAs).
+
+        ConfigError if ``config.certfile``/``keyfile`` cannot be loaded (it
+        names the file and OpenSSL's reason)."""
         self.config = config
+        self._tls: ServerTLS | None = None
+        if config.certfile is not None and config.keyfile is not None:
+            self._tls = ServerTLS(config.certfile, config.keyfile)
         self.auth = auth
         self.registry: Registry = registry if registry is not None else InMemoryRegistry()
         policy = address_policy or AddressPolicy(parse_networks(config.announce_allow))
+        self._trusted_proxies = parse_networks(config.trusted_proxies, "--trusted-proxy")
         self.announcements = Announcements(
             self.registry,
             auth,
@@ -143,6 +167,29 @@ class Gateway:
         self.admin_app = make_admin_app(self)
 
     @property
+    def scheme(self) -> str:
+        """``https`` with TLS, else ``http``: what the data plane tells upstreams
+        in X-Forwarded-Proto, and what its URLs start with."""
+        return "http" if self._tls is None else "https"
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The one server context both surfaces wrap new connections with."""
+        return None if self._tls is None else self._tls.context
+
+    def reload_tls(self) -> None:
+        """Read ``--certfile``/``--keyfile`` again (the CLI does on SIGHUP): new
+        TLS connections on both surfaces get the new certificate, established
+        ones (agent tunnels included) are untouched.
+
+        Raises ConfigError if TLS is off, or if the files cannot be loaded:
+        then the current certificate stays in use."""
+        if self._tls is None:
+            raise ConfigError("no certificate to reload: the gateway runs without --certfile")
+        self._tls.reload()
+        log.info("TLS certificate reloaded from %s", self._tls.certfile)
+
+    @property
     def idle_timeout(self) -> float:
         return self.config.idle_timeout
 
@@ -157,6 +204,17 @@ class Gateway:
     @property
     def domains(self) -> tuple[str, ...]:
         return self.config.domains
+
+    def trusts_proxy(self, client: str | None) -> bool:
+        if client is None or not self._trusted_proxies:
+            return False
+        try:
+            address = ipaddress.ip_address(client.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # (a dual-stack listener's IPv4 peer)
+        return any(address in network for network in self._trusted_proxies)
 
     # -- agent tunnels ------------------------------------------------------------
     def admit_agent(
@@ -265,7 +323,7 @@ class Gateway:
                 sock.close()
             raise
         self.urls = [socket_url(sock, self.scheme) for sock in data]
-        self.admin_urls = [socket_url(sock) for sock in admin]
+        self.admin_urls = [socket_url(sock, self.scheme) for sock in admin]
         admin_stop = trio.Event()
         admin_done = trio.Event()
 
@@ -276,6 +334,8 @@ class Gateway:
                     admin,
                     graceful_timeout=cfg.graceful_timeout,
                     shutdown_trigger=admin_stop.wait,
+                    tls=self.tls_context,
+                    handshake_timeout=cfg.handshake_timeout,
                     task_status=task_status,
                 )
             finally:
@@ -288,7 +348,8 @@ class Gateway:
             nursery.start_soon(self.announcements.prune_idle)
             self._heartbeats = scheduler
             self._service_nursery = nursery
-            await nursery.start(Listener(self).serve, data)
+            listener = Listener(self, tls=self.tls_context, handshake_timeout=cfg.handshake_timeout)
+            await nursery.start(listener.serve, data)
             if admin:
                 await nursery.start(run_admin)
             else:

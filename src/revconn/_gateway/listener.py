@@ -2,15 +2,17 @@
 
 A thin adapter, as hypercorn's ``trio/tcp_server.py`` is around its protocol
 layer: listening sockets (TCP_NODELAY, TCP_USER_TIMEOUT, a large backlog), trio's
-accept loop, one task per connection running :class:`HttpConnection`, and the
-hand-over of a connection that became an agent's WebSocket to the gateway.
-A bug in one connection is logged and costs that connection only.
+accept loop, one task per connection running :class:`HttpConnection` (after
+the TLS handshake, with ``--certfile``), and the hand-over of a connection
+that became an agent's WebSocket to the gateway. A bug in one connection is
+logged and costs that connection only.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -20,6 +22,7 @@ from .._errors import ConfigError
 from .._runtime.transport import MessageTransport
 from .exchange import DataPlane, HttpConnection
 from .replies import format_peer
+from .tls import AcceptedStream, TLSConnection
 
 __all__ = ["AgentHost", "Listener", "listen_all", "parse_bind", "socket_url"]
 
@@ -39,10 +42,23 @@ class Listener:
     """Serves the data plane on listening sockets until cancelled. During a
     graceful shutdown it keeps accepting, so that new agents and requests get
     a clear 503 (and ``/healthz`` says ``shutting_down``) rather than a refused
-    connection."""
+    connection.
 
-    def __init__(self, host: AgentHost) -> None:
+    With ``tls`` every connection starts with a TLS handshake (server side),
+    which must complete within ``handshake_timeout``; one that fails or is
+    too slow (a plain-HTTP client, a scanner) closes that connection only.
+    """
+
+    def __init__(
+        self,
+        host: AgentHost,
+        *,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
         self.host = host
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
 
     async def serve(
         self,
@@ -61,13 +77,19 @@ class Listener:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, tcp: trio.SocketStream) -> None:
         try:
-            peer = stream.socket.getpeername()
+            peer = tcp.socket.getpeername()
         except OSError:
             peer = None
         remote = format_peer(peer)
+        stream: AcceptedStream = tcp
         try:
+            if self.tls is not None:
+                tls = await self._tls_handshake(tcp, self.tls, remote)
+                if tls is None:
+                    return
+                stream = tls
             tunnel = await self._http(stream, str(peer[0]) if peer else None)
             if tunnel is not None:
                 # An agent: its WebSocket outlives the HTTP state, which _http
@@ -83,8 +105,25 @@ class Listener:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
+    async def _tls_handshake(
+        self, tcp: trio.SocketStream, context: ssl.SSLContext, remote: str
+    ) -> TLSConnection | None:
+        """The connection after its TLS handshake; None (the caller closes the
+        socket) if the handshake failed or took longer than the timeout."""
+        tls = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
+        with trio.move_on_after(self.handshake_timeout) as scope:
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                log.debug("TLS handshake with %s failed: %s", remote, exc.__cause__ or exc)
+                return None
+        if scope.cancelled_caught:
+            log.debug("TLS handshake with %s: none within %g s", remote, self.handshake_timeout)
+            return None
+        return TLSConnection(tls)
+
     async def _http(
-        self, stream: trio.SocketStream, client: str | None
+        self, stream: AcceptedStream, client: str | None
     ) -> tuple[str, MessageTransport] | None:
         """HTTP/1.1 on the connection until it ends or becomes an agent tunnel."""
         conn = HttpConnection(self.host, stream, client)

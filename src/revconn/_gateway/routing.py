@@ -37,6 +37,7 @@ __all__ = [
     "dispatch",
     "forward",
     "public_urls",
+    "public_view",
     "route",
 ]
 
@@ -159,6 +160,28 @@ def route(path: bytes, query: bytes) -> Route | Reply:
     return Route(name, b"/" + rest + (b"?" + query if query else b""), f"/a/{name}")
 
 
+def public_view(
+    headers: Iterable[tuple[bytes, bytes]], scheme: str, *, trusted: bool
+) -> tuple[str, bytes | None]:
+    """(scheme, host) the public used to reach the gateway: the connection's
+    own, or what a trusted proxy says (X-Forwarded-Proto / -Host, the last)."""
+    host: bytes | None = None
+    said_proto: bytes | None = None
+    said_host: bytes | None = None
+    for name, value in headers:
+        if name == b"host" and host is None:
+            host = value
+        elif name == b"x-forwarded-proto":
+            said_proto = value.strip().lower()
+        elif name == b"x-forwarded-host":
+            said_host = value.strip()
+    if trusted:
+        if said_proto in (b"http", b"https"):
+            scheme = said_proto.decode("ascii")
+        host = said_host or host
+    return scheme, host
+
+
 def public_urls(name: str, host: bytes | None, domains: Sequence[str], scheme: str) -> list[str]:
     """The URLs that reach agent ``name``, for a gateway reached at ``host``
     (the Host its agent dialed): ``NAME.DOMAIN`` per domain (the same port),
@@ -214,10 +237,12 @@ def forward(
     *,
     client: str | None,
     proto: str,
+    trusted: bool = False,
 ) -> Forward | Reply:
     """Where a routed public request goes, or the reply that answers it
     instead (503 ``agent_offline``). The agent is looked up through the
-    Registry interface only. ``headers`` are lower-cased."""
+    Registry interface only. ``headers`` are lower-cased; ``trusted``: they
+    come from a ``--trusted-proxy`` (its X-Forwarded-* are believed)."""
     session = registry.lookup(found.name)
     if session is None or not session.accepting:
         return agent_offline(found.name)
@@ -228,7 +253,12 @@ def forward(
             host = value
             break
     forwarded = forwarded_request_headers(
-        items, client=client, proto=proto, host=host or None, prefix=found.prefix or None
+        items,
+        client=client,
+        proto=proto,
+        host=host or None,
+        prefix=found.prefix or None,
+        trusted=trusted,
     )
     # The gateway answers Expect: 100-continue itself, and frames the body itself.
     forwarded = [(n, v) for n, v in forwarded if n not in _NOT_FORWARDED]

@@ -1,10 +1,12 @@
 """The server side of an agent's WebSocket on the data plane: wsproto
 over a trio stream, as a :class:`~revconn._runtime.transport.MessageTransport`.
 
-The opening handshake is answered by the listener's h11 connection (a 101
-response); after it the socket belongs to this transport. One object per
-agent, no task of its own: the tunnel's reader calls ``receive_message`` and
-its flush calls ``send_message``.
+The opening handshake is answered by the data plane's exchange (a 101
+response); after it the connection (TCP, or TLS after its handshake) belongs
+to this transport. One object per agent, no task of its own: the tunnel's
+reader calls ``receive_message`` and its flush calls ``send_message``; writes
+go through ``fastpath.send_all`` (``os.write`` on plain TCP only, the TLS
+stream's own send otherwise).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .._errors import ConnectionLost
 from .._runtime import wsmask
 from .._runtime.fastpath import WriteLock, send_all
 from .replies import Reply, json_reply
+from .tls import AcceptedStream
 
 __all__ = ["WebSocketTransport", "upgrade_response"]
 
@@ -62,7 +65,7 @@ class WebSocketTransport:
 
     __slots__ = ("_buffer", "_closed", "_send_lock", "_stream", "_ws", "max_message_size")
 
-    def __init__(self, stream: trio.SocketStream, trailing_data: bytes, max_message_size: int):
+    def __init__(self, stream: AcceptedStream, trailing_data: bytes, max_message_size: int):
         self._stream = stream
         self._ws = Connection(ConnectionType.SERVER, trailing_data=trailing_data)
         wsmask.enable(self._ws)  # unmasks what the agent sends

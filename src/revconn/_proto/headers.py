@@ -91,13 +91,18 @@ def forwarded_request_headers(
     host: bytes | None,
     prefix: str | None,
     via: bytes = b"1.1 revconn",
+    trusted: bool = False,
 ) -> Headers:
     """The end-to-end request headers plus X-Forwarded-* and Via, as the gateway sends them.
 
-    ``X-Forwarded-For`` gets the client appended to any existing chain;
-    ``X-Forwarded-Proto``, ``X-Forwarded-Host`` and ``X-Forwarded-Prefix`` are
-    replaced with the gateway's view (a client cannot spoof them; no prefix:
-    none is sent); ``Via`` is appended.
+    From an untrusted client, ``X-Forwarded-For`` is the client alone and
+    ``X-Forwarded-Proto`` / ``-Host`` are the gateway's view (``proto``,
+    ``host``): nothing the client says is believed. From a ``trusted`` proxy
+    (``--trusted-proxy``), its ``X-Forwarded-For`` chain is kept with the
+    proxy appended, and its ``X-Forwarded-Proto`` (``http``/``https``) and
+    ``X-Forwarded-Host`` (the last of each) replace the gateway's view.
+    ``X-Forwarded-Prefix`` is always the gateway's (none when ``prefix`` is
+    empty); ``Via`` is appended.
     """
     replaced = (
         b"x-forwarded-for",
@@ -110,7 +115,15 @@ def forwarded_request_headers(
     # upstreams fold "x_forwarded_for" and "x-forwarded-for" into one
     # variable, which would let a client spoof the chain added here.
     out = [(n, v) for n, v in clean_headers(headers) if 95 not in n]
-    chain = [v for n, v in out if n == b"x-forwarded-for"]
+    chain: list[bytes] = []
+    if trusted:
+        chain = [v for n, v in out if n == b"x-forwarded-for"]
+        said_proto = [v.lower() for n, v in out if n == b"x-forwarded-proto"]
+        if said_proto and said_proto[-1] in (b"http", b"https"):
+            proto = said_proto[-1].decode("ascii")
+        said_host = [v for n, v in out if n == b"x-forwarded-host"]
+        if said_host and said_host[-1]:
+            host = said_host[-1]
     existing_via = [v for n, v in out if n == b"via"]
     out = [(n, v) for n, v in out if n not in replaced]
     if client:

@@ -51,11 +51,19 @@ class WriteLock:
         self._lock.release()
 
 
-async def send_all(stream: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
+async def send_all(stream: trio.abc.SendStream, data: bytes | bytearray | memoryview) -> None:
     """``stream.send_all(data)``, without a schedule point when the kernel takes
     all of ``data`` at once (the usual case for a response head or a tunnel
     message); the rest, if any, goes through trio's send (waits for the socket
-    to drain). Callers serialise their writes (a WriteLock)."""
+    to drain). Callers serialise their writes (a WriteLock).
+
+    Only a plain ``trio.SocketStream`` is written to with ``os.write`` on its
+    file descriptor; any other stream (TLS above all: its socket carries
+    records, and plaintext written there would corrupt the session) is sent
+    to with its own ``send_all``."""
+    if type(stream) is not trio.SocketStream:
+        await stream.send_all(data)
+        return
     await trio.lowlevel.checkpoint_if_cancelled()
     fd = stream.socket.fileno()
     try:
@@ -74,7 +82,8 @@ class FastSendStream(trio.abc.HalfCloseableStream):
     """A SocketStream whose ``send_all`` is :func:`send_all`: for a library that
     writes through a trio Stream (the agent's trio-websocket), a message the
     kernel takes whole costs no schedule point. Everything else is the
-    wrapped stream's; the library serialises its own sends."""
+    wrapped stream's; the library serialises its own sends. Plain TCP only
+    (the annotation says so): a TLS stream is used as it is."""
 
     __slots__ = ("stream",)
 
