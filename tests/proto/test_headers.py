@@ -90,17 +90,63 @@ def test_forwarded_headers(headers: list[tuple[bytes, bytes]], proto: str) -> No
     assert d[b"via"][0].endswith(b"1.1 revconn")
 
 
-def test_forwarded_for_appends_to_chain() -> None:
+def test_an_untrusted_client_cannot_spoof_forwarded_headers() -> None:
     out = forwarded_request_headers(
-        [(b"X-Forwarded-For", b"203.0.113.1"), (b"X-Forwarded-Prefix", b"/evil")],
+        [
+            (b"X-Forwarded-For", b"203.0.113.1"),
+            (b"X-Forwarded-Prefix", b"/evil"),
+            (b"X-Forwarded-Proto", b"https"),
+            (b"X-Forwarded-Host", b"evil.example"),
+        ],
         client="10.0.0.2",
         proto="http",
-        host=None,
+        host=b"gw.example",
         prefix="/a/svc",
     )
-    assert (b"x-forwarded-for", b"203.0.113.1, 10.0.0.2") in out
-    assert (b"x-forwarded-prefix", b"/a/svc") in out
-    assert (b"x-forwarded-prefix", b"/evil") not in out
+    forwarded = [(n, v) for n, v in out if n.startswith(b"x-forwarded-")]
+    assert forwarded == [
+        (b"x-forwarded-for", b"10.0.0.2"),
+        (b"x-forwarded-proto", b"http"),
+        (b"x-forwarded-host", b"gw.example"),
+        (b"x-forwarded-prefix", b"/a/svc"),
+    ]
+
+
+def test_a_trusted_proxy_is_believed() -> None:
+    """Behind Caddy or nginx terminating TLS: the app sees https, the public
+    host and the real client chain."""
+    out = forwarded_request_headers(
+        [
+            (b"X-Forwarded-For", b"198.51.100.9"),
+            (b"X-Forwarded-For", b"203.0.113.1"),
+            (b"X-Forwarded-Proto", b"HTTPS"),
+            (b"X-Forwarded-Host", b"laptop.example.com"),
+            (b"X-Forwarded-Prefix", b"/evil"),
+        ],
+        client="10.0.0.2",
+        proto="http",
+        host=b"gw.internal:8080",
+        prefix=None,
+        trusted=True,
+    )
+    forwarded = [(n, v) for n, v in out if n.startswith(b"x-forwarded-")]
+    assert forwarded == [
+        (b"x-forwarded-for", b"198.51.100.9, 203.0.113.1, 10.0.0.2"),
+        (b"x-forwarded-proto", b"https"),
+        (b"x-forwarded-host", b"laptop.example.com"),
+    ]
+
+
+def test_a_trusted_proxys_odd_proto_is_not_believed() -> None:
+    out = forwarded_request_headers(
+        [(b"X-Forwarded-Proto", b"gopher")],
+        client="10.0.0.2",
+        proto="https",
+        host=None,
+        prefix=None,
+        trusted=True,
+    )
+    assert (b"x-forwarded-proto", b"https") in out
 
 
 def _reference_clean(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
