@@ -23,6 +23,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 
+from .._proto.rules import valid_agent_name
 from .auth import AuthPolicy, Scope, bearer_credential
 from .registry import Registry
 from .replies import Reply, json_reply, unauthorized
@@ -41,6 +42,9 @@ class AdminHost(Protocol):
 
     @property
     def shutting_down(self) -> bool: ...
+
+    @property
+    def domains(self) -> tuple[str, ...]: ...
 
 
 def make_admin_app(host: AdminHost) -> QuartTrio:
@@ -62,6 +66,23 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
             return _quart(unauthorized())
         rows = await host.registry.snapshot()
         return _quart(json_reply(200, {"endpoints": [row.to_json() for row in rows]}))
+
+    @app.get("/tls-ask")
+    async def tls_ask() -> Response:
+        """Caddy's on-demand TLS "ask" (docs/caddy/Caddyfile): may a
+        certificate be issued for ``?domain=``? Yes for a ``--domain`` and for
+        ``NAME.DOMAIN`` of an agent online now; no otherwise, so strangers
+        cannot make the TLS proxy request certificates for random names."""
+        name = request.args.get("domain", "").lower().removesuffix(".")
+        for domain in host.domains:
+            label = name.removesuffix("." + domain)
+            if name == domain or (
+                label != name
+                and valid_agent_name(label)
+                and host.registry.lookup(label) is not None
+            ):
+                return _quart(json_reply(200, {"domain": name, "allowed": True}))
+        return _quart(json_reply(404, {"domain": name, "allowed": False}))
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Response:
