@@ -10,6 +10,7 @@ listeners on port 0) and stops by itself.
     python benchmarks/forwarding.py --peer-localtunnel ../shared/peers   # and localtunnel
     python benchmarks/forwarding.py --peer-localtunnel ../shared/peers --only-peer --seconds 3
     python benchmarks/forwarding.py --announced         # and agents in announce mode
+    python benchmarks/forwarding.py --tls               # and the data plane over TLS
 
 This tree is measured on its one data plane (``revconn-gateway --bind``: agents on
 /ws/connect and /a/NAME/... on one lean trio listener; ``--admin-bind`` on port 0).
@@ -105,12 +106,15 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def wait_http(url: str, timeout: float = 15) -> None:
+    import ssl
     import urllib.request
 
+    # (the --tls front's certificate is the benchmark's own: not verified here)
+    unverified = ssl._create_unverified_context()
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2, context=unverified) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -323,6 +327,22 @@ def start_gateway(
     return proc, url
 
 
+def certificates(workdir: Path) -> tuple[Path, Path, Path]:
+    """A trustme CA and a certificate for 127.0.0.1 in ``workdir`` (once)."""
+    cert, key, ca = workdir / "cert.pem", workdir / "key.pem", workdir / "ca.pem"
+    if not cert.exists():
+        import trustme
+
+        authority = trustme.CA()
+        issued = authority.issue_cert("127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        for extra in issued.cert_chain_pems[1:]:
+            extra.write_to_path(str(cert), append=True)
+        issued.private_key_pem.write_to_path(str(key))
+        authority.cert_pem.write_to_path(str(ca))
+    return cert, key, ca
+
+
 def wrk(url: str, conns: int, seconds: int, host: str | None = None) -> dict[str, float]:
     """One wrk run; ``host``, if given, is sent as the Host header (localtunnel)."""
     out = subprocess.run(
@@ -386,6 +406,7 @@ def curl_upload(
             "/dev/null",
             "-w",
             "%{speed_upload} %{http_code}",
+            "-k",  # (the --tls front's own certificate)
             *(["-H", f"Host: {host}"] if host else []),
             *(["--max-time", str(max_time)] if max_time else []),
             "--data-binary",
@@ -465,6 +486,12 @@ def main() -> None:
         help="also measure this tree with agents in announce mode (--tunnel-url: the "
         "gateway connects to the upstream itself, no tunnel), same interleaved loop",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also measure this tree with the gateway serving HTTPS/WSS (--certfile/--keyfile, "
+        "a trustme certificate) and agents dialing wss://, same interleaved loop",
+    )
     args = parser.parse_args()
     if args.only_peer and args.peer_localtunnel is None:
         parser.error("--only-peer needs --peer-localtunnel DIR")
@@ -517,17 +544,29 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     na: dict[tuple[str, str], str] = {}
 
     def open_front(
-        code: Code, front: str, title: str, with_upload: bool, *, announced: bool = False
+        code: Code,
+        front: str,
+        title: str,
+        with_upload: bool,
+        *,
+        announced: bool = False,
+        tls: bool = False,
     ) -> Front:
         """A gateway and its agents "bench" (nginx) and "upload" (hypercorn):
         tunnel agents, or with ``announced`` agents that announce the upstream's
-        URL (--tunnel-url; the gateway then connects to it itself)."""
-        extra = ("--announce-allow", "127.0.0.0/8") if announced else ()
+        URL (--tunnel-url; the gateway then connects to it itself); with
+        ``tls`` the gateway serves HTTPS/WSS and agents dial wss://."""
+        extra: tuple[str, ...] = ("--announce-allow", "127.0.0.0/8") if announced else ()
+        agent_tls: list[str] = []
+        if tls:
+            cert, key, ca = certificates(workdir)
+            extra = (*extra, "--certfile", str(cert), "--keyfile", str(key))
+            agent_tls = ["--ca-file", str(ca)]
         gateway, url = start_gateway(code, front, extra)
 
         def agent(name: str, upstream: str) -> subprocess.Popen[str]:
             mode = ["--tunnel-url", upstream] if announced else ["--upstream", upstream]
-            cmd = [*code.agent, "serve", "--gateway", url, "--name", name, *mode]
+            cmd = [*code.agent, "serve", "--gateway", url, "--name", name, *mode, *agent_tls]
             return start([*cmd, "--log-level", "warning"], code.env)
 
         bench = agent("bench", nginx_url)
@@ -564,6 +603,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     if args.announced:
         title = "this tree, announced URL (--tunnel-url)"
         fronts["url"] = open_front(this_tree(), "lean", title, True, announced=True)
+    if args.tls:
+        title = "this tree, data plane over TLS"
+        fronts["tls"] = open_front(this_tree(), "lean", title, True, tls=True)
     if old is not None:
         lean = "public listener" if old.layout == PUBLIC_BIND else "data plane"
         fronts["old"] = open_front(old, "lean", f"{old.label}, {lean}", True)
@@ -657,6 +699,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     compare = f" --compare {args.compare}" if args.compare else ""
     compare += " --announced" if args.announced else ""
+    compare += " --tls" if args.tls else ""
     if has_lt:
         compare += f" --peer-localtunnel {args.peer_localtunnel}"
         compare += " --only-peer" if args.only_peer else ""

@@ -21,6 +21,7 @@ N=10,000.
 
     python benchmarks/idle_agents.py --n 1000 --n 10000
     python benchmarks/idle_agents.py --n 1000 --n 10000 --compare 524843f
+    python benchmarks/idle_agents.py --n 1000 --tls     # and this tree over TLS (wss://)
 
 Bounded: every phase has a deadline; all processes are killed at the end.
 """
@@ -32,6 +33,7 @@ import json
 import os
 import resource
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -92,6 +94,8 @@ def run_clients(url: str, prefix: str, count: int, tunnel: bool) -> None:
     from revconn._proto.session import Role, TunnelSession
 
     connected = 0
+    ca = os.environ.get("REVCONN_BENCH_CA")
+    context = ssl.create_default_context(cafile=ca) if ca else None
 
     async def one(i: int, sem: trio.Semaphore) -> None:
         nonlocal connected
@@ -102,6 +106,7 @@ def run_clients(url: str, prefix: str, count: int, tunnel: bool) -> None:
                 extra_headers=[(b"authorization", f"Bearer {SECRET}".encode())],
                 connect_timeout=60,
                 subprotocols=["revconn.v2"],  # (a gateway of protocol v1 ignores it)
+                ssl_context=context,
             )
             ws = await ws_cm.__aenter__()
             session = TunnelSession(Role.AGENT)
@@ -165,7 +170,8 @@ def wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
 
 def endpoints_count(url: str) -> int:
     req = urllib.request.Request(url + "/endpoints", headers={"Authorization": f"Bearer {SECRET}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
+    unverified = ssl._create_unverified_context()  # (the --tls server's own certificate)
+    with urllib.request.urlopen(req, timeout=30, context=unverified) as r:
         return len(json.load(r)["endpoints"])
 
 
@@ -194,6 +200,7 @@ class Server:
     cmd: list[str]
     layout: str  # BASELINE, DATA_PLANE or PUBLIC_BIND
     env: dict[str, str] = field(default_factory=dict)
+    client_env: dict[str, str] = field(default_factory=dict)
 
 
 def gateway_server(name: str, gateway: list[str], layout: str, env: dict[str, str]) -> Server:
@@ -224,7 +231,10 @@ def measure(spec: Server, n: int, client_procs: int) -> dict[str, float]:
         t0 = time.perf_counter()
         for i, count in enumerate(per):
             clients.append(
-                start([sys.executable, str(HERE), "_clients", dial, f"c{i}", str(count), mode])
+                start(
+                    [sys.executable, str(HERE), "_clients", dial, f"c{i}", str(count), mode],
+                    spec.client_env,
+                )
             )
         # Wait until every client reports all its agents connected.
         deadline = time.monotonic() + 600
@@ -272,6 +282,11 @@ def main() -> None:
     parser.add_argument(
         "--compare", metavar="REV", help="also measure git revision REV's lean listener"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also measure this tree serving wss:// (--certfile/--keyfile, a trustme certificate)",
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -282,6 +297,15 @@ def main() -> None:
             Server("baseline", [sys.executable, str(HERE), "_baseline"], BASELINE),
             gateway_server("revconn", [gateway], DATA_PLANE, {}),
         ]
+        if args.tls:
+            sys.path.insert(0, str(HERE.parent))
+            from forwarding import certificates
+
+            cert, key, ca = certificates(Path(tmp))
+            tls = gateway_server("revconn over TLS", [gateway], DATA_PLANE, {})
+            tls.cmd += ["--certfile", str(cert), "--keyfile", str(key)]
+            tls.client_env = {"REVCONN_BENCH_CA": str(ca)}
+            specs.append(tls)
         if args.compare:
             # One place reads a revision's CLI layout and entry points: forwarding.py.
             sys.path.insert(0, str(HERE.parent))
@@ -295,6 +319,7 @@ def main() -> None:
 
 def report(specs: list[Server], counts: list[int], client_procs: int, compare: str | None) -> None:
     flags = " ".join(f"--n {n}" for n in counts) + (f" --compare {compare}" if compare else "")
+    flags += " --tls" if any(s.name == "revconn over TLS" for s in specs) else ""
     print(f"# idle agents: python {Path(*HERE.parts[-2:])} {flags}")
     print(
         "| N | server | RSS before (MiB) | RSS after (MiB) | KiB/agent | connects/s | /endpoints p50 / p95 (ms) |"
