@@ -146,6 +146,7 @@ class _InFlight:
         "request_done",
         "retried",
         "scope",
+        "session",
         "stop_upload",
         "stream",
         "switch",
@@ -158,6 +159,7 @@ class _InFlight:
     def __init__(self, stream: RequestStream, outbound: Forward, head: RequestHead) -> None:
         self.stream = stream
         self.forward = outbound
+        self.session = outbound.session
         self.name = outbound.name
         self.head = head
         self.head_bytes = b""
@@ -185,6 +187,13 @@ class _InFlight:
         self.timeout = (
             math.inf if upstream is None or upstream.timeout is None else upstream.timeout
         )
+
+    def spend(self) -> None:
+        """(a WebSocket after its 101) Drop what only HTTP needed: the request
+        as parsed and as sent."""
+        self.head = _SPENT_HEAD
+        self.forward = _SPENT_FORWARD
+        self.head_bytes = b""
 
     @property
     def send_allowance(self) -> float:
@@ -283,7 +292,7 @@ class HttpConnection:
         return self._tunnel
 
     async def _read_loop(self) -> None:
-        event: RequestHead | Body | EndOfMessage | None = None
+        event: RequestHead | Body | EndOfMessage | _Switched | None = None
         while True:
             try:
                 if event is None:
@@ -300,6 +309,9 @@ class HttpConnection:
                 if not isinstance(event, RequestHead):
                     raise AssertionError(event)  # noqa: TRY004  (bodies are read by _upload)
                 event = await self._request(event)
+                if event is _SWITCHED:
+                    await self._pipe_upload()
+                    return
                 if self._closing:
                     return
             except ParseError as exc:
@@ -358,7 +370,9 @@ class HttpConnection:
                 json_reply(exc.status, {"error": error, "detail": exc.detail}), close=True
             )
 
-    async def _request(self, head: RequestHead) -> RequestHead | Body | EndOfMessage | None:
+    async def _request(
+        self, head: RequestHead
+    ) -> RequestHead | Body | EndOfMessage | _Switched | None:
         """Forward one request; returns the connection's next event if it was
         read while watching for the client going away."""
         self._method = head.method
@@ -461,28 +475,32 @@ class HttpConnection:
         if exchange.done:
             return None
         if exchange.switch is not None:
-            await self._pipe_upload(exchange)
-            return None
+            return _SWITCHED  # the read loop pipes (this frame's locals are not kept)
         event = await self._next_event()
         if event is None and not exchange.done:
             self._client_gone(exchange)
             raise trio.BrokenResourceError("client closed the connection")
         return event  # the next (pipelined) request, or None: closed after the response
 
-    async def _pipe_upload(self, exchange: _InFlight) -> None:
+    async def _pipe_upload(self) -> None:
         """A WebSocket handshake is out: if the upstream switches (101), the
         client's bytes go up the stream as they come, unparsed, until either
         side ends; otherwise its answer is relayed and the connection closes.
         The client must wait for the 101 before it sends (RFC 6455 4.1): until
         then nothing is read."""
-        assert exchange.switch is not None
+        exchange = self._exchange
+        assert exchange is not None and exchange.switch is not None
         await exchange.switch.wait()
         if not exchange.switched:
             await self._cycle_done.wait()
             return
         stream = exchange.stream
+        # Nothing parses this connection again: its HTTP state goes (an idle
+        # WebSocket keeps only the pipe).
+        trailing = self.parser.upgrade_trailing
+        self.parser = _SPENT
+        exchange.spend()
         try:
-            trailing = self.parser.upgrade_trailing
             if trailing:
                 await stream.send_body(trailing)
             while True:
@@ -724,6 +742,8 @@ class HttpConnection:
         try:
             with exchange.scope:
                 reusable = await self._relay_response(exchange)
+                if exchange.switched:
+                    await self._pipe_download(exchange)
             if exchange.scope.cancelled_caught and not exchange.gone:
                 if exchange.waiting_on_client:
                     log.info("agent %r: client stopped reading the response", exchange.name)
@@ -737,7 +757,7 @@ class HttpConnection:
             if exchange.upload_wait is not None:
                 exchange.upload_wait.cancel()
             reusable = reusable and exchange.request_done
-            exchange.forward.session.release(exchange.stream, reusable=reusable)
+            exchange.session.release(exchange.stream, reusable=reusable)
             self._cycle_done.set()
 
     async def _relay_response(self, exchange: _InFlight) -> bool:
@@ -805,8 +825,8 @@ class HttpConnection:
                 return upstream_keeps and not parser.stray
             elif isinstance(event, ResponseHead):
                 if event.status == 101 and exchange.switch is not None:
-                    await self._pipe_download(exchange, event, out, parser.upgrade_trailing)
-                    return False
+                    await self._switch(exchange, event, out, parser.upgrade_trailing)
+                    return False  # _relay pipes (this frame and its parser are not kept)
                 if event.status == 101:
                     # No Upgrade was forwarded: a switch nobody asked for.
                     log.info("agent %r: unrequested 101 from the upstream", name)
@@ -830,18 +850,15 @@ class HttpConnection:
             else:
                 raise AssertionError(event)  # noqa: TRY004
 
-    async def _pipe_download(
+    async def _switch(
         self,
         exchange: _InFlight,
         head: ResponseHead,
         out: list[bytes],
         trailing: bytes | None,
     ) -> None:
-        """The upstream switched to WebSocket: its 101 goes to the client, then
-        the stream's bytes as they come, unparsed (frames, pings, close frames
-        and extensions are end to end), until either side ends. Then the
-        connection closes: an agent lost mid-message cannot be given a close
-        frame, so the client sees its TCP connection end."""
+        """The upstream switched to WebSocket: its 101 (and any bytes after it)
+        go to the client, and the reader may start piping the other way."""
         headers = [*clean_headers(head.headers), *_WEBSOCKET_UPGRADE]
         out.append(response_head(101, head.reason or b"Switching Protocols", headers))
         if trailing:
@@ -851,18 +868,23 @@ class HttpConnection:
         exchange.timeout = math.inf  # a WebSocket may be silent for hours
         assert exchange.switch is not None
         exchange.switch.set()
+        await self._write_response(exchange, out)
+
+    async def _pipe_download(self, exchange: _InFlight) -> None:
+        """After the 101: the stream's bytes go to the client as they come,
+        unparsed (frames, pings, close frames and extensions are end to end),
+        until either side ends. Then the connection closes: an agent lost
+        mid-message cannot be given a close frame, so the client sees its TCP
+        connection end."""
         stream = exchange.stream
         try:
             while True:
-                if out:
-                    await self._write_response(exchange, out)
-                    out = []
                 exchange.waiting_on_client = False
                 exchange.scope.deadline = math.inf
                 data = await stream.read()
                 if data is None:
                     break  # the upstream closed its side
-                out.append(data)
+                await self._write_response(exchange, [data])
         except StreamError as exc:
             log.info("agent %r: WebSocket ended by the tunnel: %s", exchange.name, exc)
         self._abort()
@@ -1010,3 +1032,14 @@ def _refused_upgrade(head: RequestHead, decision: object) -> Reply | None:
         detail = "a WebSocket handshake has no body"
         return json_reply(400, {"error": "bad_websocket_handshake", "detail": detail})
     return None
+
+
+class _Switched:
+    """``_request``'s answer when the connection became a WebSocket pipe."""
+
+
+_SWITCHED = _Switched()
+_SPENT = RequestParser(max_head=1)
+"""The parser of a connection nothing parses any more (a WebSocket pipe)."""
+_SPENT_HEAD = RequestHead(b"GET", b"/", b"1.1", [], False, False, False, True)
+_SPENT_FORWARD = Forward("", None, b"", b"", b"", [])  # type: ignore[arg-type]
