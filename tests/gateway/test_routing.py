@@ -126,6 +126,29 @@ def test_host_routing_refuses_with_a_400(hosts: list[bytes], word: str) -> None:
     assert word in body["detail"]
 
 
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        # Absolute form: the authority is the host, the path the target
+        # (RFC 9112 3.2.2), whatever the Host header says.
+        (b"http://web.t.test/x?y", Route("web", b"/x?y")),
+        (b"HTTPS://Web.T.Test:8443", Route("web", b"/")),
+        (b"http://t.test/a/web/z", Route("web", b"/z", "/a/web")),
+        (b"http://other.test/healthz", Target.HEALTH),
+    ],
+)
+def test_absolute_form_targets(target: bytes, expected: object) -> None:
+    assert dispatch(target, [b"evil.t.test"], DOMAINS) == expected
+
+
+@pytest.mark.parametrize(
+    "target", [b"ftp://web.t.test/", b"http://user@web.t.test/", b"web.t.test:80", b"x"]
+)
+def test_other_target_forms_are_a_400(target: bytes) -> None:
+    reply = dispatch(target, [b"web.t.test"], DOMAINS)
+    assert isinstance(reply, Reply) and reply.status == 400, reply
+
+
 def test_without_domains_hosts_do_not_route() -> None:
     assert dispatch(b"/a/web/", [b"laptop.tunnel.example.com"]) == Route("web", b"/", "/a/web")
     assert dispatch(b"/healthz", []) == Target.HEALTH  # (HTTP/1.0 may omit Host)

@@ -68,6 +68,7 @@ class Route:
     prefix: str = ""
 
 
+_ABSOLUTE = re.compile(rb"(?i:https?)://([^/?#@]*)([/?][^#]*)?")
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{0,5})?")
 _DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
@@ -100,6 +101,12 @@ def dispatch(
     """
     if len(hosts) > 1:
         return bad_host("a request needs exactly one Host header (RFC 9112 3.2)")
+    if target[:1] not in (b"/", b"*"):
+        # Absolute form (RFC 9112 3.2.2): its authority is the host, its path the target.
+        absolute = _ABSOLUTE.fullmatch(target)
+        if absolute is None:
+            return bad_host("the request target must be a path (/...) or an absolute http(s) URL")
+        hosts, target = [absolute.group(1)], absolute.group(2) or b"/"
     if domains:
         if not hosts:
             return bad_host("a Host header is required (RFC 9112 3.2)")
