@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import wrap_client_stream
 
 from ._procs import Proc, executable, free_port
 from .test_e2e import start_agent, start_gateway
@@ -55,17 +55,29 @@ def test_host_routing_and_the_printed_public_urls(procs: list[Proc]) -> None:
 
 
 def test_a_websocket_through_the_real_executables(procs: list[Proc]) -> None:
-    """An --app agent whose app has a WebSocket route (hypercorn's protocol layer)."""
+    """An --app agent whose app has a WebSocket route (hypercorn's protocol
+    layer), by host name and by path."""
     _, url, _ = start_gateway(procs, "--domain", "revconn.test")
     agent = start_agent(procs, url, "ws", "--app", "tests.browser_app:app")
     agent.wait_for("online")
 
-    async def talk() -> list[str]:
-        async with open_websocket_url(url.replace("http", "ws") + "/a/ws/ws") as ws:
+    port = int(url.rsplit(":", 1)[1])
+
+    async def talk(host: str, resource: str) -> list[str]:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        async with tcp, trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(nursery, tcp, host, resource)
             got = []
             for text in ("one", "two"):
                 await ws.send_message(text)
                 got.append(str(await ws.get_message()))
+            await ws.aclose()
             return got
 
-    assert trio.run(talk) == ["pong: one", "pong: two"]
+    async def both() -> list[list[str]]:
+        with trio.fail_after(10):
+            by_host = await talk(f"ws.revconn.test:{port}", "/ws")
+            by_path = await talk(f"127.0.0.1:{port}", "/a/ws/ws")
+        return [by_host, by_path]
+
+    assert trio.run(both) == [["pong: one", "pong: two"]] * 2

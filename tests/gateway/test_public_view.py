@@ -81,3 +81,27 @@ async def test_without_domains_only_the_path_form() -> None:
         async with httpx.AsyncClient() as client:
             r = await client.get(f"{gw.url}/healthz", headers={"Host": "laptop.t.test"})
             assert r.status_code == 200  # no --domain: hosts do not route
+
+
+async def test_tls_ask_allows_the_domain_and_online_agents_only() -> None:
+    async with (
+        running_gateway(domains=("example.com", "t.example.com")) as gw,
+        raw_agent(gw, "laptop"),
+        httpx.AsyncClient(base_url=gw.admin_url) as admin,
+    ):
+        await wait_for(lambda: gw.gateway.registry.lookup("laptop") is not None)
+
+        async def allowed(domain: str) -> bool:
+            r = await admin.get("/tls-ask", params={"domain": domain})
+            assert r.status_code in (200, 404)
+            return r.status_code == 200
+
+        assert await allowed("example.com")
+        assert await allowed("t.example.com")
+        assert await allowed("laptop.example.com")
+        assert await allowed("LAPTOP.t.example.com.")
+        assert not await allowed("nobody.example.com")  # not online
+        assert not await allowed("a.laptop.example.com")
+        assert not await allowed("laptop.example.org")
+        assert not await allowed("\u212aaptop.example.com")  # (Kelvin sign: not ASCII)
+        assert not await allowed("")

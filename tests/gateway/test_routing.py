@@ -131,9 +131,10 @@ def test_host_routing_refuses_with_a_400(hosts: list[bytes], word: str) -> None:
     [
         # Absolute form: the authority is the host, the path the target
         # (RFC 9112 3.2.2), whatever the Host header says.
-        (b"http://web.t.test/x?y", Route("web", b"/x?y")),
-        (b"HTTPS://Web.T.Test:8443", Route("web", b"/")),
-        (b"http://t.test/a/web/z", Route("web", b"/z", "/a/web")),
+        (b"http://web.t.test/x?y", Route("web", b"/x?y", authority=b"web.t.test")),
+        (b"HTTPS://Web.T.Test:8443", Route("web", b"/", authority=b"Web.T.Test:8443")),
+        (b"http://web.t.test?x=1", Route("web", b"/?x=1", authority=b"web.t.test")),
+        (b"http://t.test/a/web/z", Route("web", b"/z", "/a/web", authority=b"t.test")),
         (b"http://other.test/healthz", Target.HEALTH),
     ],
 )
@@ -142,11 +143,46 @@ def test_absolute_form_targets(target: bytes, expected: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "target", [b"ftp://web.t.test/", b"http://user@web.t.test/", b"web.t.test:80", b"x"]
+    "target",
+    [b"ftp://web.t.test/", b"http://user@web.t.test/", b"web.t.test:80", b"x", b"*junk", b"**"],
 )
 def test_other_target_forms_are_a_400(target: bytes) -> None:
     reply = dispatch(target, [b"web.t.test"], DOMAINS)
     assert isinstance(reply, Reply) and reply.status == 400, reply
+
+
+def test_nested_domains_route_to_the_most_specific() -> None:
+    """--domain example.com --domain t.example.com: t.example.com is a bare
+    domain (not agent "t"), alice.t.example.com is agent alice."""
+    nested = ("example.com", "t.example.com")
+    assert dispatch(b"/healthz", [b"t.example.com"], nested) == Target.HEALTH
+    assert dispatch(b"/", [b"alice.t.example.com"], nested) == Route("alice", b"/")
+    assert dispatch(b"/", [b"bob.example.com"], nested) == Route("bob", b"/")
+
+
+def test_an_absolute_form_authority_is_the_public_host() -> None:
+    """Not the Host header (RFC 9112 3.2.2): the upstream sees the authority."""
+    found = dispatch(b"http://web.t.test/x", [b"evil.t.test"], DOMAINS)
+    assert isinstance(found, Route)
+    registry = _Registry({"web": _Session(True)})
+    out = forward(registry, found, b"GET", [(b"host", b"evil.t.test")], client=None, proto="http")  # type: ignore[arg-type]
+    assert not isinstance(out, Reply)
+    assert out.host == b"web.t.test"
+    assert (b"x-forwarded-host", b"web.t.test") in out.headers
+    head = out.head(UpstreamInfo(None, b"", None), framing=[])
+    assert head.startswith(b"GET /x HTTP/1.1\r\nhost: web.t.test\r\n")
+
+
+def test_options_star_goes_to_the_upstreams_prefix() -> None:
+    found = dispatch(b"*", [b"web.t.test"], DOMAINS)
+    assert found == Route("web", b"*")
+    registry = _Registry({"web": _Session(True)})
+    out = forward(
+        registry, found, b"OPTIONS", [(b"host", b"web.t.test")], client=None, proto="http"
+    )  # type: ignore[arg-type]
+    assert not isinstance(out, Reply)
+    assert out.head(UpstreamInfo(None, b"/base", None), framing=[]).startswith(b"OPTIONS /base ")
+    assert out.head(UpstreamInfo(None, b"", None), framing=[]).startswith(b"OPTIONS * ")
 
 
 def test_without_domains_hosts_do_not_route() -> None:

@@ -457,3 +457,104 @@ async def test_gateway_shutdown_lets_websockets_run_through_the_grace_then_close
             gw.gateway.close_all_agents()  # the grace period is over
             with pytest.raises(EOFError):
                 await ws.next()
+
+
+async def silent_service(ws: WS) -> None:
+    await trio.sleep_forever()
+
+
+class Silent(Service):
+    """Reads the handshake and never answers."""
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        ws = WS(stream, ConnectionType.SERVER)
+        try:
+            self.requests.append(await ws.next())  # type: ignore[arg-type]
+            await stream.receive_some(READ)  # until the gateway closes it
+        except (EOFError, trio.BrokenResourceError):
+            pass
+        finally:
+            self.ended.set()
+
+
+async def test_a_client_leaving_during_the_handshake_frees_the_stream_at_once() -> None:
+    """The upstream never answers the handshake (no upstream timeout for a
+    WebSocket here: the agent's default); the client gives up: the upstream
+    connection is closed at once, not held until it answers."""
+    service = Silent()
+    with trio.fail_after(10):
+        async with stack(service) as (gw, port, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            ws = WS(stream, ConnectionType.CLIENT)
+            await ws.send(Request(host="gw.test", target="/a/web/chat"))
+            await wait_for(lambda: len(service.requests) == 1)
+            await stream.aclose()
+            with trio.fail_after(2):
+                await service.ended.wait()
+            session = gw.gateway.registry.lookup("web")
+            assert isinstance(session, Tunnel)
+
+
+def raw_handshake(target: str = "/a/web/chat") -> bytes:
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: gw.test\r\nConnection: Upgrade\r\n"
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ).encode()
+
+
+async def test_bytes_sent_right_after_the_handshake_follow_the_101() -> None:
+    """A client that does not wait for the 101 (RFC 6455 says it should):
+    its first frame is held, then delivered after the switch."""
+    frame = b"\x81\x82\x00\x00\x00\x00hi"  # a masked text frame "hi" (mask 0)
+    with trio.fail_after(10):
+        async with stack() as (_, port, _service):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(raw_handshake() + frame)
+                data = b""
+                while b"hi" not in data.partition(b"\r\n\r\n")[2]:
+                    data += await stream.receive_some(READ)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101 ")
+                assert rest == b"\x81\x02hi"  # the echo, unmasked from the server
+
+
+class NotWebSocket(Service):
+    """Answers the handshake with a 101 that is not a WebSocket's."""
+
+    def __init__(self, answer: bytes) -> None:
+        super().__init__()
+        self.answer = answer
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        await stream.receive_some(READ)
+        await stream.send_all(self.answer)
+        with trio.move_on_after(5):
+            await stream.receive_some(READ)
+        self.ended.set()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Accept: wrong\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ],
+)
+async def test_an_upstream_101_that_is_not_a_websocket_is_a_502(answer: bytes) -> None:
+    import json
+
+    with trio.fail_after(10):
+        async with stack(NotWebSocket(answer)) as (_, port, _service):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(raw_handshake())
+                data = b""
+                while chunk := await stream.receive_some(READ):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 502 "), head
+            assert json.loads(body)["error"] == "upstream_unreachable"

@@ -137,6 +137,34 @@ def test_a_trusted_proxy_is_believed() -> None:
     ]
 
 
+def test_other_forwarding_claims_of_an_untrusted_client_are_dropped() -> None:
+    claims = [
+        (b"Forwarded", b"for=1.2.3.4;proto=https"),
+        (b"X-Forwarded-Port", b"443"),
+        (b"X-Forwarded-Ssl", b"on"),
+        (b"X-Forwarded-Scheme", b"https"),
+        (b"X-Real-IP", b"1.2.3.4"),
+    ]
+    out = forwarded_request_headers(claims, client="10.0.0.2", proto="http", host=None, prefix=None)
+    assert not {n for n, _ in out} & {n.lower() for n, _ in claims}
+    kept = forwarded_request_headers(
+        claims, client="10.0.0.2", proto="http", host=None, prefix=None, trusted=True
+    )
+    assert {n.lower() for n, _ in claims} <= {n for n, _ in kept}
+
+
+def test_a_chain_of_trusted_proxies_the_nearest_proto_wins() -> None:
+    out = forwarded_request_headers(
+        [(b"X-Forwarded-Proto", b"https, http")],
+        client="10.0.0.2",
+        proto="https",
+        host=None,
+        prefix=None,
+        trusted=True,
+    )
+    assert (b"x-forwarded-proto", b"http") in out
+
+
 def test_a_trusted_proxys_odd_proto_is_not_believed() -> None:
     out = forwarded_request_headers(
         [(b"X-Forwarded-Proto", b"gopher")],

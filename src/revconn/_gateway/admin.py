@@ -73,7 +73,10 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
         certificate be issued for ``?domain=``? Yes for a ``--domain`` and for
         ``NAME.DOMAIN`` of an agent online now; no otherwise, so strangers
         cannot make the TLS proxy request certificates for random names."""
-        name = request.args.get("domain", "").lower().removesuffix(".")
+        name = request.args.get("domain", "")
+        if not name.isascii():  # (before lower(): "K" (U+212A) lowercases to "k")
+            return _quart(json_reply(404, {"domain": name, "allowed": False}))
+        name = name.lower().removesuffix(".")
         for domain in host.domains:
             label = name.removesuffix("." + domain)
             if name == domain or (

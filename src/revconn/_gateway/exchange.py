@@ -30,6 +30,7 @@ from typing import NoReturn, Protocol
 
 import attrs
 import trio
+from wsproto.utilities import generate_accept_token
 
 from .. import _codes
 from .._errors import AgentBusy, StreamError
@@ -490,7 +491,7 @@ class HttpConnection:
         then nothing is read."""
         exchange = self._exchange
         assert exchange is not None and exchange.switch is not None
-        await exchange.switch.wait()
+        early = await self._await_switch(exchange)
         if not exchange.switched:
             await self._cycle_done.wait()
             return
@@ -501,8 +502,8 @@ class HttpConnection:
         self.parser = _SPENT
         exchange.spend()
         try:
-            if trailing:
-                await stream.send_body(trailing)
+            if trailing or early:
+                await stream.send_body(trailing + early if trailing else early)
             while True:
                 data = await self.stream.receive_some(READ_SIZE)
                 if not data:
@@ -513,6 +514,36 @@ class HttpConnection:
         # The client closed: the upstream connection is closed at once.
         self._client_gone(exchange)
         raise trio.BrokenResourceError("client closed its WebSocket")
+
+    async def _await_switch(self, exchange: _InFlight) -> bytes:
+        """Wait for the upstream's answer to a WebSocket handshake while
+        watching the client: one that leaves resets the stream at once (its
+        slot and the upstream connection are not held for nothing). Bytes it
+        sends meanwhile (at most READ_SIZE, then it is not read) are returned,
+        to follow the 101 — or dropped with a refusal."""
+        assert exchange.switch is not None
+        early = b""
+        gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal early, gone
+                while len(early) < READ_SIZE:
+                    data = await self.stream.receive_some(READ_SIZE - len(early))
+                    if not data:
+                        gone = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    early += data
+                await trio.sleep_forever()  # enough buffered: backpressure
+
+            nursery.start_soon(watch)
+            await exchange.switch.wait()
+            nursery.cancel_scope.cancel()
+        if gone:
+            self._client_gone(exchange)
+            raise trio.BrokenResourceError("client closed during the WebSocket handshake")
+        return early
 
     def _resume_after_upgrade(self, head: RequestHead) -> None:
         """Go on parsing an upgrade request's body as a plain HTTP body: a
@@ -825,6 +856,13 @@ class HttpConnection:
                 return upstream_keeps and not parser.stray
             elif isinstance(event, ResponseHead):
                 if event.status == 101 and exchange.switch is not None:
+                    problem = _bad_switch(exchange.head, event)
+                    if problem is not None:
+                        log.info("agent %r: the upstream's 101 %s", name, problem)
+                        exchange.switch.set()
+                        await self._reply(upstream_broken(name), close=True)
+                        self._finish_cycle(exchange)
+                        return False
                     await self._switch(exchange, event, out, parser.upgrade_trailing)
                     return False  # _relay pipes (this frame and its parser are not kept)
                 if event.status == 101:
@@ -953,7 +991,7 @@ class HttpConnection:
         if exchange.retried:
             return False
         exchange.retried = True
-        session = exchange.forward.session
+        session = exchange.session
         session.release(exchange.stream, reusable=False)  # (again in _relay: a no-op)
         try:
             stream, _ = await session.acquire(fresh=True)
@@ -1043,3 +1081,21 @@ _SPENT = RequestParser(max_head=1)
 """The parser of a connection nothing parses any more (a WebSocket pipe)."""
 _SPENT_HEAD = RequestHead(b"GET", b"/", b"1.1", [], False, False, False, True)
 _SPENT_FORWARD = Forward("", None, b"", b"", b"", [])  # type: ignore[arg-type]
+
+
+def _bad_switch(request: RequestHead, answer: ResponseHead) -> str | None:
+    """What is wrong with an upstream's 101 to a WebSocket handshake (it must
+    switch to WebSocket and prove it read the key, RFC 6455 4.2.2), or None."""
+    protocols = {
+        token.strip().lower()
+        for name, value in answer.headers
+        if name == b"upgrade"
+        for token in value.split(b",")
+    }
+    if protocols != {b"websocket"}:
+        return "does not switch to WebSocket"
+    key = next((v for n, v in request.headers if n == b"sec-websocket-key"), b"")
+    accepts = [v.strip() for n, v in answer.headers if n == b"sec-websocket-accept"]
+    if accepts != [generate_accept_token(key)]:
+        return "has no valid Sec-WebSocket-Accept"
+    return None

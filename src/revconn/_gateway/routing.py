@@ -66,6 +66,9 @@ class Route:
     name: str
     target: bytes
     prefix: str = ""
+    authority: bytes | None = None
+    """The host of an absolute-form target: it, not the Host header, is the
+    public host (RFC 9112 3.2.2)."""
 
 
 _ABSOLUTE = re.compile(rb"(?i:https?)://([^/?#@]*)([/?][^#]*)?")
@@ -101,12 +104,16 @@ def dispatch(
     """
     if len(hosts) > 1:
         return bad_host("a request needs exactly one Host header (RFC 9112 3.2)")
-    if target[:1] not in (b"/", b"*"):
+    authority: bytes | None = None
+    if target[:1] != b"/" and target != b"*":
         # Absolute form (RFC 9112 3.2.2): its authority is the host, its path the target.
         absolute = _ABSOLUTE.fullmatch(target)
         if absolute is None:
             return bad_host("the request target must be a path (/...) or an absolute http(s) URL")
-        hosts, target = [absolute.group(1)], absolute.group(2) or b"/"
+        authority = absolute.group(1)
+        hosts, target = [authority], absolute.group(2) or b"/"
+        if target[:1] == b"?":
+            target = b"/" + target
     if domains:
         if not hosts:
             return bad_host("a Host header is required (RFC 9112 3.2)")
@@ -114,10 +121,13 @@ def dispatch(
         if isinstance(found, Reply):
             return found
         if found is not None:
-            return Route(found, target)
+            return Route(found, target, authority=authority)
     path, _, query = target.partition(b"?")
     if path.startswith(PREFIX):
-        return route(path, query)
+        found_route = route(path, query)
+        if isinstance(found_route, Route) and authority is not None:
+            return attrs.evolve(found_route, authority=authority)
+        return found_route
     if path == AGENT_PATH:
         return Target.AGENT
     if path == ANNOUNCE_PATH:
@@ -138,9 +148,9 @@ def _by_host(host: bytes, domains: Sequence[str]) -> str | Reply | None:
     if text.startswith("["):
         return None  # an IPv6 literal: not under any domain
     name = text.partition(":")[0].removesuffix(".")
-    for domain in domains:
-        if name == domain:
-            return None
+    if name in domains:
+        return None  # a bare domain, even one under another (a.example.com, example.com)
+    for domain in sorted(domains, key=len, reverse=True):  # the most specific first
         if name.endswith("." + domain):
             label = name[: -len(domain) - 1]
             if "." in label:
@@ -179,7 +189,7 @@ def public_view(
         if name == b"host" and host is None:
             host = value
         elif name == b"x-forwarded-proto":
-            said_proto = value.strip().lower()
+            said_proto = value.rpartition(b",")[2].strip().lower()  # the nearest proxy's
         elif name == b"x-forwarded-host":
             said_host = value.strip()
     if trusted:
@@ -232,7 +242,9 @@ class Forward:
         target = self.target
         if upstream is not None:
             host = upstream.host or host
-            target = upstream.prefix + target
+            # (OPTIONS *: the server as a whole, that is its prefix)
+            star = target == b"*"
+            target = (upstream.prefix or target) if star else upstream.prefix + target
         return request_head(self.method, target, [(b"host", host), *self.headers, *framing])
 
 
@@ -254,11 +266,12 @@ def forward(
     if session is None or not session.accepting:
         return agent_offline(found.name)
     items = list(headers)
-    host = b""
-    for name, value in items:
-        if name == b"host":
-            host = value
-            break
+    host = found.authority or b""
+    if not host:
+        for name, value in items:
+            if name == b"host":
+                host = value
+                break
     forwarded = forwarded_request_headers(
         items,
         client=client,

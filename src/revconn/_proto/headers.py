@@ -83,6 +83,17 @@ def clean_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     return out
 
 
+_CLAIMS = (
+    b"forwarded",
+    b"x-forwarded-port",
+    b"x-forwarded-ssl",
+    b"x-forwarded-scheme",
+    b"x-real-ip",
+)
+"""Other headers frameworks read as the proxy's word (RFC 7239, Rails,
+Spring, werkzeug's ProxyFix): dropped from untrusted clients."""
+
+
 def forwarded_request_headers(
     headers: Iterable[tuple[bytes, bytes]],
     *,
@@ -119,13 +130,16 @@ def forwarded_request_headers(
     if trusted:
         chain = [v for n, v in out if n == b"x-forwarded-for"]
         said_proto = [v.lower() for n, v in out if n == b"x-forwarded-proto"]
-        if said_proto and said_proto[-1] in (b"http", b"https"):
-            proto = said_proto[-1].decode("ascii")
+        # (a chain of proxies may send a list: the nearest one's is last)
+        nearest = said_proto[-1].rpartition(b",")[2].strip() if said_proto else b""
+        if nearest in (b"http", b"https"):
+            proto = nearest.decode("ascii")
         said_host = [v for n, v in out if n == b"x-forwarded-host"]
         if said_host and said_host[-1]:
             host = said_host[-1]
     existing_via = [v for n, v in out if n == b"via"]
-    out = [(n, v) for n, v in out if n not in replaced]
+    dropped = replaced if trusted else replaced + _CLAIMS
+    out = [(n, v) for n, v in out if n not in dropped]
     if client:
         chain.append(client.encode("latin-1"))
     if chain:
