@@ -1047,13 +1047,7 @@ def _refused_upgrade(head: RequestHead, decision: object) -> Reply | None:
         )
     if not isinstance(decision, Route):
         return None
-    protocols = {
-        token.strip().lower()
-        for name, value in head.headers
-        if name == b"upgrade"
-        for token in value.split(b",")
-    }
-    if protocols != {b"websocket"}:
+    if _upgrades_to(head.headers) != {b"websocket"}:
         detail = (
             "only WebSocket upgrades are forwarded (this gateway speaks HTTP/1.1 to agents; "
             "no h2c): retry without Upgrade"
@@ -1086,16 +1080,20 @@ _SPENT_FORWARD = Forward("", None, b"", b"", b"", [])  # type: ignore[arg-type]
 def _bad_switch(request: RequestHead, answer: ResponseHead) -> str | None:
     """What is wrong with an upstream's 101 to a WebSocket handshake (it must
     switch to WebSocket and prove it read the key, RFC 6455 4.2.2), or None."""
-    protocols = {
-        token.strip().lower()
-        for name, value in answer.headers
-        if name == b"upgrade"
-        for token in value.split(b",")
-    }
-    if protocols != {b"websocket"}:
+    if _upgrades_to(answer.headers) != {b"websocket"}:
         return "does not switch to WebSocket"
     key = next((v for n, v in request.headers if n == b"sec-websocket-key"), b"")
     accepts = [v.strip() for n, v in answer.headers if n == b"sec-websocket-accept"]
     if accepts != [generate_accept_token(key)]:
         return "has no valid Sec-WebSocket-Accept"
     return None
+
+
+def _upgrades_to(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """The protocols an ``Upgrade`` header list names, lower case."""
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"upgrade"
+        for token in value.split(b",")
+    }
