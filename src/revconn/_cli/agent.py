@@ -19,7 +19,7 @@ from .._errors import ConfigError
 from .._proto.announce import DEFAULT_INTERVAL, TTL_INTERVALS
 from .._runtime.heartbeat import Heartbeat
 from .._runtime.supervisor import Backoff
-from .common import EXIT_CONFIG, fail, run, setup_logging, until_signal
+from .common import EXIT_CONFIG, TRACE_HELP, fail, run, setup_logging, until_signal
 
 __all__ = ["main"]
 
@@ -240,6 +240,7 @@ def _check_modes(
     default="info",
     show_default=True,
 )
+@click.option("--trace-protocol", is_flag=True, help=TRACE_HELP)
 def agent_serve(
     gateway: str | None,
     name: str | None,
@@ -260,6 +261,7 @@ def agent_serve(
     heartbeat_timeout: float,
     handshake_timeout: float,
     log_level: str,
+    trace_protocol: bool,
 ) -> None:
     """Serve until SIGTERM/SIGINT, in one of three modes:
 
@@ -277,7 +279,7 @@ def agent_serve(
         gateway=gateway,
         name=name,
     )
-    setup_logging(log_level)
+    setup_logging(log_level, trace_protocol=trace_protocol)
     if no_tunnel:
         assert app_ref is not None
         _serve_without_tunnel(app_ref, listen or DEFAULT_LISTEN)

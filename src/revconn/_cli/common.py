@@ -30,6 +30,7 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_OK",
     "EXIT_REPLACED",
+    "TRACE_HELP",
     "fail",
     "run",
     "setup_logging",
@@ -45,12 +46,29 @@ EXIT_REPLACED = 4
 log = logging.getLogger("revconn.cli")
 
 
-def setup_logging(level: str) -> None:
+PROTOCOL_LOGGERS = ("hpack", "h2", "h11", "wsproto", "trio-websocket", "hypercorn", "quart")
+"""Libraries whose debug lines show what crosses the wire: decoded header
+values (cookies, ``Authorization``, the agent's credential) and bodies."""
+
+TRACE_HELP = (
+    "Also log the protocol libraries' debug lines (hpack, h2, h11, wsproto, "
+    "trio-websocket): they include header values, cookies and credentials. For "
+    "debugging only; needs --log-level debug."
+)
+
+
+def setup_logging(level: str, *, trace_protocol: bool = False) -> None:
+    """Our log lines at ``level``. The protocol libraries stay at WARNING at
+    every level, debug included, unless ``trace_protocol``: nothing secret
+    reaches a log by accident (revconn's own lines never carry a credential,
+    a header value or a body)."""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for name in PROTOCOL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if trace_protocol else logging.WARNING)
     # hypercorn and quart are chatty at INFO about things we log ourselves.
     logging.getLogger("revconn.hypercorn").setLevel(logging.WARNING)
 

@@ -22,7 +22,7 @@ from .._errors import ConfigError
 from .._gateway.auth import SharedSecretPolicy, generate_secret
 from .._gateway.gateway import Gateway, GatewayConfig
 from .._runtime.heartbeat import Heartbeat
-from .common import EXIT_CONFIG, fail, run, setup_logging, until_signal
+from .common import EXIT_CONFIG, TRACE_HELP, fail, run, setup_logging, until_signal
 
 __all__ = ["main"]
 
@@ -160,6 +160,7 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     default="info",
     show_default=True,
 )
+@click.option("--trace-protocol", is_flag=True, help=TRACE_HELP)
 def main(
     binds: tuple[str, ...],
     admin_binds: tuple[str, ...],
@@ -177,11 +178,12 @@ def main(
     keyfile: str | None,
     demo: bool,
     log_level: str,
+    trace_protocol: bool,
 ) -> None:
     """Run the revconn gateway: agents dial /ws/connect (or announce a URL on
     /announce) and public requests for /a/NAME/... reach them on --bind;
     operators list /endpoints on --admin-bind."""
-    setup_logging(log_level)
+    setup_logging(log_level, trace_protocol=trace_protocol)
     try:
         key, generated = _load_secret(secret, secret_file)
         policy = SharedSecretPolicy(key)
