@@ -109,6 +109,21 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     "time allowed to send a request head (then 408).",
 )
 @click.option(
+    "--auth-failures",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Failed authentications from one address (IPv6: one /64) within --auth-failure-window "
+    "before it gets 429 until the window ends.",
+)
+@click.option(
+    "--auth-failure-window",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds over which failed authentications are counted.",
+)
+@click.option(
     "--trusted-proxy",
     "trusted_proxies",
     multiple=True,
@@ -172,6 +187,8 @@ def main(
     idle_timeout: float,
     domains: tuple[str, ...],
     trusted_proxies: tuple[str, ...],
+    auth_failures: int,
+    auth_failure_window: float,
     announce_allow: tuple[str, ...],
     announce_timeout: float,
     certfile: str | None,
@@ -195,6 +212,8 @@ def main(
             handshake_timeout=handshake_timeout,
             domains=domains,
             trusted_proxies=trusted_proxies,
+            auth_failures=auth_failures,
+            auth_failure_window=auth_failure_window,
             announce_allow=announce_allow,
             announce_timeout=announce_timeout,
             certfile=certfile,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -24,7 +24,8 @@ from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 
 from .._proto.rules import valid_agent_name
-from .auth import AuthPolicy, Scope, bearer_credential
+from .auth import AuthPolicy, Scope, bearer_credential, count_failure, refuse_limited
+from .ratelimit import FailureLimiter
 from .registry import Registry
 from .replies import Reply, json_reply, unauthorized
 
@@ -39,6 +40,9 @@ class AdminHost(Protocol):
 
     @property
     def registry(self) -> Registry: ...
+
+    @property
+    def auth_limiter(self) -> FailureLimiter: ...
 
     @property
     def shutting_down(self) -> bool: ...
@@ -59,10 +63,15 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
 
     @app.get("/endpoints")
     async def endpoints() -> Response:
+        source = request.remote_addr or _scope_client(request.scope) or "unknown"
+        refused = refuse_limited(host.auth_limiter, source)
+        if refused is not None:
+            return _quart(refused)
         credential = bearer_credential(
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
         )
         if not host.auth.allows(credential, agent=None, scope=Scope.ADMIN):
+            count_failure(host.auth_limiter, source, "/endpoints")
             return _quart(unauthorized())
         rows = await host.registry.snapshot()
         return _quart(json_reply(200, {"endpoints": [row.to_json() for row in rows]}))
@@ -142,6 +151,12 @@ class _Config(HypercornConfig):
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         return self._tls
+
+
+def _scope_client(scope: Mapping[str, Any]) -> str | None:
+    """The ASGI scope's client host (Quart's ``remote_addr`` may be empty)."""
+    client = scope.get("client")
+    return str(client[0]) if client else None
 
 
 def _quart(reply: Reply) -> Response:

@@ -20,8 +20,9 @@ import trio
 from .. import _codes
 from .._proto.announce import AnnouncedUrl, parse_announcement
 from .addresses import AddressPolicy, AddressRefused
-from .auth import AuthPolicy, admit_agent_name
+from .auth import AuthPolicy, admit_agent_name, count_failure, refuse_limited
 from .direct import DirectSession
+from .ratelimit import FailureLimiter
 from .registry import NameTaken, Registry
 from .replies import Reply, json_reply
 
@@ -46,8 +47,12 @@ class Announcements:
         timeout: float | None,
         connect_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        limiter: FailureLimiter | None = None,
     ) -> None:
+        """``limiter``: counts failed authentications (the gateway shares one
+        across its surfaces; default: a limiter of its own)."""
         self.registry = registry
+        self.limiter = limiter if limiter is not None else FailureLimiter()
         self.auth = auth
         self.policy = policy
         self._timeout = timeout
@@ -90,9 +95,15 @@ class Announcements:
         body: bytes,
         *,
         remote: str,
+        source: str | None = None,
         shutting_down: bool,
     ) -> Reply:
-        """The answer to one announce request (never raises for bad input)."""
+        """The answer to one announce request (never raises for bad input).
+
+        ``source``: the address failed authentications count against
+        (default: ``remote``); a locked-out one gets 429 before its
+        credential is looked at."""
+        source = remote if source is None else source
         if method not in (b"PUT", b"DELETE"):
             detail = "PUT announces or renews a URL, DELETE withdraws it"
             return json_reply(
@@ -100,11 +111,15 @@ class Announcements:
                 {"error": "method_not_allowed", "detail": detail},
                 [(b"allow", b"PUT, DELETE")],
             )
+        refused = refuse_limited(self.limiter, source)
+        if refused is not None:
+            return refused
         query = parse_qs(query_string.decode("latin-1"))
         name = admit_agent_name(self.auth, query, headers, shutting_down=shutting_down)
         if isinstance(name, Reply):
             if name.status == 401:
-                log.info("announcement from %s: bad or missing credentials", remote)
+                log.info("announcement from %s: bad or missing credentials", source)
+                count_failure(self.limiter, source, "/announce")
             return name
         if method == b"DELETE":
             return await self._withdraw(name, query.get("epoch", []))

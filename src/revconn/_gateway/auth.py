@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import enum
 import hmac
+import logging
 import secrets
 from collections.abc import Iterable
 from typing import Protocol
 
 from .._errors import ConfigError
 from .._proto.rules import NAME_RULE, valid_agent_name
-from .replies import Reply, json_reply, unauthorized
+from .ratelimit import FailureLimiter
+from .replies import Reply, json_reply, too_many_failures, unauthorized
 
 __all__ = [
     "AuthPolicy",
@@ -23,8 +25,12 @@ __all__ = [
     "SharedSecretPolicy",
     "admit_agent_name",
     "bearer_credential",
+    "count_failure",
     "generate_secret",
+    "refuse_limited",
 ]
+
+log = logging.getLogger("revconn.gateway")
 
 MIN_SECRET_LENGTH = 16
 
@@ -120,3 +126,24 @@ def admit_agent_name(
     if shutting_down:
         return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
     return name
+
+
+def refuse_limited(limiter: FailureLimiter, source: str) -> Reply | None:
+    """429 if ``source`` failed to authenticate too often lately, else None.
+    Asked before any credential is compared, so a locked-out source learns
+    nothing, not even from a correct one."""
+    wait = limiter.retry_after(source)
+    return None if wait is None else too_many_failures(wait)
+
+
+def count_failure(limiter: FailureLimiter, source: str, surface: str) -> None:
+    """Count a failed authentication from ``source`` on ``surface``; log, once
+    per source and window, the moment it is locked out."""
+    if limiter.failed(source):
+        log.info(
+            "%s: %s locked out for %g s after %d failed authentications",
+            surface,
+            source,
+            limiter.window,
+            limiter.max_failures,
+        )

@@ -116,7 +116,11 @@ class DataPlane(Protocol):
     def shutting_down(self) -> bool: ...
 
     def admit_agent(
-        self, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+        self,
+        query_string: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        *,
+        remote: str | None = None,
     ) -> str | Reply:
         """The agent's name, or the refusal to answer its upgrade with."""
         ...
@@ -618,7 +622,7 @@ class HttpConnection:
             await self._answer_early(accept, head, close=True)
             return
         query = head.target.partition(b"?")[2]
-        admitted = self.plane.admit_agent(query, headers)
+        admitted = self.plane.admit_agent(query, headers, remote=self.client)
         if isinstance(admitted, Reply):
             await self._answer_early(admitted, head, close=True)
             return
@@ -671,7 +675,10 @@ class HttpConnection:
         continued = False
         try:
             while True:
-                event = parser.next_event()
+                try:
+                    event = parser.next_event()
+                except ParseError as exc:  # (found in bytes read with the head)
+                    await self._malformed_body(exchange, exc)
                 if event is None:
                     if pending:
                         await stream.send_body(pending)
@@ -695,9 +702,8 @@ class HttpConnection:
                         raise trio.BrokenResourceError("client closed during the upload")
                     try:
                         parser.feed(data)
-                    except ParseError:  # a malformed chunked body
-                        self._client_gone(exchange)
-                        raise trio.BrokenResourceError("malformed request body") from None
+                    except ParseError as exc:  # a malformed chunked body
+                        await self._malformed_body(exchange, exc)
                     continue
                 if exchange.stop_upload:
                     # The upstream refused the body: read (and drop) the rest.
@@ -719,6 +725,21 @@ class HttpConnection:
             # The agent reset the stream or the upstream answered early; the
             # answer (or error) is on the way. Drop the rest of the body, then close.
             await self._discard_body()
+
+    async def _malformed_body(self, exchange: _InFlight, exc: ParseError) -> NoReturn:
+        """A request body that breaks its framing (a malformed chunk): the
+        stream is abandoned, so the upstream never sees a complete request
+        nor anything after it; the client is told, if nothing was answered
+        yet, and the connection closes."""
+        answered = self._responding
+        self._client_gone(exchange)  # (the relay, cancelled, writes nothing more)
+        await self._cycle_done.wait()
+        if not answered:
+            self._method = b""
+            payload = {"error": "bad_request", "detail": exc.detail}
+            with trio.move_on_after(1):
+                await self._reply(json_reply(exc.status, payload), close=True)
+        raise trio.BrokenResourceError("malformed request body")
 
     async def _discard_body(self) -> None:
         """Drop the rest of the body while the answer is written (a client

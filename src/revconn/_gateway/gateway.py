@@ -39,8 +39,9 @@ from .._runtime.tunnel import Tunnel, TunnelEnd
 from .addresses import AddressPolicy, parse_networks
 from .admin import make_admin_app, serve_admin
 from .announcing import Announcements
-from .auth import AuthPolicy, admit_agent_name
+from .auth import AuthPolicy, admit_agent_name, count_failure, refuse_limited
 from .listener import Listener, listen_all, parse_bind, socket_url
+from .ratelimit import FailureLimiter
 from .registry import InMemoryRegistry, Registration, Registry
 from .replies import Reply
 from .routing import check_domain
@@ -85,6 +86,11 @@ class GatewayConfig:
     surfaces serve HTTPS/WSS (TLS 1.2+)."""
     keyfile: str | None = None
     """``--keyfile``: the certificate's PEM private key, unencrypted."""
+    auth_failures: int = 10
+    """Failed authentications a source address (an IPv6 /64) may make per
+    ``auth_failure_window`` before it is refused (429) until the window ends."""
+    auth_failure_window: float = 60.0
+    """Seconds: the window ``auth_failures`` are counted in, from the first."""
 
     def __attrs_post_init__(self) -> None:
         if not self.binds:
@@ -104,7 +110,10 @@ class GatewayConfig:
         parse_networks(self.trusted_proxies, "--trusted-proxy")
         for domain in self.domains:
             check_domain(domain)
+        if self.auth_failures < 1:
+            raise ConfigError(f"auth failures must be >= 1, got {self.auth_failures!r}")
         for label, value in (
+            ("auth failure window", self.auth_failure_window),
             ("idle timeout", self.idle_timeout),
             ("handshake timeout", self.handshake_timeout),
             ("announce timeout", self.announce_timeout),
@@ -144,6 +153,8 @@ class Gateway:
         if config.certfile is not None and config.keyfile is not None:
             self._tls = ServerTLS(config.certfile, config.keyfile)
         self.auth = auth
+        self.auth_limiter = FailureLimiter(config.auth_failures, config.auth_failure_window)
+        """Failed authentications per source address, on every surface."""
         self.registry: Registry = registry if registry is not None else InMemoryRegistry()
         policy = address_policy or AddressPolicy(parse_networks(config.announce_allow))
         self._trusted_proxies = parse_networks(config.trusted_proxies, "--trusted-proxy")
@@ -154,6 +165,7 @@ class Gateway:
             timeout=config.announce_timeout,
             connect_timeout=config.handshake_timeout,
             ssl_context=url_ssl_context,
+            limiter=self.auth_limiter,
         )
         self._tunnels: set[Tunnel] = set()
         self._service_nursery: trio.Nursery | None = None
@@ -216,16 +228,44 @@ class Gateway:
             address = address.ipv4_mapped  # (a dual-stack listener's IPv4 peer)
         return any(address in network for network in self._trusted_proxies)
 
+    def auth_source(self, remote: str | None, headers: Iterable[tuple[bytes, bytes]]) -> str:
+        """The address failed authentications from a data-plane peer count
+        against: the peer's, or, from a ``--trusted-proxy``, the client it
+        names (the last ``X-Forwarded-For`` entry, which that proxy added), so
+        that one client behind the proxy cannot lock out everyone else."""
+        if self.trusts_proxy(remote):
+            said = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
+            nearest = said[-1].rpartition(b",")[2].strip().decode("latin-1") if said else ""
+            try:
+                return str(ipaddress.ip_address(nearest))
+            except ValueError:
+                pass
+        return remote or "unknown"
+
     # -- agent tunnels ------------------------------------------------------------
     def admit_agent(
-        self, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+        self,
+        query_string: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        *,
+        remote: str | None = None,
     ) -> str | Reply:
-        """Check a ``/ws/connect`` upgrade: the agent's name, or the refusal to answer
-        with (400 invalid name, 401 bad credentials, 503 shutting down)."""
+        """Check a ``/ws/connect`` upgrade from ``remote`` (the peer's IP
+        address): the agent's name, or the refusal to answer with (429 too many
+        failed authentications, 400 invalid name, 401 bad credentials, 503
+        shutting down)."""
+        headers = list(headers)
+        source = self.auth_source(remote, headers)
+        refused = refuse_limited(self.auth_limiter, source)
+        if refused is not None:
+            return refused
         query = parse_qs(query_string.decode("latin-1"))
         name = admit_agent_name(self.auth, query, headers, shutting_down=self._shutting_down)
         if isinstance(name, Reply) and name.status == 401:
-            log.info("agent %r rejected: bad or missing credentials", query.get("name"))
+            log.info(
+                "agent %r from %s rejected: bad or missing credentials", query.get("name"), source
+            )
+            count_failure(self.auth_limiter, source, "/ws/connect")
         return name
 
     async def announce(
@@ -237,8 +277,15 @@ class Gateway:
         remote: str,
     ) -> Reply:
         """Answer ``PUT``/``DELETE /announce`` (an agent in ``--tunnel-url`` mode)."""
+        headers = list(headers)
         return await self.announcements.handle(
-            method, query_string, headers, body, remote=remote, shutting_down=self._shutting_down
+            method,
+            query_string,
+            headers,
+            body,
+            remote=remote,
+            source=self.auth_source(remote, headers),
+            shutting_down=self._shutting_down,
         )
 
     async def serve_agent(self, name: str, transport: MessageTransport, remote: str) -> None:

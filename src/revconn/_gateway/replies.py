@@ -4,6 +4,7 @@ field, and the peer formatting its log lines and replies share (sans-I/O)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "json_reply",
     "not_found",
     "stream_failure",
+    "too_many_failures",
     "unauthorized",
     "upstream_broken",
 ]
@@ -51,6 +53,18 @@ def unauthorized() -> Reply:
         401,
         {"error": "unauthorized", "detail": "missing or invalid bearer credential"},
         [(b"www-authenticate", b'Bearer realm="revconn"')],
+    )
+
+
+def too_many_failures(retry_after: float) -> Reply:
+    """429 for a source locked out after too many failed authentications;
+    ``Retry-After`` is ``retry_after`` rounded up to whole seconds."""
+    seconds = max(1, math.ceil(retry_after))
+    detail = f"too many failed authentications from this address; retry in {seconds} s"
+    return json_reply(
+        429,
+        {"error": "too_many_auth_failures", "detail": detail},
+        [(b"retry-after", str(seconds).encode())],
     )
 
 

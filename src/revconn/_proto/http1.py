@@ -464,6 +464,9 @@ class RequestParser(_Parser):
             raise self._cb(ParseError(505, "only HTTP/1.0 and HTTP/1.1 are supported"))
         length, codings, expect = _scan(headers)
         chunked = codings is not None
+        if chunked and version == b"1.0":
+            # RFC 9112 6.1: its framing must be treated as faulty (a smuggling vector).
+            raise self._cb(ParseError(400, "Transfer-Encoding on an HTTP/1.0 message"))
         if codings is not None and codings != [b"chunked"]:
             if codings[-1] != b"chunked":
                 raise self._cb(ParseError(400, "Transfer-Encoding must end with chunked"))
