@@ -109,6 +109,40 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     "time allowed to send a request head (then 408).",
 )
 @click.option(
+    "--max-request-head",
+    type=int,
+    default=16 * 1024,
+    show_default=True,
+    help="Bytes of a public request's line and header fields (then 431).",
+)
+@click.option(
+    "--max-header-fields",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Header fields of a public request (then 431).",
+)
+@click.option(
+    "--max-request-target",
+    type=int,
+    default=8 * 1024,
+    show_default=True,
+    help="Bytes of a public request's target (then 414).",
+)
+@click.option(
+    "--max-body-size",
+    type=int,
+    default=None,
+    help="Bytes of a public request's body (then 413; before the body is read when it has "
+    "a Content-Length). Default: no limit.",
+)
+@click.option(
+    "--max-agents",
+    type=int,
+    default=None,
+    help="Agent tunnels held at once (the next gets 503 too_many_agents). Default: no limit.",
+)
+@click.option(
     "--auth-failures",
     type=int,
     default=10,
@@ -187,6 +221,11 @@ def main(
     idle_timeout: float,
     domains: tuple[str, ...],
     trusted_proxies: tuple[str, ...],
+    max_request_head: int,
+    max_header_fields: int,
+    max_request_target: int,
+    max_body_size: int | None,
+    max_agents: int | None,
     auth_failures: int,
     auth_failure_window: float,
     announce_allow: tuple[str, ...],
@@ -212,6 +251,11 @@ def main(
             handshake_timeout=handshake_timeout,
             domains=domains,
             trusted_proxies=trusted_proxies,
+            max_request_head=max_request_head,
+            max_header_fields=max_header_fields,
+            max_request_target=max_request_target,
+            max_body_size=max_body_size,
+            max_agents=max_agents,
             auth_failures=auth_failures,
             auth_failure_window=auth_failure_window,
             announce_allow=announce_allow,

@@ -60,12 +60,13 @@ from .routing import Forward, Route, Target, dispatch, forward, public_urls, pub
 from .tls import AcceptedStream
 from .websocket import WebSocketTransport, upgrade_response
 
-__all__ = ["MAX_HEAD", "DataPlane", "HttpConnection"]
+__all__ = ["MAX_HEAD", "DataPlane", "HttpConnection", "RequestLimits"]
 
 log = logging.getLogger("revconn.exchange")
 
 MAX_HEAD = 64 * 1024
-"""Largest request head (request line + headers) accepted: 431 beyond."""
+"""Largest response head accepted from an upstream (502 beyond); requests
+are bounded by ``RequestLimits``."""
 READ_SIZE = 64 * 1024
 LINGER = 5.0
 """After answering before the request body was read: how long at most to keep
@@ -82,8 +83,30 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE
 one turned out closed before any answer (RFC 9110 9.2.2)."""
 
 
+@attrs.frozen
+class RequestLimits:
+    """What a public request may be (docs/security.md, the defaults table)."""
+
+    max_head: int = 16 * 1024
+    """Request line + header fields, bytes (431 beyond)."""
+    max_fields: int = 100
+    """Header fields (431 beyond)."""
+    max_target: int = 8 * 1024
+    """The request target, bytes (414 beyond)."""
+    max_body: int | None = None
+    """Request body, bytes (413, before it is read when it has a Content-Length); None: any."""
+
+    def parser(self) -> RequestParser:
+        return RequestParser(
+            max_head=self.max_head, max_fields=self.max_fields, max_target=self.max_target
+        )
+
+
 class DataPlane(Protocol):
     """What an exchange needs from the gateway."""
+
+    @property
+    def limits(self) -> RequestLimits: ...
 
     @property
     def registry(self) -> Registry: ...
@@ -148,6 +171,7 @@ class _InFlight:
         "head",
         "head_bytes",
         "name",
+        "received",
         "request_done",
         "retried",
         "scope",
@@ -180,6 +204,8 @@ class _InFlight:
         self.request_done = False
         """The whole request (head and body) is in the stream."""
         self.stop_upload = False
+        self.received = 0
+        """Request body bytes received (counted for a chunked body's limit)."""
         self.switch: trio.Event | None = None
         """(a WebSocket handshake) Set once the upstream's answer is known."""
         self.switched = False
@@ -247,7 +273,7 @@ class HttpConnection:
         self.plane = plane
         self.stream = stream
         self.client = client
-        self.parser = RequestParser(max_head=MAX_HEAD)
+        self.parser = plane.limits.parser()
         self._send_lock = WriteLock()
         self._exchange: _InFlight | None = None
         self._cycle_done = trio.Event()
@@ -369,7 +395,9 @@ class HttpConnection:
 
     async def _bad_request(self, exc: ParseError) -> None:
         if not self._responding and self._cycle_done.is_set():
-            error = "request_header_too_large" if exc.status == 431 else "bad_request"
+            error = {431: "request_header_too_large", 414: "uri_too_long"}.get(
+                exc.status, "bad_request"
+            )
             self._method = b""
             await self._reply(
                 json_reply(exc.status, {"error": error, "detail": exc.detail}), close=True
@@ -432,6 +460,10 @@ class HttpConnection:
         )
         if isinstance(outbound, Reply):
             await self._answer_early(outbound, head)
+            return None
+        too_large = self._body_too_large(head)
+        if too_large is not None:
+            await self._answer_early(too_large, head, close=True)
             return None
         if websocket:
             # Upgrade and Connection are hop-by-hop: the handshake's own two go on.
@@ -554,7 +586,7 @@ class HttpConnection:
         fresh parser is given a head with the same framing, then the bytes
         that followed the real one."""
         trailing = self.parser.upgrade_trailing or b""
-        self.parser = RequestParser(max_head=MAX_HEAD)
+        self.parser = self.plane.limits.parser()
         if not head.has_body:
             return
         framing = [
@@ -709,6 +741,12 @@ class HttpConnection:
                     # The upstream refused the body: read (and drop) the rest.
                     raise StreamError("the upstream answered before the body was sent")  # noqa: TRY301
                 if isinstance(event, Body):
+                    if chunked and self.plane.limits.max_body is not None:
+                        exchange.received += len(event.data)
+                        if self._body_too_large(head, exchange.received) is not None:
+                            limit = self.plane.limits.max_body
+                            detail = f"the request body is larger than {limit} bytes"
+                            await self._malformed_body(exchange, ParseError(413, detail))
                     piece = chunk(event.data) if chunked else event.data
                     if pending:
                         piece = pending + piece
@@ -726,6 +764,18 @@ class HttpConnection:
             # answer (or error) is on the way. Drop the rest of the body, then close.
             await self._discard_body()
 
+    def _body_too_large(self, head: RequestHead, received: int = 0) -> Reply | None:
+        """413 for a body over the limit: announced by Content-Length (answered
+        before any of it is read), or ``received`` so far (chunked)."""
+        limit = self.plane.limits.max_body
+        if limit is None or not head.has_body:
+            return None
+        length = next((int(v) for n, v in head.headers if n == b"content-length"), None)
+        if max(length or 0, received) <= limit:
+            return None
+        detail = f"the request body is larger than {limit} bytes"
+        return json_reply(413, {"error": "payload_too_large", "detail": detail})
+
     async def _malformed_body(self, exchange: _InFlight, exc: ParseError) -> NoReturn:
         """A request body that breaks its framing (a malformed chunk): the
         stream is abandoned, so the upstream never sees a complete request
@@ -736,7 +786,8 @@ class HttpConnection:
         await self._cycle_done.wait()
         if not answered:
             self._method = b""
-            payload = {"error": "bad_request", "detail": exc.detail}
+            error = "payload_too_large" if exc.status == 413 else "bad_request"
+            payload = {"error": error, "detail": exc.detail}
             with trio.move_on_after(1):
                 await self._reply(json_reply(exc.status, payload), close=True)
         raise trio.BrokenResourceError("malformed request body")

@@ -40,10 +40,11 @@ from .addresses import AddressPolicy, parse_networks
 from .admin import make_admin_app, serve_admin
 from .announcing import Announcements
 from .auth import AuthPolicy, admit_agent_name, count_failure, refuse_limited
+from .exchange import RequestLimits
 from .listener import Listener, listen_all, parse_bind, socket_url
 from .ratelimit import FailureLimiter
 from .registry import InMemoryRegistry, Registration, Registry
-from .replies import Reply
+from .replies import Reply, json_reply
 from .routing import check_domain
 from .tls import ServerTLS
 
@@ -75,6 +76,15 @@ class GatewayConfig:
     socket; default: heartbeat interval + timeout."""
     domains: tuple[str, ...] = ()
     """``--domain``: a request for ``NAME.DOMAIN`` goes to agent NAME (path unchanged)."""
+    max_request_head: int = 16 * 1024
+    """Request line + header fields of a public request, bytes (431 beyond)."""
+    max_header_fields: int = 100
+    max_request_target: int = 8 * 1024
+    """Bytes (414 beyond)."""
+    max_body_size: int | None = None
+    """Public request bodies, bytes (413); None: no limit."""
+    max_agents: int | None = None
+    """Agent tunnels this gateway holds at once (503 ``too_many_agents`` for the next)."""
     trusted_proxies: tuple[str, ...] = ()
     """``--trusted-proxy``: CIDRs whose X-Forwarded-For/-Proto/-Host are believed."""
     announce_allow: tuple[str, ...] = ()
@@ -108,6 +118,15 @@ class GatewayConfig:
             parse_bind(bind, "--admin-bind")
         parse_networks(self.announce_allow)
         parse_networks(self.trusted_proxies, "--trusted-proxy")
+        for flag, number, low in (
+            ("--max-request-head", self.max_request_head, 1024),
+            ("--max-header-fields", self.max_header_fields, 1),
+            ("--max-request-target", self.max_request_target, 16),
+            ("--max-body-size", self.max_body_size, 0),
+            ("--max-agents", self.max_agents, 1),
+        ):
+            if number is not None and number < low:
+                raise ConfigError(f"{flag} {number}: must be at least {low}")
         for domain in self.domains:
             check_domain(domain)
         if self.auth_failures < 1:
@@ -158,6 +177,12 @@ class Gateway:
         self.registry: Registry = registry if registry is not None else InMemoryRegistry()
         policy = address_policy or AddressPolicy(parse_networks(config.announce_allow))
         self._trusted_proxies = parse_networks(config.trusted_proxies, "--trusted-proxy")
+        self._limits = RequestLimits(
+            max_head=config.max_request_head,
+            max_fields=config.max_header_fields,
+            max_target=config.max_request_target,
+            max_body=config.max_body_size,
+        )
         self.announcements = Announcements(
             self.registry,
             auth,
@@ -204,6 +229,10 @@ class Gateway:
     @property
     def idle_timeout(self) -> float:
         return self.config.idle_timeout
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self._limits
 
     @property
     def max_message_size(self) -> int:
@@ -266,6 +295,20 @@ class Gateway:
                 "agent %r from %s rejected: bad or missing credentials", query.get("name"), source
             )
             count_failure(self.auth_limiter, source, "/ws/connect")
+        limit = self.config.max_agents
+        if (
+            isinstance(name, str)
+            and limit is not None
+            and len(self._tunnels) >= limit
+            and self.registry.lookup(name) is None  # (a reconnecting agent replaces itself)
+        ):
+            log.warning(
+                "agent %r from %s refused: %d agents online (--max-agents)", name, source, limit
+            )
+            detail = f"this gateway holds at most {limit} agents"
+            return json_reply(
+                503, {"error": "too_many_agents", "detail": detail}, [(b"retry-after", b"30")]
+            )
         return name
 
     async def announce(

@@ -421,13 +421,25 @@ class RequestParser(_Parser):
     whose first bytes are in ``upgrade_trailing``.
     """
 
-    __slots__ = ("_eof",)
+    __slots__ = ("_eof", "_max_fields", "_max_target")
     _p: httptools.HttpRequestParser
 
-    def __init__(self, *, max_head: int = 64 * 1024) -> None:
+    def __init__(
+        self, *, max_head: int = 64 * 1024, max_fields: int = 100, max_target: int = 8 * 1024
+    ) -> None:
+        """``max_head``: request line + header fields (431 beyond);
+        ``max_fields``: header fields (431); ``max_target``: the request
+        target (414)."""
         super().__init__(max_head, _HEAD)
         self._p = httptools.HttpRequestParser(self)
         self._eof = False
+        self._max_fields = max_fields
+        self._max_target = max_target
+
+    def on_url(self, data: bytes) -> None:
+        self._text += data
+        if len(self._text) > self._max_target:
+            raise self._cb(ParseError(414, f"request target longer than {self._max_target} bytes"))
 
     def next_event(self) -> RequestHead | Body | EndOfMessage | None:
         """The next queued event, or None when more data is needed; raises
@@ -462,6 +474,8 @@ class RequestParser(_Parser):
         version = _VERSIONS.get(p.get_http_version())
         if version is None:
             raise self._cb(ParseError(505, "only HTTP/1.0 and HTTP/1.1 are supported"))
+        if len(headers) > self._max_fields:
+            raise self._cb(ParseError(431, f"more than {self._max_fields} header fields"))
         length, codings, expect = _scan(headers)
         chunked = codings is not None
         if chunked and version == b"1.0":
