@@ -431,3 +431,15 @@ def test_helpers_output() -> None:
     assert chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
     with pytest.raises(ValueError, match="LAST_CHUNK"):
         chunk(b"")
+
+
+@pytest.mark.parametrize("status", [b"999", b"600", b"000", b"099"])
+def test_a_status_outside_100_to_599_is_malformed(status: bytes) -> None:
+    """RFC 9110 15: llhttp accepts any three digits; an agent's upstream that
+    answers 999 gets the client a 502, not a 999."""
+    parser = ResponseParser()
+    parser.expect(b"GET")
+    with pytest.raises(ParseError) as caught:
+        parser.feed(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 2\r\n\r\nok")
+        parser.next_event()
+    assert caught.value.status == 502

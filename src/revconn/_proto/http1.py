@@ -588,6 +588,8 @@ class ResponseParser(_Parser):
         status = p.get_status_code()
         headers = self._headers
         self._headers = []
+        if not 100 <= status <= 599:  # RFC 9110 15: llhttp takes any three digits
+            raise self._cb(ParseError(502, f"upstream status {status} is not a valid HTTP status"))
         if status < 200 and status != 101:
             self._head = Informational(status, self._text, headers)
             return
