@@ -109,6 +109,23 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     "time allowed to send a request head (then 408).",
 )
 @click.option(
+    "--agent-basic-auth",
+    "agent_basic_auth",
+    multiple=True,
+    metavar="NAME=USER:PASSWORD",
+    envvar="REVCONN_AGENT_BASIC_AUTH",
+    help="Public requests to agent NAME need this user and password (HTTP basic auth, "
+    "checked by the gateway; the Authorization header is not forwarded). Repeatable "
+    "(env REVCONN_AGENT_BASIC_AUTH, space-separated: keeps passwords out of ps).",
+)
+@click.option(
+    "--agent-allow",
+    "agent_allow",
+    multiple=True,
+    metavar="NAME=CIDR",
+    help="Only clients in CIDR reach agent NAME (others get 403). Repeatable.",
+)
+@click.option(
     "--max-request-head",
     type=int,
     default=16 * 1024,
@@ -221,6 +238,8 @@ def main(
     idle_timeout: float,
     domains: tuple[str, ...],
     trusted_proxies: tuple[str, ...],
+    agent_basic_auth: tuple[str, ...],
+    agent_allow: tuple[str, ...],
     max_request_head: int,
     max_header_fields: int,
     max_request_target: int,
@@ -251,6 +270,8 @@ def main(
             handshake_timeout=handshake_timeout,
             domains=domains,
             trusted_proxies=trusted_proxies,
+            agent_basic_auth=agent_basic_auth,
+            agent_allow=agent_allow,
             max_request_head=max_request_head,
             max_header_fields=max_header_fields,
             max_request_target=max_request_target,

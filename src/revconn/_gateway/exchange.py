@@ -135,6 +135,18 @@ class DataPlane(Protocol):
         """``client`` (an IP address) is a ``--trusted-proxy``."""
         ...
 
+    def check_access(
+        self, name: str, remote: str | None, headers: list[tuple[bytes, bytes]]
+    ) -> Reply | None:
+        """Agent ``name``'s public access rules (IP allow-list, basic auth) for
+        a request from peer ``remote``: the refusal, or None."""
+        ...
+
+    def guards_credentials(self, name: str) -> bool:
+        """Agent ``name`` uses basic auth at the gateway (Authorization is
+        the gateway's, not forwarded)."""
+        ...
+
     @property
     def shutting_down(self) -> bool: ...
 
@@ -443,6 +455,10 @@ class HttpConnection:
             await self._announce(head)
             return None
         assert isinstance(decision, Route)
+        refused_access = self.plane.check_access(decision.name, self.client, head.headers)
+        if refused_access is not None:
+            await self._answer_early(refused_access, head, close=websocket)
+            return None
         if not hosts and head.version == b"1.1":
             detail = "an HTTP/1.1 request needs exactly one Host header (RFC 9112 3.2)"
             await self._answer_early(
@@ -457,6 +473,7 @@ class HttpConnection:
             client=self.client,
             proto=self.plane.scheme,
             trusted=self._trusted,
+            drop_authorization=self.plane.guards_credentials(decision.name),
         )
         if isinstance(outbound, Reply):
             await self._answer_early(outbound, head)

@@ -36,6 +36,7 @@ from .._proto.session import Role, TunnelSession
 from .._runtime.heartbeat import Heartbeat, HeartbeatScheduler
 from .._runtime.transport import MessageTransport
 from .._runtime.tunnel import Tunnel, TunnelEnd
+from .access import AccessPolicy, parse_access
 from .addresses import AddressPolicy, parse_networks
 from .admin import make_admin_app, serve_admin
 from .announcing import Announcements
@@ -85,6 +86,10 @@ class GatewayConfig:
     """Public request bodies, bytes (413); None: no limit."""
     max_agents: int | None = None
     """Agent tunnels this gateway holds at once (503 ``too_many_agents`` for the next)."""
+    agent_basic_auth: tuple[str, ...] = attrs.field(default=(), repr=False)
+    """``--agent-basic-auth NAME=USER:PASSWORD``: the public side of NAME needs it."""
+    agent_allow: tuple[str, ...] = ()
+    """``--agent-allow NAME=CIDR``: only these clients reach NAME."""
     trusted_proxies: tuple[str, ...] = ()
     """``--trusted-proxy``: CIDRs whose X-Forwarded-For/-Proto/-Host are believed."""
     announce_allow: tuple[str, ...] = ()
@@ -118,6 +123,7 @@ class GatewayConfig:
             parse_bind(bind, "--admin-bind")
         parse_networks(self.announce_allow)
         parse_networks(self.trusted_proxies, "--trusted-proxy")
+        parse_access(self.agent_basic_auth, self.agent_allow)
         for flag, number, low in (
             ("--max-request-head", self.max_request_head, 1024),
             ("--max-header-fields", self.max_header_fields, 1),
@@ -177,6 +183,7 @@ class Gateway:
         self.registry: Registry = registry if registry is not None else InMemoryRegistry()
         policy = address_policy or AddressPolicy(parse_networks(config.announce_allow))
         self._trusted_proxies = parse_networks(config.trusted_proxies, "--trusted-proxy")
+        self.access = AccessPolicy(parse_access(config.agent_basic_auth, config.agent_allow))
         self._limits = RequestLimits(
             max_head=config.max_request_head,
             max_fields=config.max_header_fields,
@@ -270,6 +277,16 @@ class Gateway:
             except ValueError:
                 pass
         return remote or "unknown"
+
+    def check_access(
+        self, name: str, remote: str | None, headers: list[tuple[bytes, bytes]]
+    ) -> Reply | None:
+        if not self.access:
+            return None
+        return self.access.check(name, self.auth_source(remote, headers), headers)
+
+    def guards_credentials(self, name: str) -> bool:
+        return self.access.guards_credentials(name)
 
     # -- agent tunnels ------------------------------------------------------------
     def admit_agent(

@@ -257,6 +257,7 @@ def forward(
     client: str | None,
     proto: str,
     trusted: bool = False,
+    drop_authorization: bool = False,
 ) -> Forward | Reply:
     """Where a routed public request goes, or the reply that answers it
     instead (503 ``agent_offline``). The agent is looked up through the
@@ -280,9 +281,12 @@ def forward(
         prefix=found.prefix or None,
         trusted=trusted,
     )
-    # The gateway answers Expect: 100-continue itself, and frames the body itself.
-    forwarded = [(n, v) for n, v in forwarded if n not in _NOT_FORWARDED]
+    # The gateway answers Expect: 100-continue itself, and frames the body itself;
+    # basic auth checked by the gateway is the gateway's, not the upstream's.
+    dropped = _NOT_FORWARDED_AUTH if drop_authorization else _NOT_FORWARDED
+    forwarded = [(n, v) for n, v in forwarded if n not in dropped]
     return Forward(found.name, session, method, found.target, host, forwarded)
 
 
 _NOT_FORWARDED = frozenset({b"expect", b"content-length"})
+_NOT_FORWARDED_AUTH = _NOT_FORWARDED | {b"authorization"}
