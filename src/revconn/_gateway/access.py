@@ -19,7 +19,7 @@ import attrs
 
 from .._errors import ConfigError
 from .._proto.rules import valid_agent_name
-from .addresses import IPNetwork, parse_networks
+from .addresses import IPNetwork, parse_networks, peer_in
 from .replies import Reply, json_reply
 
 __all__ = ["AccessPolicy", "AgentAccess", "parse_access"]
@@ -58,7 +58,7 @@ class AccessPolicy:
         rule = self._rules.get(name)
         if rule is None:
             return None
-        if rule.allow and not _allowed(client, rule.allow):
+        if rule.allow and not peer_in(client, rule.allow):
             detail = "your address may not reach this agent"
             return json_reply(403, {"error": "forbidden", "agent": name, "detail": detail})
         if rule.credentials and not _authenticated(headers, rule.credentials):
@@ -70,20 +70,6 @@ class AccessPolicy:
                 [(b"www-authenticate", challenge)],
             )
         return None
-
-
-def _allowed(client: str | None, networks: Sequence[IPNetwork]) -> bool:
-    import ipaddress
-
-    if client is None:
-        return False
-    try:
-        address = ipaddress.ip_address(client.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
 
 
 def _authenticated(headers: Iterable[tuple[bytes, bytes]], credentials: Sequence[bytes]) -> bool:

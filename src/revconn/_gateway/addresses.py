@@ -93,6 +93,20 @@ def _within(ip: IPAddress, networks: Iterable[IPNetwork]) -> bool:
     return any(ip in network for network in networks)
 
 
+def peer_in(peer: str | None, networks: Iterable[IPNetwork]) -> bool:
+    """A peer's address (as a socket or ASGI server reports it: maybe with a
+    zone, maybe IPv4-mapped on a dual-stack listener) is in ``networks``."""
+    if peer is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(peer.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return _within(ip, networks)
+
+
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
     """The IPv4 address an IPv6 form carries (and the form's name), if any."""
     if ip.ipv4_mapped is not None:

@@ -37,7 +37,7 @@ from .._runtime.heartbeat import Heartbeat, HeartbeatScheduler
 from .._runtime.transport import MessageTransport
 from .._runtime.tunnel import Tunnel, TunnelEnd
 from .access import AccessPolicy, parse_access
-from .addresses import AddressPolicy, parse_networks
+from .addresses import AddressPolicy, parse_networks, peer_in
 from .admin import make_admin_app, serve_admin
 from .announcing import Announcements
 from .auth import AuthPolicy, admit_agent_name, count_failure, refuse_limited
@@ -254,15 +254,7 @@ class Gateway:
         return self.config.domains
 
     def trusts_proxy(self, client: str | None) -> bool:
-        if client is None or not self._trusted_proxies:
-            return False
-        try:
-            address = ipaddress.ip_address(client.partition("%")[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # (a dual-stack listener's IPv4 peer)
-        return any(address in network for network in self._trusted_proxies)
+        return peer_in(client, self._trusted_proxies)
 
     def auth_source(self, remote: str | None, headers: Iterable[tuple[bytes, bytes]]) -> str:
         """The address failed authentications from a data-plane peer count
