@@ -40,6 +40,17 @@ EXPECTED = {
     "Supervisor",
     "SupervisorStatistics",
     "generate_secret",
+    # per-agent and admin tokens (issue 12)
+    "Denial",
+    "Grant",
+    "InvalidToken",
+    "RevocationList",
+    "RevokedError",
+    "SigningKey",
+    "TokenClaims",
+    "TokenPolicy",
+    "TokenVerifier",
+    "issue_token",
 }
 
 

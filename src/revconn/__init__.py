@@ -28,14 +28,18 @@ from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import ReplacedError as ReplacedError
 from ._errors import RevconnError as RevconnError
 from ._errors import RevconnTimeout as RevconnTimeout
+from ._errors import RevokedError as RevokedError
 from ._errors import StreamError as StreamError
 
 if _typing.TYPE_CHECKING:
     from ._agent.agent import Agent as Agent
     from ._agent.agent import AgentConfig as AgentConfig
     from ._gateway.auth import AuthPolicy as AuthPolicy
+    from ._gateway.auth import Denial as Denial
+    from ._gateway.auth import Grant as Grant
     from ._gateway.auth import Scope as Scope
     from ._gateway.auth import SharedSecretPolicy as SharedSecretPolicy
+    from ._gateway.auth import TokenPolicy as TokenPolicy
     from ._gateway.auth import generate_secret as generate_secret
     from ._gateway.gateway import Gateway as Gateway
     from ._gateway.gateway import GatewayConfig as GatewayConfig
@@ -45,6 +49,12 @@ if _typing.TYPE_CHECKING:
     from ._gateway.registry import Registry as Registry
     from ._gateway.registry import RegistryEvent as RegistryEvent
     from ._gateway.registry import RegistryEventKind as RegistryEventKind
+    from ._gateway.tokens import InvalidToken as InvalidToken
+    from ._gateway.tokens import RevocationList as RevocationList
+    from ._gateway.tokens import SigningKey as SigningKey
+    from ._gateway.tokens import TokenClaims as TokenClaims
+    from ._gateway.tokens import TokenVerifier as TokenVerifier
+    from ._gateway.tokens import issue_token as issue_token
     from ._runtime.heartbeat import Heartbeat as Heartbeat
     from ._runtime.supervisor import Backoff as Backoff
     from ._runtime.supervisor import Supervisor as Supervisor
@@ -54,8 +64,11 @@ _LAZY = {
     "Agent": "._agent.agent",
     "AgentConfig": "._agent.agent",
     "AuthPolicy": "._gateway.auth",
+    "Denial": "._gateway.auth",
+    "Grant": "._gateway.auth",
     "Scope": "._gateway.auth",
     "SharedSecretPolicy": "._gateway.auth",
+    "TokenPolicy": "._gateway.auth",
     "generate_secret": "._gateway.auth",
     "Gateway": "._gateway.gateway",
     "GatewayConfig": "._gateway.gateway",
@@ -65,6 +78,12 @@ _LAZY = {
     "Registry": "._gateway.registry",
     "RegistryEvent": "._gateway.registry",
     "RegistryEventKind": "._gateway.registry",
+    "InvalidToken": "._gateway.tokens",
+    "RevocationList": "._gateway.tokens",
+    "SigningKey": "._gateway.tokens",
+    "TokenClaims": "._gateway.tokens",
+    "TokenVerifier": "._gateway.tokens",
+    "issue_token": "._gateway.tokens",
     "Heartbeat": "._runtime.heartbeat",
     "Backoff": "._runtime.supervisor",
     "Supervisor": "._runtime.supervisor",

@@ -4,10 +4,12 @@
 
     RevconnError
     ├── ConfigError               bad configuration or command-line input (local)
+    ├── InvalidToken              (gateway) a credential is not a valid token
     ├── ProtocolError             the tunnel protocol was violated
     │   ├── LocalProtocolError    we were about to break it (a caller's misuse)
     │   └── RemoteProtocolError   the peer broke it; carries the close code to answer with
     ├── AuthError                 credentials missing or rejected             [fatal]
+    │   └── RevokedError          the token was revoked                       [fatal]
     ├── ReplacedError             a newer agent with the same name took over  [fatal]
     ├── ProtocolVersionError      the peer speaks another protocol version    [fatal]
     ├── CertificateVerifyError    the gateway's certificate is not trusted    [fatal]
@@ -98,6 +100,11 @@ class AuthError(FatalError):
     def __init__(self, message: str, *, status: int = 401) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RevokedError(AuthError):
+    """(agent) The gateway revoked this agent's token (HTTP 401 ``revoked`` or,
+    online, GOAWAY ``revoked`` and close 4403): a new token is needed."""
 
 
 class ProtocolVersionError(FatalError):

@@ -84,7 +84,7 @@ async def test_neither_upstream_nor_app_is_a_usage_error() -> None:
 @pytest.mark.e2e
 async def test_missing_secret_names_flag_and_environment_variable() -> None:
     code, stderr = await serve_agent("--gateway", "http://127.0.0.1:9", "--upstream", UPSTREAM)
-    assert_usage_error(code, stderr, "error: no secret: pass --secret or set REVCONN_SECRET")
+    assert_usage_error(code, stderr, "error: no credential: pass --token (REVCONN_TOKEN)")
 
 
 @pytest.mark.e2e

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from revconn._gateway.auth import Scope
+from revconn._gateway.auth import Admission, Denial, Grant, Scope
 from revconn._gateway.replies import Reply
 
 from .._gateway_helpers import SECRET, RunningGateway, raw_agent, running_gateway, wait_for
@@ -63,7 +63,7 @@ async def test_other_addresses_are_unaffected() -> None:
         admitted = gw.gateway.admit_agent(
             b"name=svc", [(b"authorization", AUTH["Authorization"].encode())], remote="127.0.0.2"
         )
-        assert admitted == "svc"
+        assert isinstance(admitted, Admission) and admitted.name == "svc"
 
 
 async def test_announce_locks_out_after_n_failures() -> None:
@@ -122,9 +122,11 @@ async def test_a_locked_out_address_is_refused_before_any_credential_is_compared
     compared: list[str | None] = []
 
     class Counting:
-        def allows(self, credential: str | None, *, agent: str | None, scope: Scope) -> bool:
+        def authenticate(
+            self, credential: str | None, *, agent: str | None, scope: Scope
+        ) -> Grant | Denial:
             compared.append(credential)
-            return False
+            return Denial(401, "unauthorized", "no")
 
     async with running_gateway(auth_failures=1) as gw:
         gw.gateway.auth = gw.gateway.announcements.auth = Counting()

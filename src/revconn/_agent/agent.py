@@ -16,11 +16,13 @@ import trio
 
 from .. import _codes
 from .._errors import (
+    AuthError,
     ConfigError,
     ConnectionLost,
     ProtocolVersionError,
     ReplacedError,
     RevconnError,
+    RevokedError,
 )
 from .._proto.announce import DEFAULT_INTERVAL, MAX_TTL, MIN_TTL, TTL_INTERVALS, parse_url
 from .._proto.connect import PUBLIC_URL_HEADER, WS_SUBPROTOCOL
@@ -29,7 +31,7 @@ from .._proto.session import Role, TunnelSession
 from .._runtime import wsmask
 from .._runtime.heartbeat import Heartbeat
 from .._runtime.supervisor import Backoff, Supervisor, SupervisorStatistics
-from .._runtime.tunnel import Tunnel
+from .._runtime.tunnel import EXPIRED_MESSAGE, REVOKED_MESSAGE, Tunnel
 from .announcer import Announcer, Exchange
 from .dial import (
     HandshakeWatch,
@@ -87,7 +89,7 @@ class AgentConfig:
                 "(letters a-z, digits and '-', 1-63 characters, no leading or trailing '-')"
             )
         if not self.secret:
-            raise ConfigError("no secret: pass --secret or set REVCONN_SECRET")
+            raise ConfigError("no credential: pass --token (REVCONN_TOKEN) or --secret")
         if not (math.isfinite(self.handshake_timeout) and self.handshake_timeout > 0):
             raise ConfigError("handshake timeout must be > 0 seconds")
         url = websocket_url(self.gateway, self.name)  # validates
@@ -355,6 +357,13 @@ class Agent:
             error = end.error
             if isinstance(error, ConnectionLost) and error.close_code == _codes.WS_REPLACED:
                 error = ReplacedError("replaced: another agent connected with the same name")
+            elif isinstance(error, ConnectionLost) and error.close_code == _codes.WS_REVOKED:
+                error = RevokedError(REVOKED_MESSAGE)
+            elif (
+                isinstance(error, ConnectionLost)
+                and error.close_code == _codes.WS_CREDENTIAL_EXPIRED
+            ):
+                error = AuthError(EXPIRED_MESSAGE)
             elif (
                 isinstance(error, ConnectionLost) and error.close_code == _codes.WS_VERSION_MISMATCH
             ):

@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 import trio
 
 from .._errors import (
-    AuthError,
     ConfigError,
     ConnectError,
     FatalError,
@@ -41,7 +40,7 @@ from .._proto.announce import (
     parse_url,
 )
 from .._proto.http1 import END, Body, ParseError, ResponseHead, ResponseParser, request_head
-from .dial import open_stream, tunnel_url
+from .dial import open_stream, rejection_error, tunnel_url
 
 if TYPE_CHECKING:
     from .agent import AgentConfig
@@ -258,11 +257,7 @@ class Announcer:
                     self._on_announced()
             return None
         if status in (401, 403):
-            raise AuthError(
-                f"the gateway rejected the credentials (HTTP {status}): "
-                "check --secret / REVCONN_SECRET",
-                status=status,
-            )
+            raise rejection_error(status, answer)
         if status == 409 and error == "replaced":
             holder = _holder(answer)
             if holder == "websocket":

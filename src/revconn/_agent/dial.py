@@ -8,6 +8,7 @@ host that is not loopback unless ``--insecure-plaintext`` says so."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import ssl
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -32,10 +33,12 @@ from .._errors import (
     HandshakeTimeout,
     RemoteProtocolError,
     RevconnError,
+    RevokedError,
 )
 from .._proto.connect import WS_SUBPROTOCOL
 from .._proto.rules import MAX_MESSAGE_SIZE
 from .._runtime.fastpath import FastSendStream
+from .._runtime.tunnel import EXPIRED_MESSAGE, REVOKED_MESSAGE
 
 __all__ = [
     "GatewayStream",
@@ -84,7 +87,7 @@ def tunnel_url(gateway: str, name: str) -> str:
         raise ConfigError(f"gateway URL {gateway!r} must not carry a query or fragment")
     if parts.username or parts.password:
         raise ConfigError(
-            f"gateway URL {gateway!r} must not carry credentials: use --secret or REVCONN_SECRET"
+            f"gateway URL {gateway!r} must not carry credentials: use --token or --secret"
         )
     host = parts.hostname
     netloc = f"[{host}]" if ":" in host else host
@@ -347,16 +350,43 @@ class HandshakeWatch(trio.abc.Stream):
         return f" (it answered {self._first_line.decode('ascii', 'replace')!r})"
 
 
+def rejection_error(status: int, answer: object) -> AuthError:
+    """The error for a 401/403 from the gateway (``/ws/connect`` or
+    ``/announce``; ``answer`` its parsed JSON body, if any): its ``error``
+    says whether the token was revoked, expired, or is for another name or
+    scope."""
+    error: object = None
+    detail: object = None
+    if isinstance(answer, dict):
+        error, detail = answer.get("error"), answer.get("detail")
+    detail = "".join(c for c in str(detail or "")[:200] if c.isprintable())
+    if error == "revoked":
+        return RevokedError(REVOKED_MESSAGE, status=status)
+    if error == "expired":
+        return AuthError(EXPIRED_MESSAGE, status=status)
+    if status == 403 and error in ("wrong_agent", "wrong_scope"):
+        return AuthError(
+            f"the gateway refused this token (HTTP 403 {error}): {detail}; "
+            "check --name and --token / REVCONN_TOKEN",
+            status=status,
+        )
+    return AuthError(
+        f"the gateway rejected the credentials (HTTP {status}): "
+        "check --token / REVCONN_TOKEN or --secret / REVCONN_SECRET",
+        status=status,
+    )
+
+
 def map_connect_error(exc: BaseException, url: str) -> RevconnError:
     """A trio-websocket / socket error while dialing, as the revconn error it means."""
     if isinstance(exc, ConnectionRejected):
         status = exc.status_code
         if status in (401, 403):
-            return AuthError(
-                f"the gateway rejected the credentials (HTTP {status}): "
-                "check --secret / REVCONN_SECRET",
-                status=status,
-            )
+            try:
+                answer = json.loads(exc.body or b"")
+            except ValueError:
+                answer = None
+            return rejection_error(status, answer)
         if status == 400:
             body = (exc.body or b"").decode("utf-8", "replace")[:200]
             return ConfigError(

@@ -52,17 +52,33 @@ def _load_app(ref: str, upstream: str | None) -> ASGIApp:
     return app
 
 
-def _secret(value: str | None) -> str:
-    """The --secret value; click reads an empty REVCONN_SECRET as unset, so tell
-    that apart from a missing one here."""
+def _secret(value: str | None, token: str | None = None) -> str:
+    """The credential: --token, or else --secret. Click reads an empty
+    REVCONN_SECRET/REVCONN_TOKEN as unset, so tell that apart from a missing
+    one here."""
+    if value and token:
+        raise ConfigError(
+            "give either --token (REVCONN_TOKEN) or --secret (REVCONN_SECRET), not both"
+        )
+    if token:
+        return token
     if value:
         return value
+    if token is None and os.environ.get("REVCONN_TOKEN") == "":
+        raise ConfigError(
+            "REVCONN_TOKEN is set but empty: set it to this agent's token, or pass --token"
+        )
     if value is None and os.environ.get("REVCONN_SECRET") == "":
         raise ConfigError(
             "REVCONN_SECRET is set but empty: set it to the gateway's secret, or pass --secret"
         )
+    if token is not None:
+        raise ConfigError("--token is empty: pass this agent's token")
     if value is None:
-        raise ConfigError("no secret: pass --secret or set REVCONN_SECRET")
+        raise ConfigError(
+            "no credential: pass --token (REVCONN_TOKEN) with this agent's token, or "
+            "--secret (REVCONN_SECRET) with the gateway's shared secret"
+        )
     raise ConfigError("--secret is empty: pass the gateway's secret")
 
 
@@ -138,6 +154,12 @@ def _check_modes(
     help="Local service URL requests are forwarded to (env REVCONN_UPSTREAM).",
 )
 @click.option("--secret", envvar="REVCONN_SECRET", help="Gateway secret (env REVCONN_SECRET).")
+@click.option(
+    "--token",
+    envvar="REVCONN_TOKEN",
+    help="This agent's token, from `revconn-gateway token issue` (env REVCONN_TOKEN); "
+    "instead of --secret.",
+)
 @click.option(
     "--ca-file",
     envvar="REVCONN_CA_FILE",
@@ -246,6 +268,7 @@ def agent_serve(
     name: str | None,
     upstream: str | None,
     secret: str | None,
+    token: str | None,
     ca_file: str | None,
     insecure_plaintext: bool,
     app_ref: str | None,
@@ -289,7 +312,7 @@ def agent_serve(
         config = AgentConfig(
             gateway=gateway,
             name=name,
-            secret=_secret(secret),
+            secret=_secret(secret, token),
             upstream=upstream,
             upstream_timeout=upstream_timeout,
             max_concurrent_streams=max_streams,

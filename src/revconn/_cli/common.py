@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import click
 import trio
@@ -73,7 +74,7 @@ def setup_logging(level: str, *, trace_protocol: bool = False) -> None:
     logging.getLogger("revconn.hypercorn").setLevel(logging.WARNING)
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 

@@ -1,26 +1,32 @@
 """``revconn-gateway``: flags -> GatewayConfig, then the gateway (and, with
 ``--demo``, an in-process demo agent) until SIGTERM/SIGINT; SIGHUP reloads
-the TLS certificate."""
+the TLS certificate and the revoked-tokens file. ``revconn-gateway token``:
+signing keys and tokens, offline (no gateway runs)."""
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import json
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import attrs
 import click
 import trio
 
 from .._agent.agent import Agent, AgentConfig
 from .._agent.demo import demo_app
 from .._errors import ConfigError
-from .._gateway.auth import SharedSecretPolicy, generate_secret
+from .._gateway.auth import AuthPolicy, SharedSecretPolicy, TokenPolicy, generate_secret
 from .._gateway.gateway import Gateway, GatewayConfig
+from .._gateway.tokens import RevocationList, SigningKey, TokenVerifier, issue_token
 from .._runtime.heartbeat import Heartbeat
 from .common import EXIT_CONFIG, TRACE_HELP, fail, run, setup_logging, until_signal
 
@@ -53,7 +59,64 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     return generate_secret(), True
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@attrs.frozen
+class _Auth:
+    """How the gateway authenticates, from the credential flags."""
+
+    policy: AuthPolicy
+    secret: str | None
+    """The shared secret; None with --no-shared-secret."""
+    generated: bool
+    """The shared secret was generated (and is shown once)."""
+    keys: tuple[SigningKey, ...]
+    """--token-key-file, in order (the first signs)."""
+    key_files: tuple[Path, ...]
+
+
+def _auth_policy(
+    secret: str | None,
+    secret_file: Path | None,
+    token_key_files: tuple[Path, ...],
+    revoked_file: Path | None,
+    no_shared_secret: bool,
+) -> _Auth:
+    """The policy for the credential flags; ConfigError naming the flag at fault."""
+    if not token_key_files:
+        if no_shared_secret:
+            raise ConfigError(
+                "--no-shared-secret needs --token-key-file: without either, no agent "
+                "could connect (create a key with `revconn-gateway token keygen FILE`)"
+            )
+        if revoked_file is not None:
+            raise ConfigError("--revoked-file lists token ids: it needs --token-key-file")
+        only_key, generated = _load_secret(secret, secret_file)
+        return _Auth(SharedSecretPolicy(only_key), only_key, generated, (), ())
+    keys = tuple(SigningKey.load(path) for path in token_key_files)
+    ids = [key.id for key in keys]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("--token-key-file: the same key is given twice")
+    revoked = None if revoked_file is None else RevocationList(revoked_file)
+    shared: SharedSecretPolicy | None = None
+    shared_key: str | None = None
+    generated = False
+    if no_shared_secret:
+        if secret is not None or secret_file is not None:
+            raise ConfigError(
+                "--no-shared-secret contradicts --secret/--secret-file/REVCONN_SECRET: "
+                "drop one of them"
+            )
+    else:
+        shared_key, generated = _load_secret(secret, secret_file)
+        shared = SharedSecretPolicy(shared_key)
+    policy = TokenPolicy(TokenVerifier(keys), revoked=revoked, shared_secret=shared)
+    return _Auth(policy, shared_key, generated, keys, token_key_files)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    invoke_without_command=True,
+    subcommand_metavar="[token ...]",
+)
 @click.option(
     "--bind",
     "binds",
@@ -79,6 +142,25 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     help="Read the shared secret from this file.",
 )
 @click.option(
+    "--token-key-file",
+    "token_key_files",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Accept per-agent and admin tokens signed with this key (`revconn-gateway token "
+    "keygen`). Repeatable for a rotation: every key given verifies.",
+)
+@click.option(
+    "--revoked-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Token ids refused, one a line; re-read on SIGHUP and when it changes, closing "
+    "the revoked tokens' live sessions. Needs --token-key-file.",
+)
+@click.option(
+    "--no-shared-secret",
+    is_flag=True,
+    help="Accept tokens only: no shared secret (needs --token-key-file).",
+)
+@click.option(
     "--heartbeat-interval",
     type=float,
     default=15.0,
@@ -97,8 +179,9 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     type=float,
     default=10.0,
     show_default=True,
-    help="Seconds an agent has to complete the tunnel handshake after connecting (and "
-    "any client its TLS handshake, with --certfile).",
+    help="Seconds an agent has to complete the tunnel handshake after connecting, an "
+    "upstream to answer a public WebSocket handshake (then 504), and any client its TLS "
+    "handshake, with --certfile.",
 )
 @click.option(
     "--idle-timeout",
@@ -107,6 +190,21 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     show_default=True,
     help="Seconds a public connection may sit idle between requests, and the "
     "time allowed to send a request head (then 408).",
+)
+@click.option(
+    "--body-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds a public request's body may stall, no byte arriving from the client (then 408).",
+)
+@click.option(
+    "--max-pending-connections",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Data-plane connections waiting for a request head at once (new, or kept alive "
+    "between requests); beyond it new connections are closed at once.",
 )
 @click.option(
     "--agent-basic-auth",
@@ -227,15 +325,22 @@ def _load_secret(secret: str | None, secret_file: Path | None) -> tuple[str, boo
     show_default=True,
 )
 @click.option("--trace-protocol", is_flag=True, help=TRACE_HELP)
+@click.pass_context
 def main(
+    ctx: click.Context,
     binds: tuple[str, ...],
     admin_binds: tuple[str, ...],
     secret: str | None,
     secret_file: Path | None,
+    token_key_files: tuple[Path, ...],
+    revoked_file: Path | None,
+    no_shared_secret: bool,
     heartbeat_interval: float,
     heartbeat_timeout: float,
     handshake_timeout: float,
     idle_timeout: float,
+    body_timeout: float,
+    max_pending_connections: int,
     domains: tuple[str, ...],
     trusted_proxies: tuple[str, ...],
     agent_basic_auth: tuple[str, ...],
@@ -257,15 +362,20 @@ def main(
 ) -> None:
     """Run the revconn gateway: agents dial /ws/connect (or announce a URL on
     /announce) and public requests for /a/NAME/... reach them on --bind;
-    operators list /endpoints on --admin-bind."""
+    operators list /endpoints on --admin-bind.
+
+    `revconn-gateway token --help`: signing keys and per-agent tokens."""
+    if ctx.invoked_subcommand is not None:
+        return  # (a `token` command: it runs next, no gateway)
     setup_logging(log_level, trace_protocol=trace_protocol)
     try:
-        key, generated = _load_secret(secret, secret_file)
-        policy = SharedSecretPolicy(key)
+        auth = _auth_policy(secret, secret_file, token_key_files, revoked_file, no_shared_secret)
         config = GatewayConfig(
             binds=binds,
             admin_binds=admin_binds,
             idle_timeout=idle_timeout,
+            body_timeout=body_timeout,
+            max_pending_connections=max_pending_connections,
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
             handshake_timeout=handshake_timeout,
             domains=domains,
@@ -284,7 +394,7 @@ def main(
             certfile=certfile,
             keyfile=keyfile,
         )
-        gateway = Gateway(config, policy)  # (loads the certificate)
+        gateway = Gateway(config, auth.policy)  # (loads the certificate)
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)
         return
@@ -307,20 +417,24 @@ def main(
             nursery.start_soon(
                 until_signal, begin_stop, config.graceful_timeout + 5.0, nursery.cancel_scope
             )
-            if gateway.tls_context is not None:
-                nursery.start_soon(_reload_on_sighup, gateway)
+            if gateway.tls_context is not None or revoked_file is not None:
+                nursery.start_soon(_reload_on_sighup, gateway, revoked_file is not None)
             urls: list[str] = await nursery.start(serve)
             base = urls[0]
             click.echo(f"revconn-gateway listening on {', '.join(urls)}")
             click.echo(f"admin API on {', '.join(gateway.admin_urls)}")
             admin = gateway.admin_urls[0]
-            if generated:
-                click.echo(f"generated secret (shown once): {key}")
+            if auth.generated:
+                click.echo(f"generated secret (shown once): {auth.secret}")
             if demo:
                 # The demo agent dials the address actually bound (port 0
-                # resolved), on loopback.
+                # resolved), on loopback, with the shared secret or else a
+                # token of its own.
+                credential = auth.secret
+                if credential is None:
+                    credential, _ = issue_token(auth.keys[0], DEMO_NAME)
                 agent = Agent(
-                    AgentConfig(gateway=_loopback(base), name=DEMO_NAME, secret=key),
+                    AgentConfig(gateway=_loopback(base), name=DEMO_NAME, secret=credential),
                     app=demo_app,
                     ssl_context=_own_socket_context() if gateway.tls_context else None,
                 )
@@ -329,7 +443,11 @@ def main(
                 click.echo(f"demo agent {DEMO_NAME!r} connecting; its page, through the tunnel:")
                 click.echo(f"  curl '{base}/a/{DEMO_NAME}/'")
             # The secret is echoed only when it was generated (a given one stays unprinted).
-            bearer = key if generated else "$REVCONN_SECRET"
+            if auth.secret is None:
+                issue = f"revconn-gateway token issue --admin --key-file {auth.key_files[0]}"
+                bearer = f"$({issue})"
+            else:
+                bearer = auth.secret if auth.generated else "$REVCONN_SECRET"
             click.echo("list the agents with:")
             click.echo(f"  curl -H \"Authorization: Bearer {bearer}\" '{admin}/endpoints'")
             sys.stdout.flush()
@@ -337,15 +455,119 @@ def main(
     run(main_task)
 
 
-async def _reload_on_sighup(gateway: Gateway) -> None:
-    """SIGHUP: load the certificate and key again; a failure keeps the current ones."""
+async def _reload_on_sighup(gateway: Gateway, revoked: bool) -> None:
+    """SIGHUP: load the certificate and key again, and the revoked-tokens file
+    (closing the sessions it lists); a failure keeps the current ones."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
-            try:
-                gateway.reload_tls()
-            except ConfigError as exc:
-                # (the message says what is wrong: no traceback)
-                log.error("SIGHUP: TLS reload failed, the current certificate stays: %s", exc)  # noqa: TRY400
+            # (each message says what is wrong: no traceback)
+            if gateway.tls_context is not None:
+                try:
+                    gateway.reload_tls()
+                except ConfigError as exc:
+                    log.error("SIGHUP: TLS reload failed, the current certificate stays: %s", exc)  # noqa: TRY400
+            if revoked:
+                try:
+                    await gateway.reload_revoked()
+                except ConfigError as exc:
+                    message = "SIGHUP: revoked tokens not reloaded, the current list stays: %s"
+                    log.error(message, exc)  # noqa: TRY400
+
+
+# -- `revconn-gateway token ...`: keys and tokens, offline ----------------------------
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90d``, ``12h``, ``30m``, ``3600s`` or ``3600`` -> seconds; ConfigError otherwise."""
+    match = _DURATION.fullmatch(text)
+    seconds = float(match[1]) * _UNITS[match[2].lower()] if match else 0.0
+    if seconds <= 0:
+        raise ConfigError(
+            f"--expires {text!r}: give a positive number with a unit s, m, h, d or w "
+            "(for example 90d, 12h, 3600s)"
+        )
+    return seconds
+
+
+@main.group(context_settings={"help_option_names": ["-h", "--help"]})
+def token() -> None:
+    """Signing keys and tokens (offline: no gateway is contacted).
+
+    \b
+    revconn-gateway token keygen /etc/revconn/token.key
+    revconn-gateway token issue --key-file /etc/revconn/token.key laptop --expires 90d
+    revconn-gateway token issue --key-file /etc/revconn/token.key --admin
+    """
+
+
+@token.command("keygen")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+def token_keygen(file: Path) -> None:
+    """Write a new signing key to FILE (mode 0600; an existing file is never overwritten)."""
+    key = SigningKey.generate()
+    try:
+        key.write(file)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_CONFIG)
+        return
+    click.echo(f"wrote token key {key.id} to {file}", err=True)
+    click.echo(f"  gateway:  revconn-gateway --token-key-file {file} ...", err=True)
+    click.echo(f"  a token:  revconn-gateway token issue --key-file {file} NAME", err=True)
+
+
+@token.command("issue")
+@click.option(
+    "--key-file",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The signing key (`token keygen`); the gateway's first --token-key-file.",
+)
+@click.option(
+    "--expires",
+    metavar="DURATION",
+    help="Lifetime, e.g. 90d, 12h, 30m, 3600s (default: no expiry; revoke it instead).",
+)
+@click.option("--admin", is_flag=True, help="An admin token (the admin API), bound to no agent.")
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print {"token", "id", "name", "expires_at"}.'
+)
+@click.argument("name", required=False)
+def token_issue(
+    key_file: Path, expires: str | None, admin: bool, as_json: bool, name: str | None
+) -> None:
+    """Print a token for agent NAME (or, with --admin, an admin token).
+
+    The token goes to stdout alone (or as JSON with --json); its id, which
+    --revoked-file lists to revoke it, to stderr."""
+    if admin and name is not None:
+        fail(f"--admin tokens are bound to no agent: drop {name!r} or --admin", EXIT_CONFIG)
+    if not admin and name is None:
+        fail("give the agent NAME the token is for, or --admin", EXIT_CONFIG)
+    try:
+        lifetime = None if expires is None else parse_duration(expires)
+        key = SigningKey.load(key_file)
+        credential, claims = issue_token(key, name, admin=admin, expires_in=lifetime)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_CONFIG)
+        return
+    expires_at = (
+        None
+        if claims.expires_at is None
+        else datetime.datetime.fromtimestamp(claims.expires_at, datetime.UTC)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
+    if as_json:
+        payload = {"token": credential, "id": claims.token_id, "name": name}
+        click.echo(json.dumps({**payload, "expires_at": expires_at}))
+    else:
+        click.echo(credential)
+    what = "admin token" if admin else f"token for agent {name!r}"
+    until = f", expires {expires_at}" if expires_at else ", no expiry"
+    click.echo(f"issued {what}: id {claims.token_id}{until} (key {key.id})", err=True)
 
 
 def _loopback(url: str) -> str:

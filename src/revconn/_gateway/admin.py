@@ -24,12 +24,14 @@ from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
 
 from .._proto.rules import valid_agent_name
-from .auth import AuthPolicy, Scope, bearer_credential, count_failure, refuse_limited
+from .auth import AuthPolicy, Grant, Scope, bearer_credential, count_failure, refuse_limited
 from .ratelimit import FailureLimiter
 from .registry import Registry
-from .replies import Reply, json_reply, unauthorized
+from .replies import Reply, json_reply
 
 __all__ = ["AdminHost", "make_admin_app", "serve_admin"]
+
+log = logging.getLogger("revconn.gateway")
 
 
 class AdminHost(Protocol):
@@ -61,8 +63,9 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
             return _quart(json_reply(503, {"status": "shutting_down"}))
         return _quart(json_reply(200, {"status": "ok"}))
 
-    @app.get("/endpoints")
-    async def endpoints() -> Response:
+    def refuse_operator() -> Response | None:
+        """The refusal for a request to an admin-only route (429 locked out,
+        401 bad credential, 403 an agent token), or None: go ahead."""
         source = request.remote_addr or _scope_client(request.scope) or "unknown"
         refused = refuse_limited(host.auth_limiter, source)
         if refused is not None:
@@ -70,9 +73,19 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
         credential = bearer_credential(
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
         )
-        if not host.auth.allows(credential, agent=None, scope=Scope.ADMIN):
-            count_failure(host.auth_limiter, source, "/endpoints")
-            return _quart(unauthorized())
+        verdict = host.auth.authenticate(credential, agent=None, scope=Scope.ADMIN)
+        if isinstance(verdict, Grant):
+            return None
+        if verdict.status == 401:
+            count_failure(host.auth_limiter, source, request.path)
+        log.info("%s from %s refused: %s", request.path, source, verdict.error)
+        return _quart(verdict.reply())
+
+    @app.get("/endpoints")
+    async def endpoints() -> Response:
+        refused = refuse_operator()
+        if refused is not None:
+            return refused
         rows = await host.registry.snapshot()
         return _quart(json_reply(200, {"endpoints": [row.to_json() for row in rows]}))
 

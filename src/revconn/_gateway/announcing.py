@@ -20,7 +20,7 @@ import trio
 from .. import _codes
 from .._proto.announce import AnnouncedUrl, parse_announcement
 from .addresses import AddressPolicy, AddressRefused
-from .auth import AuthPolicy, admit_agent_name, count_failure, refuse_limited
+from .auth import Admission, AuthPolicy, admit_agent_name
 from .direct import DirectSession
 from .ratelimit import FailureLimiter
 from .registry import NameTaken, Registry
@@ -59,6 +59,8 @@ class Announcements:
         self._connect_timeout = connect_timeout
         self._ssl_context = ssl_context
         self._sessions: weakref.WeakSet[DirectSession] = weakref.WeakSet()
+        self._tokens: dict[str, tuple[int, str]] = {}
+        """name -> (epoch, token id) of announcements made with a token."""
 
     def session(self, name: str, url: AnnouncedUrl) -> DirectSession:
         session = DirectSession(
@@ -81,6 +83,23 @@ class Announcements:
             now = trio.current_time()
             for session in list(self._sessions):
                 session.prune(now)
+            for name in [n for n in self._tokens if self.registry.lookup(n) is None]:
+                del self._tokens[name]  # withdrawn or lapsed
+
+    async def revoke(self, token_ids: frozenset[str]) -> int:
+        """Withdraw the announcements made with these tokens; how many were."""
+        withdrawn = 0
+        for name, (epoch, token_id) in list(self._tokens.items()):
+            if token_id not in token_ids:
+                continue
+            del self._tokens[name]
+            try:
+                if await self.registry.withdraw(name, epoch):
+                    withdrawn += 1
+                    log.info("agent %r (announced URL, epoch %d) offline: revoked", name, epoch)
+            except NameTaken:
+                pass  # a tunnel holds the name now: that session has its own grant
+        return withdrawn
 
     def close_all(self) -> None:
         """Gateway shutdown: every announced URL's kept-alive connections close."""
@@ -111,21 +130,25 @@ class Announcements:
                 {"error": "method_not_allowed", "detail": detail},
                 [(b"allow", b"PUT, DELETE")],
             )
-        refused = refuse_limited(self.limiter, source)
-        if refused is not None:
-            return refused
         query = parse_qs(query_string.decode("latin-1"))
-        name = admit_agent_name(self.auth, query, headers, shutting_down=shutting_down)
-        if isinstance(name, Reply):
-            if name.status == 401:
-                log.info("announcement from %s: bad or missing credentials", source)
-                count_failure(self.limiter, source, "/announce")
-            return name
+        admitted = admit_agent_name(
+            self.auth,
+            query,
+            headers,
+            shutting_down=shutting_down,
+            limiter=self.limiter,
+            source=source,
+            surface="/announce",
+        )
+        if isinstance(admitted, Reply):
+            return admitted
+        name = admitted.name
         if method == b"DELETE":
             return await self._withdraw(name, query.get("epoch", []))
-        return await self._announce(name, body, remote)
+        return await self._announce(admitted, body, remote)
 
-    async def _announce(self, name: str, body: bytes, remote: str) -> Reply:
+    async def _announce(self, admitted: Admission, body: bytes, remote: str) -> Reply:
+        name = admitted.name
         try:
             wanted = parse_announcement(body)
         except ValueError as exc:
@@ -157,6 +180,11 @@ class Announcements:
                     "detail": str(exc),
                 }
                 return json_reply(409, payload)
+            token_id = admitted.grant.token_id
+            if token_id is not None:
+                self._tokens[name] = (announced.registration.epoch, token_id)
+            else:
+                self._tokens.pop(name, None)
             return json_reply(200, announced.to_json())
         detail = f"{url.text}: {url.host} did not resolve within {RESOLVE_TIMEOUT:g} s"
         return json_reply(400, {"error": "url_unresolvable", "agent": name, "detail": detail})

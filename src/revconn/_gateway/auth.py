@@ -1,8 +1,10 @@
 """The auth policy: who may connect as which agent, and who may list them.
 
 The gateway extracts the bearer credential from the ``Authorization`` header
-only (never a query parameter or cookie) and asks an ``AuthPolicy``. Per-agent
-credentials plug in later as another policy; the gateway does not change.
+only (never a query parameter or cookie) and asks an ``AuthPolicy``, which
+answers with a ``Grant`` or a ``Denial``: ``SharedSecretPolicy`` (one secret
+for everything) or ``TokenPolicy`` (per-agent and admin tokens, revocation,
+optionally the shared secret beside them).
 """
 
 from __future__ import annotations
@@ -14,15 +16,22 @@ import secrets
 from collections.abc import Iterable
 from typing import Protocol
 
+import attrs
+
 from .._errors import ConfigError
 from .._proto.rules import NAME_RULE, valid_agent_name
 from .ratelimit import FailureLimiter
 from .replies import Reply, json_reply, too_many_failures, unauthorized
+from .tokens import InvalidToken, RevocationList, TokenVerifier
 
 __all__ = [
+    "Admission",
     "AuthPolicy",
+    "Denial",
+    "Grant",
     "Scope",
     "SharedSecretPolicy",
+    "TokenPolicy",
     "admit_agent_name",
     "bearer_credential",
     "count_failure",
@@ -44,10 +53,49 @@ class Scope(enum.Enum):
     """Listing agents (``/endpoints``) and other operator calls."""
 
 
+@attrs.frozen
+class Grant:
+    """A credential accepted for one scope."""
+
+    token_id: str | None = None
+    """The token's id (what ``--revoked-file`` lists); None for the shared secret."""
+    expires_at: int | None = None
+    """When the credential stops being valid (Unix time); None: never."""
+
+
+@attrs.frozen
+class Denial:
+    """A credential refused: 401 (missing, invalid, expired, revoked) or 403
+    (valid, but not for this agent or scope). ``error`` is the JSON error
+    code, ``detail`` the sentence for humans (never the credential)."""
+
+    status: int
+    error: str
+    detail: str
+
+    def reply(self) -> Reply:
+        if self.status == 401:
+            return unauthorized(self.error, self.detail)
+        return json_reply(self.status, {"error": self.error, "detail": self.detail})
+
+
+DENIED = Denial(401, "unauthorized", "missing or invalid bearer credential")
+
+
+@attrs.frozen
+class Admission:
+    """An agent admitted to connect (or announce) as ``name`` with ``grant``."""
+
+    name: str
+    grant: Grant = Grant()
+
+
 class AuthPolicy(Protocol):
-    def allows(self, credential: str | None, *, agent: str | None, scope: Scope) -> bool:
-        """True if ``credential`` may act on ``agent`` (None for gateway-wide
-        scopes) in ``scope``. Must be cheap and never raise for bad input."""
+    def authenticate(
+        self, credential: str | None, *, agent: str | None, scope: Scope
+    ) -> Grant | Denial:
+        """May ``credential`` act on ``agent`` (None for gateway-wide scopes)
+        in ``scope``? Must be cheap and never raise for bad input."""
         ...
 
 
@@ -68,13 +116,82 @@ class SharedSecretPolicy:
             )
         self._secret = secret.encode("utf-8")
 
-    def allows(self, credential: str | None, *, agent: str | None, scope: Scope) -> bool:
+    def authenticate(
+        self, credential: str | None, *, agent: str | None, scope: Scope
+    ) -> Grant | Denial:
+        return Grant() if self.matches(credential) else DENIED
+
+    def matches(self, credential: str | None) -> bool:
+        """``credential`` is the secret (compared in constant time)."""
         if credential is None:
             return False
         return hmac.compare_digest(credential.encode("utf-8", "surrogateescape"), self._secret)
 
+    def allows(self, credential: str | None, *, agent: str | None, scope: Scope) -> bool:
+        return isinstance(self.authenticate(credential, agent=agent, scope=scope), Grant)
+
     def __repr__(self) -> str:  # never print the secret
         return "SharedSecretPolicy(<secret>)"
+
+
+class TokenPolicy:
+    """Per-agent and admin tokens (``tokens.py``), optionally beside a shared
+    secret (``--no-shared-secret`` leaves it out).
+
+    An agent token opens the tunnel of its own name only (another name: 403
+    ``wrong_agent``) and never the admin surface; an admin token opens the
+    admin surface only (403 ``wrong_scope``). Tokens listed in ``revoked``
+    are refused (401 ``revoked``); so are expired ones (401 ``expired``).
+    """
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        *,
+        revoked: RevocationList | None = None,
+        shared_secret: SharedSecretPolicy | None = None,
+    ) -> None:
+        self.verifier = verifier
+        self.revoked = revoked
+        self.shared_secret = shared_secret
+
+    def authenticate(
+        self, credential: str | None, *, agent: str | None, scope: Scope
+    ) -> Grant | Denial:
+        if credential is None:
+            return DENIED
+        if not self.verifier.looks_like_token(credential):
+            if self.shared_secret is not None and self.shared_secret.matches(credential):
+                return Grant()
+            return DENIED
+        try:
+            claims = self.verifier.verify(credential)
+        except InvalidToken as exc:
+            if exc.reason == "expired":
+                return Denial(401, "expired", "this token has expired: issue a new one")
+            return DENIED
+        if self.revoked is not None and claims.token_id in self.revoked:
+            return Denial(401, "revoked", "this token was revoked: ask the operator for a new one")
+        grant = Grant(claims.token_id, claims.expires_at)
+        if scope is Scope.ADMIN:
+            if not claims.admin:
+                detail = "an agent token does not open the admin surface: use an admin token"
+                return Denial(403, "wrong_scope", detail)
+            return grant
+        if claims.admin:
+            return Denial(403, "wrong_scope", "an admin token cannot open a tunnel")
+        if claims.name != agent:
+            detail = f"this token connects only as {claims.name!r}"
+            return Denial(403, "wrong_agent", detail)
+        return grant
+
+    def is_revoked(self, token_id: str | None) -> bool:
+        return token_id is not None and self.revoked is not None and token_id in self.revoked
+
+    def __repr__(self) -> str:
+        keys = ", ".join(self.verifier.key_ids)
+        shared = "" if self.shared_secret is None else ", shared secret"
+        return f"TokenPolicy(keys=[{keys}]{shared})"
 
 
 def generate_secret() -> str:
@@ -112,20 +229,33 @@ def admit_agent_name(
     headers: Iterable[tuple[bytes, bytes]],
     *,
     shutting_down: bool,
-) -> str | Reply:
-    """An agent's request (``/ws/connect``, ``/announce``): its ``name``, or
-    the refusal to answer with (400 invalid name, 401 bad credentials, 503
-    shutting down). ``query`` is the parsed query string."""
+    limiter: FailureLimiter,
+    source: str,
+    surface: str,
+) -> Admission | Reply:
+    """An agent's request on ``surface`` (``/ws/connect``, ``/announce``) from
+    ``source`` (the address failures count against): its ``name`` and grant,
+    or the refusal to answer with (429 locked out, 400 invalid name, 401 bad
+    credentials, 403 a token for another name or scope, 503 shutting down).
+    ``query`` is the parsed query string. Each refusal of a credential is one
+    log line naming the source and the reason, never the credential."""
+    refused = refuse_limited(limiter, source)
+    if refused is not None:
+        return refused
     names = query.get("name", [])
     if len(names) != 1 or not valid_agent_name(names[0]):
         detail = f"name must be one lowercase DNS label: {NAME_RULE}"
         return json_reply(400, {"error": "invalid_name", "detail": detail})
     name = names[0]
-    if not auth.allows(bearer_credential(headers), agent=name, scope=Scope.CONNECT):
-        return unauthorized()
+    verdict = auth.authenticate(bearer_credential(headers), agent=name, scope=Scope.CONNECT)
+    if isinstance(verdict, Denial):
+        log.info("%s: agent %r from %s refused: %s", surface, name, source, verdict.error)
+        if verdict.status == 401:
+            count_failure(limiter, source, surface)
+        return verdict.reply()
     if shutting_down:
         return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
-    return name
+    return Admission(name, verdict)
 
 
 def refuse_limited(limiter: FailureLimiter, source: str) -> Reply | None:

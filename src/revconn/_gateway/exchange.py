@@ -54,13 +54,14 @@ from .._proto.http1 import (
 )
 from .._runtime.fastpath import WriteLock, send_all
 from .._runtime.streampool import StreamRefused
+from .auth import Admission
 from .registry import Registry, RequestStream
 from .replies import Reply, agent_busy, agent_offline, json_reply, stream_failure, upstream_broken
 from .routing import Forward, Route, Target, dispatch, forward, public_urls, public_view
 from .tls import AcceptedStream
 from .websocket import WebSocketTransport, upgrade_response
 
-__all__ = ["MAX_HEAD", "DataPlane", "HttpConnection", "RequestLimits"]
+__all__ = ["MAX_HEAD", "DataPlane", "HeadWait", "HttpConnection", "RequestLimits"]
 
 log = logging.getLogger("revconn.exchange")
 
@@ -95,6 +96,10 @@ class RequestLimits:
     """The request target, bytes (414 beyond)."""
     max_body: int | None = None
     """Request body, bytes (413, before it is read when it has a Content-Length); None: any."""
+    body_timeout: float = 60.0
+    """Seconds a request body may stall: no byte of it from the client (408 beyond)."""
+    upgrade_timeout: float = 10.0
+    """Seconds an upstream has to answer a public WebSocket handshake (504 beyond)."""
 
     def parser(self) -> RequestParser:
         return RequestParser(
@@ -156,8 +161,8 @@ class DataPlane(Protocol):
         headers: Iterable[tuple[bytes, bytes]],
         *,
         remote: str | None = None,
-    ) -> str | Reply:
-        """The agent's name, or the refusal to answer its upgrade with."""
+    ) -> Admission | Reply:
+        """The agent's name and grant, or the refusal to answer its upgrade with."""
         ...
 
     async def announce(
@@ -169,6 +174,20 @@ class DataPlane(Protocol):
         remote: str,
     ) -> Reply:
         """The answer to ``PUT``/``DELETE /announce`` (never raises for bad input)."""
+        ...
+
+
+class HeadWait(Protocol):
+    """The listener's count of connections waiting for a request head
+    (``--max-pending-connections``): one slot per connection."""
+
+    def enter(self) -> bool:
+        """This connection waits for a request head now (no-op if it already
+        does); False if too many do: then it is to be closed."""
+        ...
+
+    def leave(self) -> None:
+        """Its head arrived (or it ended); idempotent."""
         ...
 
 
@@ -210,7 +229,9 @@ class _InFlight:
         self.waiting_on_client = False
         """The relay is writing to the client (its deadline is the client's)."""
         self.gone = False
-        """The client left (the scope was cancelled for that, not a timeout)."""
+        """The client left, or a timeout of ours answers it (the scope was
+        cancelled for that, not for the upstream's timeout): the relay, which
+        may yet be woken by our own reset, says nothing."""
         self.done = False
         self.retried = False
         self.request_done = False
@@ -223,8 +244,10 @@ class _InFlight:
         self.switched = False
         """The upstream answered 101: the stream is a byte pipe now."""
         self.upload_wait: trio.CancelScope | None = None
-        """(the reader) Waiting for more of the body from the client; cancelled
-        when the response ended first, so the connection closes at once."""
+        """(the reader) Waiting for more of the body from the client (set
+        exactly while that read is pending, so a timeout that cancels it
+        leaves it set); cancelled when the response ended first, so the
+        connection closes at once."""
         """The upstream answered >= 300 before the body was sent: send no more."""
         upstream = stream.upstream
         self.timeout = (
@@ -275,13 +298,20 @@ class HttpConnection:
         "_timeout",
         "_trusted",
         "_tunnel",
+        "_waiting",
         "client",
         "parser",
         "plane",
         "stream",
     )
 
-    def __init__(self, plane: DataPlane, stream: AcceptedStream, client: str | None):
+    def __init__(
+        self,
+        plane: DataPlane,
+        stream: AcceptedStream,
+        client: str | None,
+        waiting: HeadWait | None = None,
+    ):
         self.plane = plane
         self.stream = stream
         self.client = client
@@ -299,9 +329,13 @@ class HttpConnection:
         """The connection ends after the current response."""
         self._responding = False
         """A response to the current request has begun (nothing else may be sent)."""
-        self._tunnel: tuple[str, WebSocketTransport] | None = None
+        self._tunnel: tuple[Admission, WebSocketTransport] | None = None
         self._trusted = plane.trusts_proxy(client)
         """The peer is a --trusted-proxy: its X-Forwarded-* are believed."""
+        self._waiting = waiting
+        """Held while this connection waits for a request head (the listener
+        took it at accept); a kept-alive connection that cannot get it back
+        after a response is closed, as idle keep-alive connections may be."""
 
     # -- writing ------------------------------------------------------------------
     async def _write(self, parts: list[bytes]) -> None:
@@ -322,7 +356,7 @@ class HttpConnection:
             self._closing = True
 
     # -- the reader (this connection's own task) ----------------------------------
-    async def run(self) -> tuple[str, WebSocketTransport] | None:
+    async def run(self) -> tuple[Admission, WebSocketTransport] | None:
         """Serve HTTP requests until the connection ends; returns the agent's
         name and WebSocket if it turned into an agent tunnel."""
         async with trio.open_nursery() as nursery:
@@ -339,6 +373,8 @@ class HttpConnection:
         while True:
             try:
                 if event is None:
+                    if self._waiting is not None and not self._waiting.enter():
+                        return  # too many connections wait for a head: this idle one goes
                     self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
                     event = await self._next_event()
                     if event is None:
@@ -351,6 +387,8 @@ class HttpConnection:
                     return
                 if not isinstance(event, RequestHead):
                     raise AssertionError(event)  # noqa: TRY004  (bodies are read by _upload)
+                if self._waiting is not None:
+                    self._waiting.leave()  # (a head is here: not waiting for one)
                 event = await self._request(event)
                 if event is _SWITCHED:
                     await self._pipe_upload()
@@ -367,17 +405,27 @@ class HttpConnection:
                 return
 
     async def _timed_out(self) -> None:
-        """Idle or slow client: say 408 if a request head had begun, then
-        close; an upstream that stopped taking the request body: 504."""
+        """Idle or slow client: say 408 if a request head had begun, or its
+        body stalled, then close; an upstream that stopped taking the request
+        body: 504. Either way the stream is reset (the agent drops its
+        upstream connection) and nothing else is touched."""
         ex = self._exchange
         if ex is not None and not ex.done and not self._responding:
-            detail = "the upstream stopped reading the request body"
-            payload = {"error": "upstream_timeout", "agent": ex.name, "detail": detail}
+            if ex.upload_wait is not None:  # the read from the client was pending
+                timeout = self.plane.limits.body_timeout
+                detail = f"no request body bytes received within {timeout:g} s"
+                status, payload = 408, {"error": "request_timeout", "detail": detail}
+                log.info("agent %r: the client's request body stalled", ex.name)
+            else:
+                detail = "the upstream stopped reading the request body"
+                status = 504
+                payload = {"error": "upstream_timeout", "agent": ex.name, "detail": detail}
             ex.gone = True
             ex.stream.reset(_codes.H2_CANCEL)
             ex.scope.cancel()
+            self._method = b""
             with trio.move_on_after(1):
-                await self._reply(json_reply(504, payload), close=True)
+                await self._reply(json_reply(status, payload), close=True)
             return
         if self.parser.head_started and self._cycle_done.is_set():
             detail = f"request head not received within {self.plane.idle_timeout:g} s"
@@ -573,10 +621,14 @@ class HttpConnection:
         watching the client: one that leaves resets the stream at once (its
         slot and the upstream connection are not held for nothing). Bytes it
         sends meanwhile (at most READ_SIZE, then it is not read) are returned,
-        to follow the 101 — or dropped with a refusal."""
+        to follow the 101 — or dropped with a refusal. An upstream that has
+        not answered within the upgrade timeout gets its stream reset and the
+        client a 504 (a WebSocket has no upstream timeout once switched, so
+        this is the only bound on a handshake nobody answers)."""
         assert exchange.switch is not None
         early = b""
         gone = False
+        waited = trio.CancelScope()
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -591,12 +643,33 @@ class HttpConnection:
                 await trio.sleep_forever()  # enough buffered: backpressure
 
             nursery.start_soon(watch)
-            await exchange.switch.wait()
+            waited.deadline = trio.current_time() + self.plane.limits.upgrade_timeout
+            with waited:
+                await exchange.switch.wait()
             nursery.cancel_scope.cancel()
         if gone:
             self._client_gone(exchange)
             raise trio.BrokenResourceError("client closed during the WebSocket handshake")
+        if waited.cancelled_caught and not exchange.switch.is_set():
+            await self._upgrade_timed_out(exchange)
         return early
+
+    async def _upgrade_timed_out(self, exchange: _InFlight) -> None:
+        """No answer to a WebSocket handshake within the upgrade timeout: the
+        stream is reset (the agent drops its upstream connection), the relay
+        ends, and the client gets 504 before the connection closes."""
+        timeout = self.plane.limits.upgrade_timeout
+        log.info("agent %r: no answer to a WebSocket handshake within %g s", exchange.name, timeout)
+        exchange.gone = True  # (the relay, cancelled, answers nothing itself)
+        exchange.stream.reset(_codes.H2_CANCEL)
+        exchange.scope.cancel()
+        await self._cycle_done.wait()
+        detail = f"no answer to the WebSocket handshake within {timeout:g} s"
+        payload = {"error": "upstream_timeout", "agent": exchange.name, "detail": detail}
+        if not self._responding:
+            with trio.move_on_after(1):
+                await self._reply(json_reply(504, payload), close=True)
+        self._closing = True
 
     def _resume_after_upgrade(self, head: RequestHead) -> None:
         """Go on parsing an upgrade request's body as a plain HTTP body: a
@@ -690,7 +763,7 @@ class HttpConnection:
         speaks = WS_SUBPROTOCOL in offered
         if speaks:
             scheme, host = public_view(headers, self.plane.scheme, trusted=self._trusted)
-            urls = public_urls(admitted, host, self.plane.domains, scheme)
+            urls = public_urls(admitted.name, host, self.plane.domains, scheme)
             accept = [
                 *accept,
                 (b"sec-websocket-protocol", WS_SUBPROTOCOL.encode()),
@@ -703,7 +776,7 @@ class HttpConnection:
         if not speaks:
             # An agent of another protocol version: tell it why, in the close
             # reason its WebSocket library reports (no tunnel starts).
-            log.info("agent %r from %s: protocol version mismatch", admitted, self.client)
+            log.info("agent %r from %s: protocol version mismatch", admitted.name, self.client)
             with trio.move_on_after(2):
                 await transport.close(_codes.WS_VERSION_MISMATCH, VERSION_MISMATCH)
             return
@@ -713,6 +786,7 @@ class HttpConnection:
         """Send the request (head, then body as it comes) up the stream; a reset
         or an early answer ends it."""
         parser = self.parser
+        limits = self.plane.limits
         stream = exchange.stream
         head = exchange.head
         chunked = not any(n == b"content-length" for n, _ in head.headers)
@@ -735,7 +809,9 @@ class HttpConnection:
                     if head.expect_continue and not continued and not self._responding:
                         continued = True
                         await self._write([CONTINUE])
-                    self._timeout.deadline = trio.current_time() + self.plane.idle_timeout
+                    # The client's silence is bounded by the body timeout
+                    # (408 then, in _timed_out: upload_wait is still set).
+                    self._timeout.deadline = trio.current_time() + limits.body_timeout
                     with trio.CancelScope() as exchange.upload_wait:
                         data = await self.stream.receive_some(READ_SIZE)
                     exchange.upload_wait = None
@@ -905,6 +981,10 @@ class HttpConnection:
                         parser.feed(data)
                     continue
             except StreamError as exc:
+                if exchange.gone:
+                    # We reset the stream ourselves (the client left, or a
+                    # timeout answers for it): nothing is ours to say.
+                    return False
                 if not self._responding:
                     if not received and await self._retry(exchange):
                         parser = ResponseParser(max_head=MAX_HEAD)
@@ -920,6 +1000,8 @@ class HttpConnection:
                     self._abort()
                 return False
             except ParseError as exc:
+                if exchange.gone:
+                    return False
                 if not self._responding:
                     if not received and await self._retry(exchange):
                         parser = ResponseParser(max_head=MAX_HEAD)
@@ -1098,6 +1180,10 @@ class HttpConnection:
         if exchange.head.has_body and not exchange.request_done:
             return  # the reader drops the rest of the body (a lingering close)
         if self._closing or not self._keep_alive:
+            self._abort()
+        elif self._waiting is not None and not self._waiting.enter():
+            # Too many connections wait for a request head: an idle kept-alive
+            # one is closed after its response (RFC 9112 9.5 lets a server).
             self._abort()
         else:
             self._responding = False

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import math
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import parse_qs
 
@@ -40,7 +41,7 @@ from .access import AccessPolicy, parse_access
 from .addresses import AddressPolicy, parse_networks, peer_in
 from .admin import make_admin_app, serve_admin
 from .announcing import Announcements
-from .auth import AuthPolicy, admit_agent_name, count_failure, refuse_limited
+from .auth import Admission, AuthPolicy, Grant, TokenPolicy, admit_agent_name
 from .exchange import RequestLimits
 from .listener import Listener, listen_all, parse_bind, socket_url
 from .ratelimit import FailureLimiter
@@ -48,12 +49,22 @@ from .registry import InMemoryRegistry, Registration, Registry
 from .replies import Reply, json_reply
 from .routing import check_domain
 from .tls import ServerTLS
+from .tokens import RevocationList
 
 __all__ = ["Gateway", "GatewayConfig"]
 
 log = logging.getLogger("revconn.gateway")
 
 CLOSE_GRACE = 2.0  # after forcing tunnels closed, how long to let them say goodbye
+REVOKED_POLL = 0.5  # how often --revoked-file is checked for a change (seconds)
+
+
+async def _close_at_expiry(tunnel: Tunnel, expires_at: int) -> None:
+    """Close ``tunnel`` (GOAWAY ``credential expired``, close 4401) when its
+    token expires (``expires_at``: Unix time)."""
+    await trio.sleep(max(0.0, expires_at - time.time()))
+    log.info("closing a tunnel: its token expired")
+    tunnel.request_close(_codes.WS_CREDENTIAL_EXPIRED, _codes.REASON_EXPIRED)
 
 
 @attrs.frozen
@@ -66,6 +77,11 @@ class GatewayConfig:
     """The operator surface (``/endpoints``, ``/healthz``); empty: not served."""
     idle_timeout: float = 60.0
     """Data-plane connections: keep-alive idle time and time allowed for a request head."""
+    body_timeout: float = 60.0
+    """Seconds a public request's body may stall (no byte from the client) before 408."""
+    max_pending_connections: int | None = 1024
+    """Data-plane connections waiting for a request head at once (new ones
+    beyond are closed at once); None: no limit."""
     heartbeat: Heartbeat = Heartbeat()
     handshake_timeout: float = 10.0
     max_message_size: int = MAX_MESSAGE_SIZE
@@ -130,6 +146,7 @@ class GatewayConfig:
             ("--max-request-target", self.max_request_target, 16),
             ("--max-body-size", self.max_body_size, 0),
             ("--max-agents", self.max_agents, 1),
+            ("--max-pending-connections", self.max_pending_connections, 1),
         ):
             if number is not None and number < low:
                 raise ConfigError(f"{flag} {number}: must be at least {low}")
@@ -140,6 +157,7 @@ class GatewayConfig:
         for label, value in (
             ("auth failure window", self.auth_failure_window),
             ("idle timeout", self.idle_timeout),
+            ("body timeout", self.body_timeout),
             ("handshake timeout", self.handshake_timeout),
             ("announce timeout", self.announce_timeout),
         ):
@@ -189,6 +207,8 @@ class Gateway:
             max_fields=config.max_header_fields,
             max_target=config.max_request_target,
             max_body=config.max_body_size,
+            body_timeout=config.body_timeout,
+            upgrade_timeout=config.handshake_timeout,
         )
         self.announcements = Announcements(
             self.registry,
@@ -199,7 +219,8 @@ class Gateway:
             ssl_context=url_ssl_context,
             limiter=self.auth_limiter,
         )
-        self._tunnels: set[Tunnel] = set()
+        self._tunnels: dict[Tunnel, Grant] = {}
+        """Each tunnel held here and the grant it was admitted with."""
         self._service_nursery: trio.Nursery | None = None
         self._heartbeats: HeartbeatScheduler | None = None
         self._shutting_down = False
@@ -287,38 +308,43 @@ class Gateway:
         headers: Iterable[tuple[bytes, bytes]],
         *,
         remote: str | None = None,
-    ) -> str | Reply:
+    ) -> Admission | Reply:
         """Check a ``/ws/connect`` upgrade from ``remote`` (the peer's IP
-        address): the agent's name, or the refusal to answer with (429 too many
-        failed authentications, 400 invalid name, 401 bad credentials, 503
-        shutting down)."""
+        address): the agent's name and grant, or the refusal to answer with
+        (429 too many failed authentications, 400 invalid name, 401 bad,
+        expired or revoked credentials, 403 a token for another name or scope,
+        503 shutting down or too many agents)."""
         headers = list(headers)
         source = self.auth_source(remote, headers)
-        refused = refuse_limited(self.auth_limiter, source)
-        if refused is not None:
-            return refused
         query = parse_qs(query_string.decode("latin-1"))
-        name = admit_agent_name(self.auth, query, headers, shutting_down=self._shutting_down)
-        if isinstance(name, Reply) and name.status == 401:
-            log.info(
-                "agent %r from %s rejected: bad or missing credentials", query.get("name"), source
-            )
-            count_failure(self.auth_limiter, source, "/ws/connect")
+        admitted = admit_agent_name(
+            self.auth,
+            query,
+            headers,
+            shutting_down=self._shutting_down,
+            limiter=self.auth_limiter,
+            source=source,
+            surface="/ws/connect",
+        )
         limit = self.config.max_agents
         if (
-            isinstance(name, str)
+            isinstance(admitted, Admission)
             and limit is not None
             and len(self._tunnels) >= limit
-            and self.registry.lookup(name) is None  # (a reconnecting agent replaces itself)
+            # (a reconnecting agent replaces itself)
+            and self.registry.lookup(admitted.name) is None
         ):
             log.warning(
-                "agent %r from %s refused: %d agents online (--max-agents)", name, source, limit
+                "agent %r from %s refused: %d agents online (--max-agents)",
+                admitted.name,
+                source,
+                limit,
             )
             detail = f"this gateway holds at most {limit} agents"
             return json_reply(
                 503, {"error": "too_many_agents", "detail": detail}, [(b"retry-after", b"30")]
             )
-        return name
+        return admitted
 
     async def announce(
         self,
@@ -340,9 +366,13 @@ class Gateway:
             shutting_down=self._shutting_down,
         )
 
-    async def serve_agent(self, name: str, transport: MessageTransport, remote: str) -> None:
+    async def serve_agent(
+        self, admission: Admission, transport: MessageTransport, remote: str
+    ) -> None:
         """Run an admitted agent's tunnel over ``transport`` (an accepted WebSocket)
-        until it ends: handshake, register, serve, unregister."""
+        until it ends: handshake, register, serve, unregister. A token's
+        tunnel is closed when the token expires or is revoked."""
+        name, grant = admission.name, admission.grant
         registration: Registration | None = None
 
         def on_end(end: TunnelEnd) -> None:
@@ -363,13 +393,22 @@ class Gateway:
         except (RevconnTimeout, ProtocolError, ConnectionLost) as exc:
             log.info("agent %r from %s: handshake failed: %s", name, remote, exc)
             return
-        self._tunnels.add(tunnel)
+        self._tunnels[tunnel] = grant
         try:
+            if isinstance(self.auth, TokenPolicy) and self.auth.is_revoked(grant.token_id):
+                # (revoked between the upgrade and the end of the handshake)
+                tunnel.request_close(_codes.WS_REVOKED, _codes.REASON_REVOKED)
             registration = await self.registry.register(name, tunnel, remote=remote)
             log.info("agent %r online from %s (epoch %d)", name, remote, registration.epoch)
             if self._shutting_down:
                 tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
-            end = await tunnel.serve(self._heartbeats)
+            if grant.expires_at is None:
+                end = await tunnel.serve(self._heartbeats)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_close_at_expiry, tunnel, grant.expires_at)
+                    end = await tunnel.serve(self._heartbeats)
+                    nursery.cancel_scope.cancel()
             log.info(
                 "agent %r offline (epoch %d): %s%s",
                 name,
@@ -378,12 +417,53 @@ class Gateway:
                 f" ({end.error})" if isinstance(end.error, ProtocolError) else "",
             )
         finally:
-            self._tunnels.discard(tunnel)
+            self._tunnels.pop(tunnel, None)
             if self._shutting_down and not self._tunnels:
                 self._drained.set()
             if registration is not None:
                 with trio.CancelScope(shield=True):
                     await self.registry.unregister(registration)
+
+    # -- revocation -----------------------------------------------------------------
+    async def revoke(self, token_ids: Iterable[str]) -> int:
+        """Close every live session admitted with one of ``token_ids`` now:
+        tunnels get GOAWAY ``revoked`` and close 4403 (requests in flight on
+        them fail with 502), announced URLs are withdrawn. Returns how many
+        sessions were closed."""
+        ids = frozenset(token_ids)
+        closed = 0
+        for tunnel, grant in list(self._tunnels.items()):
+            if grant.token_id in ids and tunnel.end is None:
+                tunnel.request_close(_codes.WS_REVOKED, _codes.REASON_REVOKED)
+                closed += 1
+        return closed + await self.announcements.revoke(ids)
+
+    async def reload_revoked(self) -> None:
+        """Read ``--revoked-file`` again (the CLI does on SIGHUP; ``serve()``
+        when the file changes) and close the sessions of every token it lists.
+        ConfigError (the current list stays in force) if it cannot be read."""
+        auth = self.auth
+        if not isinstance(auth, TokenPolicy) or auth.revoked is None:
+            raise ConfigError("no revoked-tokens file to reload: the gateway runs without one")
+        added = auth.revoked.reload()
+        closed = await self.revoke(auth.revoked.ids)
+        log.info(
+            "revoked tokens reloaded from %s: %d listed (%d new), %d live sessions closed",
+            auth.revoked.path,
+            len(auth.revoked.ids),
+            len(added),
+            closed,
+        )
+
+    async def _watch_revoked(self, revoked: RevocationList) -> None:
+        """Reload ``--revoked-file`` within REVOKED_POLL of a change."""
+        while True:
+            await trio.sleep(REVOKED_POLL)
+            if revoked.changed():
+                try:
+                    await self.reload_revoked()
+                except ConfigError as exc:
+                    log.error("revoked-tokens file not reloaded, the current list stays: %s", exc)  # noqa: TRY400
 
     def begin_shutdown(self) -> None:
         """Refuse new agents (503) and new requests; each tunnel says goodbye
@@ -445,9 +525,16 @@ class Gateway:
             await nursery.start(scheduler.run)
             nursery.start_soon(self.registry.expire_announcements)
             nursery.start_soon(self.announcements.prune_idle)
+            if isinstance(self.auth, TokenPolicy) and self.auth.revoked is not None:
+                nursery.start_soon(self._watch_revoked, self.auth.revoked)
             self._heartbeats = scheduler
             self._service_nursery = nursery
-            listener = Listener(self, tls=self.tls_context, handshake_timeout=cfg.handshake_timeout)
+            listener = Listener(
+                self,
+                tls=self.tls_context,
+                handshake_timeout=cfg.handshake_timeout,
+                max_pending=cfg.max_pending_connections,
+            )
             await nursery.start(listener.serve, data)
             if admin:
                 await nursery.start(run_admin)

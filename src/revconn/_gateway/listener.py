@@ -6,11 +6,19 @@ accept loop, one task per connection running :class:`HttpConnection` (after
 the TLS handshake, with ``--certfile``), and the hand-over of a connection
 that became an agent's WebSocket to the gateway. A bug in one connection is
 logged and costs that connection only.
+
+At most ``max_pending`` connections wait for a request head at once (from
+accept, TLS handshake included, until their head is complete; a kept-alive
+connection again after each response): beyond it a new connection is closed
+at once, unread, and an idle kept-alive one after its response, so a flood of
+half-open or slow connections holds a bounded number of sockets and parsers
+while requests on established connections, agents and WebSockets go on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Sequence
@@ -20,20 +28,78 @@ import trio
 
 from .._errors import ConfigError
 from .._runtime.transport import MessageTransport
+from .auth import Admission
 from .exchange import DataPlane, HttpConnection
 from .replies import format_peer
 from .tls import AcceptedStream, TLSConnection
 
-__all__ = ["AgentHost", "Listener", "listen_all", "parse_bind", "socket_url"]
+__all__ = [
+    "AgentHost",
+    "Listener",
+    "PendingLimit",
+    "listen_all",
+    "parse_bind",
+    "socket_url",
+]
 
 log = logging.getLogger("revconn.listener")
+
+WARN_EVERY = 10.0
+"""Seconds between warnings that new connections are being closed (a flood
+must not flood the log too)."""
+
+
+class PendingLimit:
+    """How many connections wait for a request head, and how many were closed
+    for it (sans-I/O: counts only). ``maximum`` None: no limit."""
+
+    __slots__ = ("maximum", "refused", "waiting")
+
+    def __init__(self, maximum: int | None) -> None:
+        self.maximum = maximum
+        self.waiting = 0
+        self.refused = 0
+        """Connections closed because ``maximum`` were waiting (ever)."""
+
+    def slot(self) -> PendingSlot:
+        """One connection's place in the count (not yet taken)."""
+        return PendingSlot(self)
+
+
+class PendingSlot:
+    """One connection's place among those waiting for a request head (the
+    exchange's ``HeadWait``)."""
+
+    __slots__ = ("_held", "_limit")
+
+    def __init__(self, limit: PendingLimit) -> None:
+        self._limit = limit
+        self._held = False
+
+    def enter(self) -> bool:
+        if self._held:
+            return True
+        limit = self._limit
+        if limit.maximum is not None and limit.waiting >= limit.maximum:
+            limit.refused += 1
+            return False
+        limit.waiting += 1
+        self._held = True
+        return True
+
+    def leave(self) -> None:
+        if self._held:
+            self._held = False
+            self._limit.waiting -= 1
 
 
 class AgentHost(DataPlane, Protocol):
     """The gateway as the listener sees it: the exchange's needs, plus running
     an admitted agent's tunnel."""
 
-    async def serve_agent(self, name: str, transport: MessageTransport, remote: str) -> None:
+    async def serve_agent(
+        self, admission: Admission, transport: MessageTransport, remote: str
+    ) -> None:
         """Run the admitted agent's tunnel until it ends."""
         ...
 
@@ -47,6 +113,9 @@ class Listener:
     With ``tls`` every connection starts with a TLS handshake (server side),
     which must complete within ``handshake_timeout``; one that fails or is
     too slow (a plain-HTTP client, a scanner) closes that connection only.
+
+    ``max_pending``: connections waiting for a request head at once (the
+    module docstring); ``pending`` counts them.
     """
 
     def __init__(
@@ -55,10 +124,13 @@ class Listener:
         *,
         tls: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
+        max_pending: int | None = None,
     ) -> None:
         self.host = host
         self.tls = tls
         self.handshake_timeout = handshake_timeout
+        self.pending = PendingLimit(max_pending)
+        self._warned_at = -math.inf
 
     async def serve(
         self,
@@ -78,6 +150,11 @@ class Listener:
                 await trio.aclose_forcefully(listener)
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
+        slot = self.pending.slot()
+        if not slot.enter():
+            self._refused()
+            await trio.aclose_forcefully(tcp)
+            return
         try:
             peer = tcp.socket.getpeername()
         except OSError:
@@ -90,20 +167,34 @@ class Listener:
                 if tls is None:
                     return
                 stream = tls
-            tunnel = await self._http(stream, str(peer[0]) if peer else None)
+            tunnel = await self._http(stream, str(peer[0]) if peer else None, slot)
             if tunnel is not None:
                 # An agent: its WebSocket outlives the HTTP state, which _http
                 # has released (a gateway holds thousands of these).
-                name, transport = tunnel
-                await self.host.serve_agent(name, transport, remote)
+                admission, transport = tunnel
+                await self.host.serve_agent(admission, transport, remote)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; its stream (if any) was reset
         except* Exception:
             # A bug must cost one connection, never the listener (and every other client).
             log.exception("connection from %s failed", remote)
         finally:
+            slot.leave()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    def _refused(self) -> None:
+        """A new connection was closed unread: warn, at most every WARN_EVERY s."""
+        now = trio.current_time()
+        if now - self._warned_at < WARN_EVERY:
+            return
+        self._warned_at = now
+        log.warning(
+            "%d connections are waiting for a request head (--max-pending-connections): "
+            "new ones are closed at once (%d so far)",
+            self.pending.waiting,
+            self.pending.refused,
+        )
 
     async def _tls_handshake(
         self, tcp: trio.SocketStream, context: ssl.SSLContext, remote: str
@@ -123,10 +214,10 @@ class Listener:
         return TLSConnection(tls)
 
     async def _http(
-        self, stream: AcceptedStream, client: str | None
-    ) -> tuple[str, MessageTransport] | None:
+        self, stream: AcceptedStream, client: str | None, slot: PendingSlot
+    ) -> tuple[Admission, MessageTransport] | None:
         """HTTP/1.1 on the connection until it ends or becomes an agent tunnel."""
-        conn = HttpConnection(self.host, stream, client)
+        conn = HttpConnection(self.host, stream, client, slot)
         try:
             return await conn.run()
         finally:

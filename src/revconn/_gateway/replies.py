@@ -47,12 +47,16 @@ def json_reply(status: int, payload: object, extra: Iterable[tuple[bytes, bytes]
     return Reply(status, headers, body)
 
 
-def unauthorized() -> Reply:
-    """401 for a missing or wrong bearer credential (agents and operators)."""
+def unauthorized(
+    error: str = "unauthorized", detail: str = "missing or invalid bearer credential"
+) -> Reply:
+    """401 for a missing, wrong, expired or revoked bearer credential (agents
+    and operators)."""
+    challenge = b'Bearer realm="revconn"'
+    if error != "unauthorized":  # RFC 6750 section 3: the token was presented but is bad
+        challenge += b', error="invalid_token"'
     return json_reply(
-        401,
-        {"error": "unauthorized", "detail": "missing or invalid bearer credential"},
-        [(b"www-authenticate", b'Bearer realm="revconn"')],
+        401, {"error": error, "detail": detail}, [(b"www-authenticate", challenge)]
     )
 
 

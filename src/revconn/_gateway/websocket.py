@@ -7,9 +7,17 @@ to this transport. One object per agent, no task of its own: the tunnel's
 reader calls ``receive_message`` and its flush calls ``send_message``; writes
 go through ``fastpath.send_all`` (``os.write`` on plain TCP only, the TLS
 stream's own send otherwise).
+
+A message above ``max_message_size`` is refused with close 1009 as soon as a
+frame header announces more than the limit allows (before its payload
+arrives), and otherwise once the bytes received pass it: memory is never
+allocated for an announced size, only for bytes that arrived (at most the
+limit plus one read).
 """
 
 from __future__ import annotations
+
+from typing import NoReturn
 
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -58,6 +66,21 @@ def upgrade_response(
         (b"connection", b"Upgrade"),
         (b"sec-websocket-accept", generate_accept_token(keys[0])),
     ]
+
+
+def _announced(ws: Connection) -> int:
+    """Payload bytes the data frame being received still announces (0 between
+    frames and for control frames, which wsproto caps at 125 bytes).
+
+    Leans on wsproto's FrameDecoder, as ``_runtime/wsmask.py`` does
+    (``Connection._proto._frame_decoder``: ``header``, set once a frame's
+    header is parsed, and ``payload_consumed``);
+    tests/hostile/test_limits.py fails loudly if that changes."""
+    decoder = ws._proto._frame_decoder
+    header = decoder.header
+    if header is None or header.opcode.iscontrol():
+        return 0
+    return header.payload_len - decoder.payload_consumed
 
 
 class WebSocketTransport:
@@ -115,6 +138,8 @@ class WebSocketTransport:
                     raise ConnectionLost(
                         f"websocket closed (code {event.code})", close_code=event.code
                     )
+            if size + _announced(self._ws) > self.max_message_size:
+                await self._fail(_codes.WS_MESSAGE_TOO_BIG, "message too big")
             if self._closed:
                 raise ConnectionLost("websocket closed")
             try:
@@ -127,8 +152,17 @@ class WebSocketTransport:
                 raise ConnectionLost("websocket closed (code 1006)", close_code=1006)
             self._ws.receive_data(data)
 
-    async def _fail(self, code: int, reason: str) -> None:
-        await self.close(code, reason)
+    async def _fail(self, code: int, reason: str) -> NoReturn:
+        """Refuse what the agent sent: the close frame goes at once and the
+        tunnel learns of it at once (the agent is off the list). Waiting for
+        the agent's close frame is left to ``close()``, which the tunnel calls
+        with its own bound: an agent that never answers must not keep its
+        tunnel (and its name) for as long as it keeps the TCP connection."""
+        if not self._closed and self._ws.state is ConnectionState.OPEN:
+            try:
+                await self._send(self._ws.send(CloseConnection(code=code, reason=reason)))
+            except ConnectionLost:
+                pass
         raise ConnectionLost(f"websocket closed: {reason}", close_code=code)
 
     def _closing(self) -> bool:
@@ -137,11 +171,12 @@ class WebSocketTransport:
         return self._ws.state is ConnectionState.LOCAL_CLOSING
 
     async def close(self, code: int, reason: str) -> None:
-        """Send the close frame, wait (the caller bounds it) for the peer's, then
-        close the socket."""
+        """Send the close frame (unless ``_fail`` sent one already), wait (the
+        caller bounds it) for the peer's, then close the socket."""
         try:
             if not self._closed and self._ws.state is ConnectionState.OPEN:
                 await self._send(self._ws.send(CloseConnection(code=code, reason=reason)))
+            if not self._closed:
                 while self._closing():  # until the peer's close frame arrives
                     data = await self._stream.receive_some(READ_SIZE)
                     if not data:

@@ -17,6 +17,7 @@ import trio
 from .. import _codes
 from .._errors import (
     AgentBusy,
+    AuthError,
     ConnectionLost,
     HandshakeTimeout,
     HeartbeatTimeout,
@@ -24,6 +25,7 @@ from .._errors import (
     RemoteProtocolError,
     ReplacedError,
     RevconnError,
+    RevokedError,
     StreamError,
 )
 from .._proto.session import (
@@ -425,8 +427,7 @@ class Tunnel:
                         self._scheduler.acknowledged(self, event.payload)
                 elif isinstance(event, SessionEnded):
                     err = _ended_error(event)
-                    replaced = isinstance(err, ReplacedError)
-                    code = _codes.WS_REPLACED if replaced else _codes.WS_NORMAL
+                    code = _peer_close_code(err)
                     self._finish(TunnelEnd(code, event.reason, err, by_peer=True))
                     return
             pool = self._pool
@@ -435,10 +436,32 @@ class Tunnel:
             await self.flush()
 
 
+REVOKED_MESSAGE = (
+    "the gateway revoked this agent's credential: ask its operator for a new token "
+    "(`revconn-gateway token issue`)"
+)
+EXPIRED_MESSAGE = "this agent's token expired: ask the gateway's operator for a new one"
+
+
+def _peer_close_code(err: RevconnError | None) -> int:
+    """The WebSocket close code that goes with a GOAWAY's meaning."""
+    if isinstance(err, ReplacedError):
+        return _codes.WS_REPLACED
+    if isinstance(err, RevokedError):
+        return _codes.WS_REVOKED
+    if isinstance(err, AuthError):
+        return _codes.WS_CREDENTIAL_EXPIRED
+    return _codes.WS_NORMAL
+
+
 def _ended_error(event: SessionEnded) -> RevconnError | None:
     """Map a GOAWAY from the peer to the error it implies (None for a clean end)."""
     if event.reason == _codes.REASON_REPLACED:
         return ReplacedError("replaced: another agent connected with the same name")
+    if event.reason == _codes.REASON_REVOKED:
+        return RevokedError(REVOKED_MESSAGE, status=401)
+    if event.reason == _codes.REASON_EXPIRED:
+        return AuthError(EXPIRED_MESSAGE, status=401)
     if event.error_code != _codes.H2_NO_ERROR:
         return ConnectionLost(
             f"peer ended the session with HTTP/2 error {event.error_code:#x}: {event.reason!r}"
