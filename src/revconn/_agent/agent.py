@@ -223,8 +223,16 @@ class Agent:
         upstream = self.upstream
         assert upstream is not None
         try:
+            failed: RevconnError | None = None
             async with upstream.running():
-                await self._supervisor.run()
+                try:
+                    await self._supervisor.run()
+                except RevconnError as exc:
+                    # Raised once the app's lifespan is over, as itself: not in
+                    # an ExceptionGroup of the lifespan's nursery.
+                    failed = exc
+            if failed is not None:
+                raise failed
         finally:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + 2.0

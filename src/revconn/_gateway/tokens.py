@@ -52,6 +52,9 @@ MAX_TOKEN_LENGTH = 4096
 """Longer credentials are refused before any parsing."""
 TOKEN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 """What a token id (and a line of ``--revoked-file``) looks like."""
+MAX_TIME = 253402300799
+"""9999-12-31T23:59:59Z: a later ``iat`` or ``exp`` is refused (no timer
+or date type goes beyond it)."""
 LEEWAY = 30.0
 """Seconds of clock skew accepted on ``iat`` (a token from a machine whose
 clock runs ahead); expiry is exact."""
@@ -227,8 +230,8 @@ class TokenVerifier:
         return tuple(self._keys)
 
     def looks_like_token(self, credential: str) -> bool:
-        """``credential`` has a JWT's shape (three dot-separated parts): it
-        is verified as a token, never compared with a shared secret."""
+        """``credential`` has a JWT's shape (three dot-separated parts): unless
+        it is the shared secret itself, it is verified as a token."""
         return credential.count(".") == 2
 
     def verify(self, credential: str, *, now: float | None = None) -> TokenClaims:
@@ -271,10 +274,15 @@ def _claims(claims: dict[str, object], now: float) -> TokenClaims:
     sub, exp = claims.get("sub"), claims.get("exp")
     if not isinstance(jti, str) or not TOKEN_ID.fullmatch(jti):
         raise InvalidToken("invalid", "the token has no valid id")
-    if not isinstance(iat, int) or iat > now + LEEWAY:
+    # (bool is an int to Python, not a time; beyond MAX_TIME no clock goes)
+    if not isinstance(iat, int) or isinstance(iat, bool) or not 0 <= iat <= MAX_TIME:
+        raise InvalidToken("invalid", "the token's issue time is not a time")
+    if iat > now + LEEWAY:
         raise InvalidToken("invalid", "the token's issue time is in the future")
-    if exp is not None and not isinstance(exp, int):
-        raise InvalidToken("invalid", "the token's expiry is not a number")
+    if exp is not None and (
+        not isinstance(exp, int) or isinstance(exp, bool) or not 0 <= exp <= MAX_TIME
+    ):
+        raise InvalidToken("invalid", "the token's expiry is not a time")
     if exp is not None and now >= exp:  # (exact: no leeway)
         raise InvalidToken("expired", "the token has expired")
     if scope == "admin" and sub is None:
