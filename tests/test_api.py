@@ -51,6 +51,9 @@ EXPECTED = {
     "TokenPolicy",
     "TokenVerifier",
     "issue_token",
+    # presence events (issue 13)
+    "EventsOverflow",
+    "PresenceSnapshot",
 }
 
 

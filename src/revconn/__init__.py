@@ -18,6 +18,7 @@ from ._errors import CertificateVerifyError as CertificateVerifyError
 from ._errors import ConfigError as ConfigError
 from ._errors import ConnectError as ConnectError
 from ._errors import ConnectionLost as ConnectionLost
+from ._errors import EventsOverflow as EventsOverflow
 from ._errors import FatalError as FatalError
 from ._errors import HandshakeTimeout as HandshakeTimeout
 from ._errors import HeartbeatTimeout as HeartbeatTimeout
@@ -45,6 +46,7 @@ if _typing.TYPE_CHECKING:
     from ._gateway.gateway import GatewayConfig as GatewayConfig
     from ._gateway.registry import AgentInfo as AgentInfo
     from ._gateway.registry import InMemoryRegistry as InMemoryRegistry
+    from ._gateway.registry import PresenceSnapshot as PresenceSnapshot
     from ._gateway.registry import Registration as Registration
     from ._gateway.registry import Registry as Registry
     from ._gateway.registry import RegistryEvent as RegistryEvent
@@ -74,6 +76,7 @@ _LAZY = {
     "GatewayConfig": "._gateway.gateway",
     "AgentInfo": "._gateway.registry",
     "InMemoryRegistry": "._gateway.registry",
+    "PresenceSnapshot": "._gateway.registry",
     "Registration": "._gateway.registry",
     "Registry": "._gateway.registry",
     "RegistryEvent": "._gateway.registry",

@@ -5,6 +5,7 @@
     RevconnError
     ├── ConfigError               bad configuration or command-line input (local)
     ├── InvalidToken              (gateway) a credential is not a valid token
+    ├── EventsOverflow            (gateway) an event subscriber fell too far behind
     ├── ProtocolError             the tunnel protocol was violated
     │   ├── LocalProtocolError    we were about to break it (a caller's misuse)
     │   └── RemoteProtocolError   the peer broke it; carries the close code to answer with
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ConnectionLost",
+    "EventsOverflow",
     "FatalError",
     "HandshakeTimeout",
     "HeartbeatTimeout",
@@ -92,6 +94,12 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids."""
+
+
+class EventsOverflow(RevconnError):
+    """(gateway) A presence-event subscriber fell more events behind than its
+    capacity and was dropped (the registry never waits for one): subscribe
+    again, starting from a fresh snapshot."""
 
 
 class AuthError(FatalError):

@@ -26,6 +26,7 @@ from revconn import (
     ReplacedError,
 )
 from revconn._agent.announcer import MAX_ANSWER, WITHDRAW_TIMEOUT, Announcer, HttpExchange
+from revconn._agent.dial import USER_AGENT
 
 from .. import upstream_app
 
@@ -585,6 +586,7 @@ async def test_http_exchange_sends_the_announce_request() -> None:
     assert request.headers == [
         (b"host", f"127.0.0.1:{port}".encode()),
         (b"authorization", f"Bearer {SECRET}".encode()),
+        (b"user-agent", USER_AGENT.encode()),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
@@ -602,7 +604,12 @@ async def test_http_exchange_withdraws_without_a_body() -> None:
         nursery.cancel_scope.cancel()
     assert answer == (200, {"name": "probe", "withdrawn": True})
     assert seen[0].line == b"DELETE /announce?name=probe&epoch=7 HTTP/1.1"
-    assert [name for name, _ in seen[0].headers] == [b"host", b"authorization", b"connection"]
+    assert [name for name, _ in seen[0].headers] == [
+        b"host",
+        b"authorization",
+        b"user-agent",
+        b"connection",
+    ]
     assert seen[0].body == b""
 
 

@@ -58,6 +58,7 @@ async def test_register_lookup_snapshot() -> None:
         "name": "bravo",
         "status": "online",
         "transport": "websocket",
+        "version": None,
         "url": None,
         "connected_at": "2026-01-02T03:04:05Z",
         "expires_at": None,
@@ -143,10 +144,13 @@ async def test_events_in_order() -> None:
                 got.append(event)
     assert got == [
         RegistryEvent(RegistryEventKind.ONLINE, "svc", r1.epoch),
-        RegistryEvent(RegistryEventKind.REPLACED, "svc", r1.epoch),
+        RegistryEvent(RegistryEventKind.OFFLINE, "svc", r1.epoch, reason="replaced"),
+        RegistryEvent(RegistryEventKind.REPLACED, "svc", r1.epoch, new_epoch=r2.epoch),
         RegistryEvent(RegistryEventKind.ONLINE, "svc", r2.epoch),
-        RegistryEvent(RegistryEventKind.OFFLINE, "svc", r2.epoch),
+        RegistryEvent(RegistryEventKind.OFFLINE, "svc", r2.epoch, reason="closed"),
     ]
+    assert [e.seq for e in got] == [1, 2, 3, 4, 5]
+    assert [e.remote for e in got] == ["a", "a", "a", "b", "b"]
 
 
 async def test_slow_subscriber_is_cut_off_not_waited_for() -> None:

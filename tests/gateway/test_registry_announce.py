@@ -69,6 +69,7 @@ async def test_announce_lists_and_forwards_through_the_made_session() -> None:
         "name": "bravo",
         "status": "online",
         "transport": "url",
+        "version": None,
         "url": URL,
         "connected_at": "2026-01-02T03:04:05Z",
         "expires_at": "2026-01-02T03:04:35Z",
@@ -139,7 +140,10 @@ async def test_expiry_at_the_exact_instant(autojump_clock: trio.testing.MockCloc
         epoch = first.registration.epoch
         assert drain(sub) == [RegistryEvent(RegistryEventKind.ONLINE, "svc", epoch)]
         event = await sub.__anext__()
-        assert event == RegistryEvent(RegistryEventKind.OFFLINE, "svc", epoch)
+        assert event == RegistryEvent(
+            RegistryEventKind.OFFLINE, "svc", epoch, reason="announcement expired"
+        )
+        assert (event.transport, event.url) == ("url", URL)
         assert trio.current_time() - start == pytest.approx(5.0)
         assert reg.lookup("svc") is None
         assert maker.made[0].close_requests == [(1001, "announcement expired")]
@@ -205,7 +209,8 @@ async def test_websocket_replaces_announcement_and_the_announcer_is_told_once() 
         epoch = first.registration.epoch
         assert drain(sub) == [
             RegistryEvent(RegistryEventKind.ONLINE, "svc", epoch),
-            RegistryEvent(RegistryEventKind.REPLACED, "svc", epoch),
+            RegistryEvent(RegistryEventKind.OFFLINE, "svc", epoch, reason="replaced"),
+            RegistryEvent(RegistryEventKind.REPLACED, "svc", epoch, new_epoch=r_ws.epoch),
             RegistryEvent(RegistryEventKind.ONLINE, "svc", r_ws.epoch),
         ]
     assert maker.made[0].close_requests == [(4409, "replaced")]
@@ -298,7 +303,9 @@ async def test_withdraw() -> None:
     assert reg.lookup("svc") is maker.made[0]
     async with reg.subscribe() as sub:
         assert await reg.withdraw("svc", epoch) is True
-        assert drain(sub) == [RegistryEvent(RegistryEventKind.OFFLINE, "svc", epoch)]
+        assert drain(sub) == [
+            RegistryEvent(RegistryEventKind.OFFLINE, "svc", epoch, reason="withdrawn")
+        ]
     assert reg.lookup("svc") is None
     assert maker.made[0].close_requests == [(1001, "withdrawn")]
     assert await reg.withdraw("svc", epoch) is False

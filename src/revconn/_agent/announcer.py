@@ -40,7 +40,7 @@ from .._proto.announce import (
     parse_url,
 )
 from .._proto.http1 import END, Body, ParseError, ResponseHead, ResponseParser, request_head
-from .dial import open_stream, rejection_error, tunnel_url
+from .dial import USER_AGENT, open_stream, rejection_error, tunnel_url
 
 if TYPE_CHECKING:
     from .agent import AgentConfig
@@ -90,7 +90,11 @@ class HttpExchange:
     async def __call__(
         self, method: bytes, target: str, body: bytes
     ) -> tuple[int, dict[str, object]]:
-        headers = [(b"host", self._host), (b"authorization", self._authorization)]
+        headers = [
+            (b"host", self._host),
+            (b"authorization", self._authorization),
+            (b"user-agent", USER_AGENT.encode("ascii")),
+        ]
         if body:
             headers += [
                 (b"content-type", b"application/json"),

@@ -23,6 +23,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from .. import __version__
 from .._errors import (
     AuthError,
     CertificateVerifyError,
@@ -40,7 +41,11 @@ from .._proto.rules import MAX_MESSAGE_SIZE
 from .._runtime.fastpath import FastSendStream
 from .._runtime.tunnel import EXPIRED_MESSAGE, REVOKED_MESSAGE
 
+USER_AGENT = f"revconn-agent/{__version__}"
+"""What the agent says it runs (the gateway lists it as the agent's version)."""
+
 __all__ = [
+    "USER_AGENT",
     "GatewayStream",
     "HandshakeWatch",
     "WebSocketTransport",
@@ -188,7 +193,10 @@ async def open_websocket(
     host_header = host if parts.port in (None, default_port) else f"{host}:{parts.port}"
     if ":" in host:
         host_header = host_header.replace(host, f"[{host}]", 1)
-    headers = [(b"authorization", b"Bearer " + secret.encode("utf-8"))]
+    headers = [
+        (b"authorization", b"Bearer " + secret.encode("utf-8")),
+        (b"user-agent", USER_AGENT.encode("ascii")),
+    ]
     try:
         # For a gateway that accepts and then says nothing; one that closes
         # or breaks the connection fails at once (HandshakeWatch).

@@ -1,5 +1,5 @@
-"""The operator surface: one QuartTrio app (``/endpoints``, ``/healthz``; later
-events, metrics and the dashboard), served by hypercorn on ``--admin-bind``
+"""The operator surface: one QuartTrio app (``/endpoints``, ``/events``,
+``/healthz``; later metrics and the dashboard), served by hypercorn on ``--admin-bind``
 (over TLS with the gateway's own context, when it has one).
 
 Agents and public traffic never reach it: they are served by the data plane
@@ -25,6 +25,7 @@ from werkzeug.datastructures import Headers
 
 from .._proto.rules import valid_agent_name
 from .auth import AuthPolicy, Grant, Scope, bearer_credential, count_failure, refuse_limited
+from .events import EventStreams, sse_stream
 from .ratelimit import FailureLimiter
 from .registry import Registry
 from .replies import Reply, json_reply
@@ -51,6 +52,11 @@ class AdminHost(Protocol):
 
     @property
     def domains(self) -> tuple[str, ...]: ...
+
+    @property
+    def event_streams(self) -> EventStreams:
+        """The ``/events`` responses, ended at shutdown."""
+        ...
 
 
 def make_admin_app(host: AdminHost) -> QuartTrio:
@@ -88,6 +94,22 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
             return refused
         rows = await host.registry.snapshot()
         return _quart(json_reply(200, {"endpoints": [row.to_json() for row in rows]}))
+
+    @app.get("/events")
+    async def events() -> Response:
+        """Presence as server-sent events (``events.py``)."""
+        refused = refuse_operator()
+        if refused is not None:
+            return refused
+        if host.event_streams.closed:
+            return _quart(json_reply(503, {"error": "shutting_down"}))
+        response = Response(
+            sse_stream(host.registry, host.event_streams),
+            mimetype="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
+        response.timeout = None  # (Quart's 60 s response timeout: a stream has none)
+        return response
 
     @app.get("/tls-ask")
     async def tls_ask() -> Response:

@@ -170,6 +170,7 @@ class Announcements:
                     remote=remote,
                     renewing=wanted.epoch,
                     connect=lambda: self.session(name, url),
+                    version=admitted.version,
                 )
             except NameTaken as exc:
                 error = "replaced" if exc.replaced else "name_in_use"

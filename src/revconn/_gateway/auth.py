@@ -88,6 +88,8 @@ class Admission:
 
     name: str
     grant: Grant = Grant()
+    version: str | None = None
+    """What the agent says it runs (its ``User-Agent``), as sent."""
 
 
 class AuthPolicy(Protocol):
@@ -125,7 +127,8 @@ class SharedSecretPolicy:
         """``credential`` is the secret (compared in constant time)."""
         if credential is None:
             return False
-        return hmac.compare_digest(credential.encode("utf-8", "surrogateescape"), self._secret)
+        # (surrogatepass: any lone surrogate encodes, and never as the secret)
+        return hmac.compare_digest(credential.encode("utf-8", "surrogatepass"), self._secret)
 
     def allows(self, credential: str | None, *, agent: str | None, scope: Scope) -> bool:
         return isinstance(self.authenticate(credential, agent=agent, scope=scope), Grant)
@@ -160,9 +163,9 @@ class TokenPolicy:
     ) -> Grant | Denial:
         if credential is None:
             return DENIED
+        if self.shared_secret is not None and self.shared_secret.matches(credential):
+            return Grant()  # (first: a shared secret may have a token's shape)
         if not self.verifier.looks_like_token(credential):
-            if self.shared_secret is not None and self.shared_secret.matches(credential):
-                return Grant()
             return DENIED
         try:
             claims = self.verifier.verify(credential)
@@ -255,7 +258,9 @@ def admit_agent_name(
         return verdict.reply()
     if shutting_down:
         return json_reply(503, {"error": "shutting_down", "detail": "gateway is shutting down"})
-    return Admission(name, verdict)
+    agent = next((v for k, v in headers if k.lower() == b"user-agent"), None)
+    version = None if agent is None else agent.decode("latin-1")
+    return Admission(name, verdict, version)
 
 
 def refuse_limited(limiter: FailureLimiter, source: str) -> Reply | None:

@@ -24,7 +24,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from urllib.parse import parse_qs
 
 import attrs
@@ -42,10 +42,18 @@ from .addresses import AddressPolicy, parse_networks, peer_in
 from .admin import make_admin_app, serve_admin
 from .announcing import Announcements
 from .auth import Admission, AuthPolicy, Grant, TokenPolicy, admit_agent_name
+from .events import EVENTS_CAPACITY, EventStreams, presence
 from .exchange import RequestLimits
 from .listener import Listener, listen_all, parse_bind, socket_url
 from .ratelimit import FailureLimiter
-from .registry import InMemoryRegistry, Registration, Registry
+from .registry import (
+    REASON_CLOSED,
+    InMemoryRegistry,
+    PresenceSnapshot,
+    Registration,
+    Registry,
+    RegistryEvent,
+)
 from .replies import Reply, json_reply
 from .routing import check_domain
 from .tls import ServerTLS
@@ -57,6 +65,37 @@ log = logging.getLogger("revconn.gateway")
 
 CLOSE_GRACE = 2.0  # after forcing tunnels closed, how long to let them say goodbye
 REVOKED_POLL = 0.5  # how often --revoked-file is checked for a change (seconds)
+
+
+OFFLINE_REASONS = frozenset(
+    {
+        _codes.REASON_REPLACED,
+        _codes.REASON_SHUTDOWN,
+        _codes.REASON_HEARTBEAT,
+        _codes.REASON_PROTOCOL,
+        _codes.REASON_REVOKED,
+        _codes.REASON_EXPIRED,
+    }
+)
+REASON_LOST = "connection lost"
+
+
+def offline_reason(end: TunnelEnd) -> str:
+    """The ``offline`` event's reason for a tunnel that ended so: the
+    gateway's own reason (one of OFFLINE_REASONS: replaced, shutdown, ...),
+    "closed" (the agent said goodbye, whatever its words) or "connection
+    lost" (the socket broke without one)."""
+    if end.by_peer:
+        if end.error is None or end.reason == _codes.REASON_SHUTDOWN:
+            return REASON_CLOSED  # (its GOAWAY: an agent stopping says "shutdown")
+        if isinstance(end.error, ProtocolError):
+            return _codes.REASON_PROTOCOL
+        return REASON_LOST
+    if end.reason in OFFLINE_REASONS:
+        return end.reason
+    if isinstance(end.error, ConnectionLost):
+        return REASON_LOST
+    return REASON_CLOSED
 
 
 async def _close_at_expiry(tunnel: Tunnel, expires_at: int) -> None:
@@ -229,6 +268,8 @@ class Gateway:
         """The data plane's URLs, once ``serve()`` has started (ports resolved)."""
         self.admin_urls: list[str] = []
         """The operator surface's URLs, once ``serve()`` has started."""
+        self.event_streams = EventStreams()
+        """The ``/events`` responses in progress (``serve()`` ends them at shutdown)."""
         self.admin_app = make_admin_app(self)
 
     @property
@@ -374,12 +415,15 @@ class Gateway:
         tunnel is closed when the token expires or is revoked."""
         name, grant = admission.name, admission.grant
         registration: Registration | None = None
+        reason = REASON_CLOSED
 
         def on_end(end: TunnelEnd) -> None:
             # Drop the agent from the registry now, even if the socket cannot be
             # written any more (the goodbye is bounded by CLOSE_TIMEOUT).
+            nonlocal reason
+            reason = offline_reason(end)
             if registration is not None and self._service_nursery is not None:
-                self._service_nursery.start_soon(self.registry.unregister, registration)
+                self._service_nursery.start_soon(self.registry.unregister, registration, reason)
 
         tunnel = Tunnel(
             TunnelSession(Role.GATEWAY),
@@ -398,7 +442,15 @@ class Gateway:
             if isinstance(self.auth, TokenPolicy) and self.auth.is_revoked(grant.token_id):
                 # (revoked between the upgrade and the end of the handshake)
                 tunnel.request_close(_codes.WS_REVOKED, _codes.REASON_REVOKED)
-            registration = await self.registry.register(name, tunnel, remote=remote)
+            elif grant.expires_at is not None and grant.expires_at <= time.time():
+                tunnel.request_close(_codes.WS_CREDENTIAL_EXPIRED, _codes.REASON_EXPIRED)
+            if tunnel.end is not None:
+                # Never registered: it must not replace the agent holding the name.
+                await tunnel.serve(self._heartbeats)  # (says goodbye, closes)
+                return
+            registration = await self.registry.register(
+                name, tunnel, remote=remote, version=admission.version
+            )
             log.info("agent %r online from %s (epoch %d)", name, remote, registration.epoch)
             if self._shutting_down:
                 tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
@@ -418,11 +470,28 @@ class Gateway:
             )
         finally:
             self._tunnels.pop(tunnel, None)
-            if self._shutting_down and not self._tunnels:
-                self._drained.set()
             if registration is not None:
                 with trio.CancelScope(shield=True):
-                    await self.registry.unregister(registration)
+                    await self.registry.unregister(registration, reason)
+            # (drained: every tunnel ended and, in this registry, unregistered)
+            if self._shutting_down and not self._tunnels:
+                self._drained.set()
+
+    # -- presence ---------------------------------------------------------------------
+    def events(
+        self, capacity: int = EVENTS_CAPACITY
+    ) -> AsyncGenerator[PresenceSnapshot | RegistryEvent, None]:
+        """Presence changes, as ``GET /events`` streams them: first a
+        ``PresenceSnapshot`` of every online agent, then each ``online``,
+        ``offline`` (with its reason) and ``replaced`` event after it, without
+        gap or duplicate (``seq``). ``EventsOverflow`` if the consumer falls
+        ``capacity`` events behind (the registry never waits for it)::
+
+            async with contextlib.aclosing(gateway.events()) as events:
+                async for event in events:
+                    ...
+        """
+        return presence(self.registry, capacity)
 
     # -- revocation -----------------------------------------------------------------
     async def revoke(self, token_ids: Iterable[str]) -> int:
@@ -549,6 +618,7 @@ class Gateway:
             self.close_all_agents()
             with trio.move_on_after(CLOSE_GRACE):
                 await self._drained.wait()
+            self.event_streams.close()  # (after the agents' offline events: drained)
             admin_stop.set()
             with trio.move_on_after(CLOSE_GRACE):
                 await admin_done.wait()

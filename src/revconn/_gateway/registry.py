@@ -42,6 +42,7 @@ __all__ = [
     "Announced",
     "InMemoryRegistry",
     "NameTaken",
+    "PresenceSnapshot",
     "Registration",
     "Registry",
     "RegistryEvent",
@@ -58,6 +59,18 @@ WEBSOCKET = "websocket"
 URL = "url"
 REASON_EXPIRED = "announcement expired"
 REASON_WITHDRAWN = "withdrawn"
+REASON_CLOSED = "closed"
+MAX_VERSION = 64
+"""Characters of an agent's self-reported version kept (the rest is cut)."""
+
+
+def clean_version(value: str | None) -> str | None:
+    """An agent's self-reported version, fit to list: printable ASCII, at
+    most MAX_VERSION characters; None if nothing is left."""
+    if not value:
+        return None
+    kept = "".join(c for c in value[:MAX_VERSION] if " " <= c <= "~")
+    return kept or None
 
 
 class RequestStream(Protocol):
@@ -154,12 +167,15 @@ class AgentInfo:
     """The announced URL (``url`` transport only)."""
     expires_at: datetime.datetime | None = None
     """When the announcement lapses unless renewed (``url`` transport only)."""
+    version: str | None = None
+    """What the agent says it runs (its ``User-Agent``), if it said."""
 
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "status": "online",
             "transport": self.transport,
+            "version": self.version,
             "url": self.url,
             "connected_at": self.connected_at_iso or _iso(self.connected_at),
             "expires_at": None if self.expires_at is None else _iso(self.expires_at),
@@ -209,28 +225,92 @@ def _iso(moment: datetime.datetime) -> str:
 
 class RegistryEventKind(enum.Enum):
     ONLINE = "online"
+    """``name`` is held by ``epoch`` now."""
     OFFLINE = "offline"
+    """``epoch`` let go of ``name``, for ``reason``."""
     REPLACED = "replaced"
+    """``epoch`` was replaced by ``new_epoch``: between the old epoch's
+    ``offline`` (reason ``replaced``) and the new one's ``online``."""
 
 
 @attrs.frozen
 class RegistryEvent:
+    """A presence change. Every ``online`` is followed, sooner or later, by
+    exactly one ``offline`` of the same name and epoch."""
+
     kind: RegistryEventKind
     name: str
     epoch: int
+    reason: str | None = None
+    """(offline) closed, heartbeat timeout, replaced, revoked, shutdown,
+    credential expired, protocol error, announcement expired, withdrawn."""
+    new_epoch: int | None = None
+    """(replaced) The epoch that took the name over."""
+    remote: str = attrs.field(default="", eq=False)
+    transport: str = attrs.field(default=WEBSOCKET, eq=False)
+    version: str | None = attrs.field(default=None, eq=False)
+    rtt_ms: float | None = attrs.field(default=None, eq=False)
+    url: str | None = attrs.field(default=None, eq=False)
+    at: datetime.datetime | None = attrs.field(default=None, eq=False)
+    """When it happened (UTC)."""
+    seq: int = attrs.field(default=0, eq=False)
+    """This registry's count of events, 1 for the first: increasing by one
+    from event to event, so a gap or a duplicate shows."""
+
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = {
+            "event": self.kind.value,
+            "seq": self.seq,
+            "at": None if self.at is None else _iso(self.at),
+            "name": self.name,
+            "epoch": self.epoch,
+            "transport": self.transport,
+            "remote": self.remote,
+            "version": self.version,
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "url": self.url,
+        }
+        if self.kind is RegistryEventKind.OFFLINE:
+            data["reason"] = self.reason
+        if self.kind is RegistryEventKind.REPLACED:
+            data["new_epoch"] = self.new_epoch
+        return data
+
+
+@attrs.frozen
+class PresenceSnapshot:
+    """Every online agent at one instant: what a late subscriber starts
+    from; the changes after it follow, numbered from ``seq + 1``."""
+
+    agents: tuple[AgentInfo, ...]
+    seq: int
+    """The number of the last event before this listing."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "event": "snapshot",
+            "seq": self.seq,
+            "agents": [agent.to_json() for agent in self.agents],
+        }
 
 
 class Subscription:
-    """A bounded stream of registry events.
+    """A bounded stream of registry events, and the listing they follow.
+
+    ``snapshot`` is every online agent at the instant of subscribing and
+    ``seq`` the number of the last event before it: the events received
+    next are exactly the changes after it (no gap, no duplicate).
 
     A subscriber that falls more than ``capacity`` events behind is cut off:
-    its iteration ends and ``overflowed`` is True (resubscribe and take a
+    its iteration ends and ``overflowed`` is True (resubscribe for a fresh
     snapshot). The registry never waits for a subscriber.
     """
 
     def __init__(self, capacity: int) -> None:
         self._send, self._receive = trio.open_memory_channel[RegistryEvent](capacity)
         self.overflowed = False
+        self.snapshot: tuple[AgentInfo, ...] = ()
+        self.seq = 0
 
     def _publish(self, event: RegistryEvent) -> bool:
         try:
@@ -259,13 +339,16 @@ class Subscription:
 class Registry(Protocol):
     """Where agents are registered. All methods may be called concurrently."""
 
-    async def register(self, name: str, session: AgentSession, *, remote: str) -> Registration:
+    async def register(
+        self, name: str, session: AgentSession, *, remote: str, version: str | None = None
+    ) -> Registration:
         """Register ``session`` under ``name``; a session already there is asked
         to close with 4409 "replaced" (an announcement there is dropped)."""
         ...
 
-    async def unregister(self, registration: Registration) -> bool:
-        """Remove the registration if it is still the current one for its name."""
+    async def unregister(self, registration: Registration, reason: str = REASON_CLOSED) -> bool:
+        """Remove the registration if it is still the current one for its
+        name (its ``offline`` event says ``reason``)."""
         ...
 
     async def announce(
@@ -277,6 +360,7 @@ class Registry(Protocol):
         remote: str,
         renewing: int | None,
         connect: Callable[[], AgentSession],
+        version: str | None = None,
     ) -> Announced:
         """Announce (or, with the epoch it got, renew) ``url`` for ``name``
         for ``ttl`` seconds; ``connect()`` makes the session that forwards to
@@ -303,7 +387,8 @@ class Registry(Protocol):
         ...
 
     def subscribe(self, capacity: int = 100) -> AbstractAsyncContextManager[Subscription]:
-        """Change events, from now on."""
+        """Change events from now on, after the listing at this instant
+        (``Subscription.snapshot``)."""
         ...
 
 
@@ -322,6 +407,7 @@ class _Entry:
     expires: float = math.inf
     """(``url``) When the announcement lapses, on ``clock``."""
     expires_wall: datetime.datetime | None = None
+    version: str | None = None
 
 
 class InMemoryRegistry:
@@ -349,21 +435,29 @@ class InMemoryRegistry:
         replaced under each name, so its next renewal is told (one per name,
         forgotten when it would have lapsed)."""
         self._expiry_wait: trio.CancelScope | None = None
+        self._seq = 0
+        """Events published so far."""
 
     def __len__(self) -> int:
         return len(self._entries)
 
     # The in-memory implementation never blocks; the async signatures are for
     # shared backends.
-    async def register(self, name: str, session: AgentSession, *, remote: str) -> Registration:
-        return self.register_nowait(name, session, remote=remote)
+    async def register(
+        self, name: str, session: AgentSession, *, remote: str, version: str | None = None
+    ) -> Registration:
+        return self.register_nowait(name, session, remote=remote, version=version)
 
-    def register_nowait(self, name: str, session: AgentSession, *, remote: str) -> Registration:
+    def register_nowait(
+        self, name: str, session: AgentSession, *, remote: str, version: str | None = None
+    ) -> Registration:
         epoch = next(self._epochs)
         history = self._replace(name, epoch, WEBSOCKET)
         now_wall = self._wall_clock()
-        self._entries[name] = _Entry(session, epoch, remote, now_wall, _iso(now_wall), history)
-        self._publish(RegistryEvent(RegistryEventKind.ONLINE, name, epoch))
+        entry = _Entry(session, epoch, remote, now_wall, _iso(now_wall), history)
+        entry.version = clean_version(version)
+        self._entries[name] = entry
+        self._publish_about(RegistryEventKind.ONLINE, name, entry)
         return Registration(name, epoch)
 
     def _replace(self, name: str, epoch: int, by: str) -> collections.deque[float] | None:
@@ -377,7 +471,8 @@ class InMemoryRegistry:
         history.append(now)
         while history and now - history[0] > FLAP_WINDOW:
             history.popleft()
-        self._publish(RegistryEvent(RegistryEventKind.REPLACED, name, old.epoch))
+        self._publish_about(RegistryEventKind.OFFLINE, name, old, reason=_codes.REASON_REPLACED)
+        self._publish_about(RegistryEventKind.REPLACED, name, old, new_epoch=epoch)
         if len(history) >= FLAP_THRESHOLD:
             log.warning(
                 "agent %r is flapping: replaced %d times in %.0f s (two processes with one name?)",
@@ -398,14 +493,14 @@ class InMemoryRegistry:
         old.session.request_close(_codes.WS_REPLACED, _codes.REASON_REPLACED)
         return history
 
-    async def unregister(self, registration: Registration) -> bool:
-        return self.unregister_nowait(registration)
+    async def unregister(self, registration: Registration, reason: str = REASON_CLOSED) -> bool:
+        return self.unregister_nowait(registration, reason)
 
-    def unregister_nowait(self, registration: Registration) -> bool:
+    def unregister_nowait(self, registration: Registration, reason: str = REASON_CLOSED) -> bool:
         entry = self._entries.get(registration.name)
         if entry is None or entry.epoch != registration.epoch:
             return False
-        self._drop(registration.name, entry, REASON_WITHDRAWN)
+        self._drop(registration.name, entry, reason)
         return True
 
     def _drop(self, name: str, entry: _Entry, reason: str) -> None:
@@ -414,7 +509,7 @@ class InMemoryRegistry:
             # The registry made this session: it closes it (idle connections).
             entry.session.request_close(_codes.WS_GOING_AWAY, reason)
             log.info("agent %r (url, epoch %d) offline: %s", name, entry.epoch, reason)
-        self._publish(RegistryEvent(RegistryEventKind.OFFLINE, name, entry.epoch))
+        self._publish_about(RegistryEventKind.OFFLINE, name, entry, reason=reason)
 
     # -- announced URLs -----------------------------------------------------------
     async def announce(
@@ -426,9 +521,10 @@ class InMemoryRegistry:
         remote: str,
         renewing: int | None,
         connect: Callable[[], AgentSession],
+        version: str | None = None,
     ) -> Announced:
         return self.announce_nowait(
-            name, url, ttl=ttl, remote=remote, renewing=renewing, connect=connect
+            name, url, ttl=ttl, remote=remote, renewing=renewing, connect=connect, version=version
         )
 
     def announce_nowait(
@@ -440,6 +536,7 @@ class InMemoryRegistry:
         remote: str,
         renewing: int | None,
         connect: Callable[[], AgentSession],
+        version: str | None = None,
     ) -> Announced:
         now = self._clock()
         self._expire_due(now)
@@ -464,9 +561,10 @@ class InMemoryRegistry:
             history = self._replace(name, epoch, URL)
             now_wall = self._wall_clock()
             entry = _Entry(connect(), epoch, remote, now_wall, _iso(now_wall), history, URL, url)
+            entry.version = clean_version(version)
             self._entries[name] = entry
             log.info("agent %r announced %s from %s (epoch %d)", name, url, remote, epoch)
-            self._publish(RegistryEvent(RegistryEventKind.ONLINE, name, epoch))
+            self._publish_about(RegistryEventKind.ONLINE, name, entry)
         renewal = entry.expires != math.inf
         entry.expires = expires
         entry.expires_wall = expires_wall
@@ -549,6 +647,7 @@ class InMemoryRegistry:
                     transport=e.transport,
                     url=e.url,
                     expires_at=e.expires_wall,
+                    version=e.version,
                 )
             )
         return rows
@@ -570,12 +669,42 @@ class InMemoryRegistry:
     @contextmanager
     def _subscription(self, capacity: int) -> Iterator[Subscription]:
         sub = Subscription(capacity)
+        # (no checkpoint between the listing and joining: nothing can change in between)
+        sub.snapshot = tuple(self.snapshot_nowait())
+        sub.seq = self._seq
         self._subscribers.add(sub)
         try:
             yield sub
         finally:
             self._subscribers.discard(sub)
             sub._close()
+
+    def _publish_about(
+        self,
+        kind: RegistryEventKind,
+        name: str,
+        entry: _Entry,
+        *,
+        reason: str | None = None,
+        new_epoch: int | None = None,
+    ) -> None:
+        self._seq += 1
+        rtt = entry.session.rtt
+        event = RegistryEvent(
+            kind,
+            name,
+            entry.epoch,
+            reason=reason,
+            new_epoch=new_epoch,
+            remote=entry.remote,
+            transport=entry.transport,
+            version=entry.version,
+            rtt_ms=None if rtt is None else rtt * 1000.0,
+            url=entry.url,
+            at=self._wall_clock(),
+            seq=self._seq,
+        )
+        self._publish(event)
 
     def _publish(self, event: RegistryEvent) -> None:
         for sub in list(self._subscribers):
