@@ -171,8 +171,8 @@ def test_contradictory_credential_flags_exit_2(
 
 def test_tokens_rotation_scopes_and_revocation(procs: list[Proc], tmp_path: Path) -> None:
     old, new = tmp_path / "old.key", tmp_path / "new.key"
-    keygen(old)
-    keygen(new)
+    old_id = keygen(old)
+    new_id = keygen(new)
     revoked = tmp_path / "revoked"
     revoked.write_text("# revoked token ids\n")
     gw, url, admin = start_gateway(
@@ -193,6 +193,13 @@ def test_tokens_rotation_scopes_and_revocation(procs: list[Proc], tmp_path: Path
     b.wait_for(rf"online: {url}/a/server/")
     for name in ("laptop", "server"):
         assert httpx.get(f"{url}/a/{name}/echo/x").status_code == 200
+    # The log says who is on which key (a rotation is done when none is on the old one).
+    gw.wait_for(
+        rf"agent 'laptop' online from \S+ \(epoch \d+, token {laptop['id']}, key {old_id}\)"
+    )
+    gw.wait_for(
+        rf"agent 'server' online from \S+ \(epoch \d+, token {server['id']}, key {new_id}\)"
+    )
 
     # Scopes: only an admin token opens the admin surface.
     admin_token = issue(new, "--admin")["token"]

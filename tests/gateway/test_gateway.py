@@ -360,3 +360,19 @@ async def test_replacement_storm_does_not_take_the_gateway_down() -> None:
             r = await get(gw.url, "/healthz")
             assert r.status_code == 200
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_streams_per_agent", 0, "--max-streams-per-agent 0: must be at least 1"),
+        ("max_message_size", 1000, "--max-message-size 1000: must be at least 262144"),
+        ("max_pending_connections", 0, "--max-pending-connections 0: must be at least 1"),
+    ],
+)
+def test_limits_below_their_floor_are_config_errors(field: str, value: int, message: str) -> None:
+    from revconn import ConfigError, GatewayConfig
+
+    with pytest.raises(ConfigError) as info:
+        GatewayConfig(**{field: value})  # type: ignore[arg-type]
+    assert str(info.value) == message

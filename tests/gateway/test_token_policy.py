@@ -76,11 +76,11 @@ def denial(verdict: Grant | Denial, status: int, error: str) -> Denial:
 def test_agent_token_for_its_own_name_is_granted_with_id_and_expiry() -> None:
     token, claims = issue_token(KEY, "svc", expires_in=600)
     verdict = policy().authenticate(token, agent="svc", scope=Scope.CONNECT)
-    assert verdict == Grant(token_id=claims.token_id, expires_at=claims.expires_at)
+    assert verdict == Grant(claims.token_id, claims.expires_at, KEY.id)
     assert claims.expires_at is not None and claims.expires_at > time.time()
     forever, claims = issue_token(KEY, "svc")
     verdict = policy().authenticate(forever, agent="svc", scope=Scope.CONNECT)
-    assert verdict == Grant(token_id=claims.token_id, expires_at=None)
+    assert verdict == Grant(claims.token_id, None, KEY.id)
 
 
 def test_agent_token_for_another_name_is_403_wrong_agent() -> None:
@@ -112,7 +112,7 @@ def test_admin_token_opens_no_tunnel(agent: str | None) -> None:
 def test_admin_token_opens_the_admin_surface() -> None:
     token, claims = issue_token(KEY, None, admin=True, expires_in=60)
     verdict = policy(shared=None).authenticate(token, agent=None, scope=Scope.ADMIN)
-    assert verdict == Grant(claims.token_id, claims.expires_at)
+    assert verdict == Grant(claims.token_id, claims.expires_at, KEY.id)
 
 
 def test_expired_token_is_401_expired() -> None:
@@ -241,7 +241,7 @@ def test_admission_carries_the_grant() -> None:
     limiter = FailureLimiter(3, 60, clock=lambda: 0.0)
     token, claims = issue_token(KEY, "svc", expires_in=60)
     admitted = admit(policy(), "svc", token, limiter)
-    assert admitted == Admission("svc", Grant(claims.token_id, claims.expires_at))
+    assert admitted == Admission("svc", Grant(claims.token_id, claims.expires_at, KEY.id))
     assert admit(policy(), "svc", SECRET, limiter) == Admission("svc", Grant())
 
 
@@ -255,7 +255,7 @@ def test_a_403_is_not_a_failed_authentication_but_a_401_is(revoked: RevocationLi
     for credential, name in ((token, "other"), (admin, "svc"), (token, "other")):
         reply = admit(p, name, credential, limiter)
         assert isinstance(reply, Reply) and reply.status == 403
-    assert admit(p, "svc", token, limiter) == Admission("svc", Grant(claims.token_id, None))
+    assert admit(p, "svc", token, limiter) == Admission("svc", Grant(claims.token_id, None, KEY.id))
     revoke(revoked, claims.token_id)
     reply = admit(p, "svc", token, limiter)
     assert isinstance(reply, Reply) and reply.status == 401

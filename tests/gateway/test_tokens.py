@@ -201,7 +201,7 @@ def test_load_of_a_directory_is_a_config_error(tmp_path: Path) -> None:
 
 def test_agent_token_roundtrip() -> None:
     token, claims = issue_token(KEY, "svc", now=1_700_000_000)
-    assert claims == TokenClaims(claims.token_id, "svc", False, 1_700_000_000, None)
+    assert claims == TokenClaims(claims.token_id, "svc", False, 1_700_000_000, None, KEY.id)
     assert TOKEN_ID.fullmatch(claims.token_id) and len(claims.token_id) == 32
     assert TokenVerifier([KEY]).verify(token) == claims
     assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT", "kid": KEY.id}
@@ -640,7 +640,7 @@ def test_a_failed_reload_keeps_the_old_list(tmp_path: Path) -> None:
         revoked.reload()
     assert str(info.value).startswith(f"revoked-tokens file {path} line 3: 'not an id'")
     assert revoked.ids == frozenset({"aaa"})  # "bbb" is not half-applied either
-    assert revoked.changed()  # still pending: the next poll tries again
+    assert not revoked.changed()  # reported once: the poll waits for the next change
     path.write_text("aaa\nbbb\n")
     assert revoked.reload() == frozenset({"bbb"})
     assert not revoked.changed()

@@ -129,6 +129,32 @@ async def test_agent_busy(autojump_clock: trio.testing.MockClock) -> None:
             gw.open_request(REQ, end_stream=True)
 
 
+async def test_the_gateways_own_stream_limit_beneath_the_agents(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """--max-streams-per-agent: the agent would take 100, the gateway opens 2;
+    a stream that ends frees its place."""
+
+    async def handler(stream: TunnelStream) -> None:
+        await stream.respond(200, [], end_stream=True)
+        await trio.sleep_forever()
+
+    async with tunnels(handler, max_streams=100) as gw:
+        gw.max_streams = 2
+        first = gw.open_request(REQ, end_stream=True)
+        gw.open_request(REQ, end_stream=True)
+        with pytest.raises(AgentBusy, match="the gateway's limit, 2"):
+            gw.open_request(REQ, end_stream=True)
+        await gw.flush()
+        assert (await first.receive_response()).status == 200
+        assert await first.read() is None
+        first.close()
+        await trio.sleep(1)
+        gw.open_request(REQ, end_stream=True)  # its place was freed
+        with pytest.raises(AgentBusy):
+            gw.open_request(REQ, end_stream=True)
+
+
 async def test_tunnel_loss_fails_pending_streams(autojump_clock: trio.testing.MockClock) -> None:
     async def handler(stream: TunnelStream) -> None:
         await trio.sleep_forever()

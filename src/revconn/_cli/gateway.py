@@ -27,6 +27,7 @@ from .._errors import ConfigError
 from .._gateway.auth import AuthPolicy, SharedSecretPolicy, TokenPolicy, generate_secret
 from .._gateway.gateway import Gateway, GatewayConfig
 from .._gateway.tokens import RevocationList, SigningKey, TokenVerifier, issue_token
+from .._proto.rules import MAX_MESSAGE_SIZE
 from .._runtime.heartbeat import Heartbeat
 from .common import EXIT_CONFIG, TRACE_HELP, fail, run, setup_logging, until_signal
 
@@ -207,6 +208,22 @@ def _auth_policy(
     "between requests); beyond it new connections are closed at once.",
 )
 @click.option(
+    "--max-streams-per-agent",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Requests in flight to one agent at once (503 agent_busy beyond; the agent's own "
+    "--max-streams applies too).",
+)
+@click.option(
+    "--max-message-size",
+    type=int,
+    default=MAX_MESSAGE_SIZE,
+    show_default=True,
+    help="Bytes of one agent WebSocket message (close 1009 beyond, refused as soon as its "
+    "header announces it); at least 262144, what a tunnel sends at most.",
+)
+@click.option(
     "--agent-basic-auth",
     "agent_basic_auth",
     multiple=True,
@@ -341,6 +358,8 @@ def main(
     idle_timeout: float,
     body_timeout: float,
     max_pending_connections: int,
+    max_streams_per_agent: int,
+    max_message_size: int,
     domains: tuple[str, ...],
     trusted_proxies: tuple[str, ...],
     agent_basic_auth: tuple[str, ...],
@@ -376,6 +395,8 @@ def main(
             idle_timeout=idle_timeout,
             body_timeout=body_timeout,
             max_pending_connections=max_pending_connections,
+            max_streams_per_agent=max_streams_per_agent,
+            max_message_size=max_message_size,
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),
             handshake_timeout=handshake_timeout,
             domains=domains,

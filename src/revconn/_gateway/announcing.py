@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 import weakref
 from collections.abc import Iterable
 from urllib.parse import parse_qs
@@ -33,6 +34,14 @@ log = logging.getLogger("revconn.gateway")
 RESOLVE_TIMEOUT = 5.0
 PRUNE_EVERY = 5.0
 ALLOW_HINT = "the gateway forwards only to public addresses unless --announce-allow covers them"
+
+
+def _capped_ttl(ttl: float, expires_at: int | None) -> float:
+    """An announcement lasts no longer than the token that made it (it lapses
+    then, as a tunnel is closed then; the renewal is refused ``expired``)."""
+    if expires_at is None:
+        return ttl
+    return max(0.001, min(ttl, expires_at - time.time()))
 
 
 class Announcements:
@@ -166,7 +175,7 @@ class Announcements:
                 announced = await self.registry.announce(
                     name,
                     url.text,
-                    ttl=wanted.ttl,
+                    ttl=_capped_ttl(wanted.ttl, admitted.grant.expires_at),
                     remote=remote,
                     renewing=wanted.epoch,
                     connect=lambda: self.session(name, url),

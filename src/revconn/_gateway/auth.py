@@ -61,6 +61,14 @@ class Grant:
     """The token's id (what ``--revoked-file`` lists); None for the shared secret."""
     expires_at: int | None = None
     """When the credential stops being valid (Unix time); None: never."""
+    key_id: str | None = None
+    """The key that signed the token."""
+
+    def describe(self) -> str:
+        """For a log line: which credential (never the credential itself)."""
+        if self.token_id is None:
+            return "shared secret"
+        return f"token {self.token_id}, key {self.key_id}"
 
 
 @attrs.frozen
@@ -175,7 +183,7 @@ class TokenPolicy:
             return DENIED
         if self.revoked is not None and claims.token_id in self.revoked:
             return Denial(401, "revoked", "this token was revoked: ask the operator for a new one")
-        grant = Grant(claims.token_id, claims.expires_at)
+        grant = Grant(claims.token_id, claims.expires_at, claims.key_id)
         if scope is Scope.ADMIN:
             if not claims.admin:
                 detail = "an agent token does not open the admin surface: use an admin token"

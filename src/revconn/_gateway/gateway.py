@@ -98,11 +98,11 @@ def offline_reason(end: TunnelEnd) -> str:
     return REASON_CLOSED
 
 
-async def _close_at_expiry(tunnel: Tunnel, expires_at: int) -> None:
+async def _close_at_expiry(tunnel: Tunnel, expires_at: int, name: str, remote: str) -> None:
     """Close ``tunnel`` (GOAWAY ``credential expired``, close 4401) when its
     token expires (``expires_at``: Unix time)."""
     await trio.sleep(max(0.0, expires_at - time.time()))
-    log.info("closing a tunnel: its token expired")
+    log.info("agent %r from %s: its token expired, closing its tunnel", name, remote)
     tunnel.request_close(_codes.WS_CREDENTIAL_EXPIRED, _codes.REASON_EXPIRED)
 
 
@@ -124,6 +124,9 @@ class GatewayConfig:
     heartbeat: Heartbeat = Heartbeat()
     handshake_timeout: float = 10.0
     max_message_size: int = MAX_MESSAGE_SIZE
+    max_streams_per_agent: int | None = 128
+    """Requests in flight to one agent at once (503 ``agent_busy`` beyond;
+    the agent's own ``--max-streams`` applies too); None: the agent's only."""
     backlog: int = 4096
     graceful_timeout: float = 5.0
     """On shutdown: how long requests in flight may take before tunnels are closed."""
@@ -186,6 +189,9 @@ class GatewayConfig:
             ("--max-body-size", self.max_body_size, 0),
             ("--max-agents", self.max_agents, 1),
             ("--max-pending-connections", self.max_pending_connections, 1),
+            ("--max-streams-per-agent", self.max_streams_per_agent, 1),
+            # (a tunnel's own messages are up to 256 KiB: _runtime/tunnel.MAX_MESSAGE)
+            ("--max-message-size", self.max_message_size, 256 * 1024),
         ):
             if number is not None and number < low:
                 raise ConfigError(f"{flag} {number}: must be at least {low}")
@@ -431,6 +437,7 @@ class Gateway:
             heartbeat=self.config.heartbeat,
             handshake_timeout=self.config.handshake_timeout,
             on_end=on_end,
+            max_streams=self.config.max_streams_per_agent,
         )
         try:
             await tunnel.handshake()
@@ -451,14 +458,20 @@ class Gateway:
             registration = await self.registry.register(
                 name, tunnel, remote=remote, version=admission.version
             )
-            log.info("agent %r online from %s (epoch %d)", name, remote, registration.epoch)
+            log.info(
+                "agent %r online from %s (epoch %d, %s)",
+                name,
+                remote,
+                registration.epoch,
+                grant.describe(),
+            )
             if self._shutting_down:
                 tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
             if grant.expires_at is None:
                 end = await tunnel.serve(self._heartbeats)
             else:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_close_at_expiry, tunnel, grant.expires_at)
+                    nursery.start_soon(_close_at_expiry, tunnel, grant.expires_at, name, remote)
                     end = await tunnel.serve(self._heartbeats)
                     nursery.cancel_scope.cancel()
             log.info(

@@ -155,6 +155,9 @@ class TokenClaims:
     issued_at: int
     expires_at: int | None
     """Unix time; None: never expires."""
+    key_id: str | None = None
+    """The key that signed it (set by ``verify``), to see who is still on an
+    old key during a rotation."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -199,6 +202,7 @@ def issue_token(
         admin=admin,
         issued_at=issued,
         expires_at=None if expires_in is None else issued + max(1, round(expires_in)),
+        key_id=key.id,
     )
     payload: dict[str, object] = {
         "iss": ISSUER,
@@ -266,7 +270,8 @@ class TokenVerifier:
             )
         except jwt.PyJWTError:
             raise InvalidToken("invalid", "the token's signature or claims are invalid") from None
-        return _claims(claims, time.time() if now is None else now)
+        verified = _claims(claims, time.time() if now is None else now)
+        return attrs.evolve(verified, key_id=key.id)
 
 
 def _claims(claims: dict[str, object], now: float) -> TokenClaims:
@@ -312,8 +317,10 @@ class RevocationList:
     """The revoked token ids of ``--revoked-file``, reloaded on demand.
 
     ``reload()`` reads the file again; ``changed()`` says whether it looks
-    different (modification time, size, inode) from when it was last read, so
-    that a cheap poll can reload it.
+    different (modification time, size, inode) from when it was last read,
+    so that a cheap poll can reload it. A read that failed counts as read: the
+    same broken file is not reported again until it changes (or ``reload()``
+    is called, as on SIGHUP).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -324,6 +331,7 @@ class RevocationList:
     def _read(self) -> frozenset[str]:
         try:
             stamp = self._stat()
+            self._stamp = stamp  # (even if what follows fails: one report per change)
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(
@@ -333,9 +341,7 @@ class RevocationList:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"revoked-tokens file {self.path}: {reason}") from None
-        ids = parse_revoked(text.splitlines(), f"revoked-tokens file {self.path}")
-        self._stamp = stamp
-        return ids
+        return parse_revoked(text.splitlines(), f"revoked-tokens file {self.path}")
 
     def _stat(self) -> tuple[int, int, int]:
         st = self.path.stat()

@@ -95,6 +95,7 @@ class Tunnel:
         "end",
         "handshake_timeout",
         "heartbeat",
+        "max_streams",
         "rtt",
         "session",
         "transport",
@@ -108,8 +109,12 @@ class Tunnel:
         heartbeat: Heartbeat,
         handshake_timeout: float = 10.0,
         on_end: Callable[[TunnelEnd], None] | None = None,
+        max_streams: int | None = None,
     ) -> None:
         self.session = session
+        self.max_streams = max_streams
+        """(gateway) Streams open at once at most, pooled ones included (the
+        agent's own SETTINGS limit applies too); None: the agent's only."""
         self.transport = transport
         self.heartbeat = heartbeat
         self.handshake_timeout = handshake_timeout
@@ -159,6 +164,11 @@ class Tunnel:
             # Redial for fresh stream ids once the current requests are done.
             self.drain(_codes.WS_GOING_AWAY, "stream ids exhausted")
             raise StreamError("stream ids exhausted; the agent will reconnect")
+        if self.max_streams is not None and len(self._streams) >= self.max_streams:
+            raise AgentBusy(
+                "too many concurrent requests for this agent "
+                f"(the gateway's limit, {self.max_streams})"
+            )
         try:
             stream_id = self.session.open_stream(headers, end_stream=end_stream)
         except StreamLimitReached:
