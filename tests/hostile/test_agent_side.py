@@ -15,7 +15,8 @@ from functools import partial
 
 import pytest
 import trio
-from hyperframe.frame import DataFrame, HeadersFrame, PingFrame, SettingsFrame
+from hpack import Encoder
+from hyperframe.frame import DataFrame, HeadersFrame, PingFrame, SettingsFrame, WindowUpdateFrame
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from revconn import Agent, AgentConfig, Backoff
@@ -421,4 +422,57 @@ async def test_frame_on_a_never_opened_stream(frame: bytes) -> None:
             assert code == 1002, (code, reason)
             assert reason
             await wait_for(lambda: gw.gateway.registry.lookup("bad") is None)
+            await assert_good_serves(port)
+
+
+# -- 8. flow-control overflow and a HPACK bomb -------------------------------------
+
+
+async def test_a_window_update_overflow_closes_the_session_1002() -> None:
+    """RFC 9113 6.9.1: a window above 2^31-1 is a FLOW_CONTROL_ERROR."""
+    with trio.fail_after(15):
+        async with stack() as (gw, port), raw_agent(gw, "bad") as (ws, session):
+            await wait_for(lambda: gw.gateway.registry.lookup("bad") is not None)
+            await ws.send_message(WindowUpdateFrame(0, window_increment=2**31 - 1).serialize())
+            code, reason = await closed_by_gateway(ws, session)
+            assert (code, reason) == (1002, "protocol error")
+            await wait_for(lambda: gw.gateway.registry.lookup("bad") is None)
+            await assert_good_serves(port)
+
+
+def hpack_bomb(stream_id: int, copies: int) -> bytes:
+    """A response HEADERS block of a few hundred bytes that decodes to
+    ``copies`` x 4 KiB: one 4000-byte field added to the dynamic table, then
+    referenced ``copies`` times by its one-byte index (62, the first dynamic)."""
+    encoder = Encoder()
+    block = encoder.encode([(b":status", b"200"), (b"x-bomb", b"v" * 4000)], huffman=False)
+    block += bytes([0x80 | 62]) * copies
+    return HeadersFrame(stream_id, data=block, flags=["END_HEADERS"]).serialize()
+
+
+async def test_a_hpack_bomb_closes_the_session_and_its_request_gets_a_502() -> None:
+    with trio.fail_after(15):
+        async with stack() as (gw, port), raw_agent(gw, "bad") as (ws, session):
+            await wait_for(lambda: gw.gateway.registry.lookup("bad") is not None)
+            async with trio.open_nursery() as nursery:
+                answers: list[bytes] = []
+
+                async def request() -> None:
+                    answers.append(await exchange(port, get("bad")))
+
+                nursery.start_soon(request)
+                stream_id = None
+                while stream_id is None:
+                    for event in session.receive_data(await ws.get_message()):
+                        if isinstance(event, RequestReceived):
+                            stream_id = event.stream_id
+                # 100 x 4 KiB decoded: beyond the 64 KiB SETTINGS_MAX_HEADER_LIST_SIZE.
+                await ws.send_message(hpack_bomb(stream_id, 100))
+                code, reason = await closed_by_gateway(ws, session)
+            assert (code, reason) == (1002, "protocol error")
+            (answer,) = answers
+            # The session died before the stream was accepted: the agent is
+            # gone, and the request says so (nothing of the bomb reaches it).
+            assert_json_error(answer, 503, "agent_offline")
+            assert_no_injection(answer)
             await assert_good_serves(port)

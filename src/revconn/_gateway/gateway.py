@@ -274,6 +274,8 @@ class Gateway:
         """The data plane's URLs, once ``serve()`` has started (ports resolved)."""
         self.admin_urls: list[str] = []
         """The operator surface's URLs, once ``serve()`` has started."""
+        self.listener: Listener | None = None
+        """The data plane's listener while ``serve()`` runs (its ``pending`` line)."""
         self.event_streams = EventStreams()
         """The ``/events`` responses in progress (``serve()`` ends them at shutdown)."""
         self.admin_app = make_admin_app(self)
@@ -617,6 +619,7 @@ class Gateway:
                 handshake_timeout=cfg.handshake_timeout,
                 max_pending=cfg.max_pending_connections,
             )
+            self.listener = listener
             await nursery.start(listener.serve, data)
             if admin:
                 await nursery.start(run_admin)

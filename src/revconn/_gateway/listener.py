@@ -9,10 +9,13 @@ logged and costs that connection only.
 
 At most ``max_pending`` connections wait for a request head at once (from
 accept, TLS handshake included, until their head is complete; a kept-alive
-connection again after each response): beyond it a new connection is closed
-at once, unread, and an idle kept-alive one after its response, so a flood of
-half-open or slow connections holds a bounded number of sockets and parsers
-while requests on established connections, agents and WebSockets go on.
+connection again after each response). When one more comes, the one that
+has waited longest is closed to make room (an idle kept-alive connection, or
+a client that is slow to send its head), as nginx reuses idle keep-alive
+connections when it runs out: a flood of half-open or slow connections holds
+a bounded number of sockets and parsers, cannot lock newcomers out (a client
+that sends its head promptly is served however many others wait), and
+requests in flight, agents and WebSockets are never touched.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Protocol
 
 import trio
@@ -50,47 +54,63 @@ must not flood the log too)."""
 
 
 class PendingLimit:
-    """How many connections wait for a request head, and how many were closed
-    for it (sans-I/O: counts only). ``maximum`` None: no limit."""
+    """The connections waiting for a request head, oldest first, and how many
+    were closed to make room (sans-I/O). ``maximum`` None: no limit."""
 
-    __slots__ = ("maximum", "refused", "waiting")
+    __slots__ = ("_order", "evicted", "maximum")
 
     def __init__(self, maximum: int | None) -> None:
         self.maximum = maximum
-        self.waiting = 0
-        self.refused = 0
-        """Connections closed because ``maximum`` were waiting (ever)."""
+        self._order: dict[PendingSlot, None] = {}
+        """The held slots in the order they were taken (dicts keep it)."""
+        self.evicted = 0
+        """Connections closed to make room for a newer one (ever)."""
 
-    def slot(self) -> PendingSlot:
-        """One connection's place in the count (not yet taken)."""
-        return PendingSlot(self)
+    @property
+    def waiting(self) -> int:
+        return len(self._order)
+
+    def slot(self, evict: Callable[[], None] | None = None) -> PendingSlot:
+        """One connection's place in the line (not yet taken); ``evict``
+        closes that connection when it has waited longest and room is needed."""
+        return PendingSlot(self, evict)
+
+    def _make_room(self) -> bool:
+        """Evict the longest-waiting connection; False if none can be."""
+        for oldest in self._order:
+            if oldest._evict is not None:
+                oldest.leave()
+                self.evicted += 1
+                oldest._evict()
+                return True
+        return False
 
 
 class PendingSlot:
     """One connection's place among those waiting for a request head (the
     exchange's ``HeadWait``)."""
 
-    __slots__ = ("_held", "_limit")
+    __slots__ = ("_evict", "_held", "_limit")
 
-    def __init__(self, limit: PendingLimit) -> None:
+    def __init__(self, limit: PendingLimit, evict: Callable[[], None] | None) -> None:
         self._limit = limit
+        self._evict = evict
         self._held = False
 
     def enter(self) -> bool:
         if self._held:
             return True
         limit = self._limit
-        if limit.maximum is not None and limit.waiting >= limit.maximum:
-            limit.refused += 1
+        if limit.maximum is not None and limit.waiting >= limit.maximum and not limit._make_room():
             return False
-        limit.waiting += 1
+        limit._order[self] = None
         self._held = True
         return True
 
     def leave(self) -> None:
         if self._held:
             self._held = False
-            self._limit.waiting -= 1
+            del self._limit._order[self]
 
 
 class AgentHost(DataPlane, Protocol):
@@ -150,11 +170,9 @@ class Listener:
                 await trio.aclose_forcefully(listener)
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
-        slot = self.pending.slot()
-        if not slot.enter():
-            self._refused()
-            await trio.aclose_forcefully(tcp)
-            return
+        scope = trio.CancelScope()
+        slot = self.pending.slot(partial(self._evict, scope))
+        slot.enter()  # (room is made: the longest-waiting connection goes)
         try:
             peer = tcp.socket.getpeername()
         except OSError:
@@ -162,17 +180,18 @@ class Listener:
         remote = format_peer(peer)
         stream: AcceptedStream = tcp
         try:
-            if self.tls is not None:
-                tls = await self._tls_handshake(tcp, self.tls, remote)
-                if tls is None:
-                    return
-                stream = tls
-            tunnel = await self._http(stream, str(peer[0]) if peer else None, slot)
-            if tunnel is not None:
-                # An agent: its WebSocket outlives the HTTP state, which _http
-                # has released (a gateway holds thousands of these).
-                admission, transport = tunnel
-                await self.host.serve_agent(admission, transport, remote)
+            with scope:
+                if self.tls is not None:
+                    tls = await self._tls_handshake(tcp, self.tls, remote)
+                    if tls is None:
+                        return
+                    stream = tls
+                tunnel = await self._http(stream, str(peer[0]) if peer else None, slot)
+                if tunnel is not None:
+                    # An agent: its WebSocket outlives the HTTP state, which _http
+                    # has released (a gateway holds thousands of these).
+                    admission, transport = tunnel
+                    await self.host.serve_agent(admission, transport, remote)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; its stream (if any) was reset
         except* Exception:
@@ -183,17 +202,19 @@ class Listener:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    def _refused(self) -> None:
-        """A new connection was closed unread: warn, at most every WARN_EVERY s."""
+    def _evict(self, scope: trio.CancelScope) -> None:
+        """Close a connection that waited longest for a request head, to make
+        room for a new one; warn, at most every WARN_EVERY s."""
+        scope.cancel()
         now = trio.current_time()
         if now - self._warned_at < WARN_EVERY:
             return
         self._warned_at = now
         log.warning(
             "%d connections are waiting for a request head (--max-pending-connections): "
-            "new ones are closed at once (%d so far)",
+            "the longest-waiting ones are closed to make room (%d so far)",
             self.pending.waiting,
-            self.pending.refused,
+            self.pending.evicted,
         )
 
     async def _tls_handshake(
