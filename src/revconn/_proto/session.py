@@ -53,6 +53,7 @@ MAX_FRAME_SIZE: Final = 128 * 1024
 instead of 640, and h2's cost is mostly per frame. Below the 1 MiB WebSocket
 message limit and the 256 KiB stream window."""
 MAX_GOAWAY_REASON: Final = 123  # fits a WebSocket close reason too
+_GOAWAY_TYPE: Final = 0x7
 
 
 class Role(enum.Enum):
@@ -157,15 +158,20 @@ class _FrameScanner:
     Only the 9-byte headers are looked at; payload bytes are skipped by count.
     """
 
-    __slots__ = ("_header", "_max_frame_size", "_payload_left", "_preface_left")
+    __slots__ = ("_goaway", "_header", "_max_frame_size", "_payload_left", "_preface_left")
 
     def __init__(self, max_frame_size: int, preface_len: int) -> None:
         self._max_frame_size = max_frame_size
         self._preface_left = preface_len
         self._header = b""
         self._payload_left = 0
+        self._goaway = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> int | None:
+        """Scan ``data``; returns the offset just past a GOAWAY frame that ends
+        in it, else None. Nothing after a GOAWAY is to be parsed: h2 makes any
+        frame after a received GOAWAY a connection error, which lost the
+        GOAWAY's reason whenever more frames came in the same message."""
         pos = 0
         end = len(data)
         if self._preface_left:
@@ -177,6 +183,8 @@ class _FrameScanner:
                 step = min(self._payload_left, end - pos)
                 self._payload_left -= step
                 pos += step
+                if self._goaway and not self._payload_left:
+                    return pos
                 continue
             need = FRAME_HEADER_LEN - len(self._header)
             chunk = data[pos : pos + need]
@@ -194,6 +202,11 @@ class _FrameScanner:
                     h2_error=_codes.H2_FRAME_SIZE_ERROR,
                 )
             self._payload_left = length
+            if header[3] == _GOAWAY_TYPE:
+                if not length:
+                    return pos
+                self._goaway = True
+        return None
 
 
 class TunnelSession:
@@ -413,15 +426,22 @@ class TunnelSession:
         if self.closed:
             return []
         try:
-            self._scanner.feed(data)
+            goaway_end = self._scanner.feed(data)
+            if goaway_end is not None:
+                data = data[:goaway_end]  # the peer ended the session: nothing after counts
             h2_events = self._conn.receive_data(data)
         except RemoteProtocolError as exc:
             self.close(exc.h2_error, _codes.REASON_PROTOCOL)
             raise
         except h2.exceptions.ProtocolError as exc:
-            # h2 has already queued its GOAWAY.
             self.closed = True
             code = int(getattr(exc, "error_code", _codes.H2_PROTOCOL_ERROR))
+            # h2 has queued its GOAWAY, except for a bad client preface: that
+            # it rejects before its error handling (tests/proto/test_session_fuzz.py).
+            if self._conn.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                self._conn.close_connection(
+                    error_code=code, additional_data=_codes.REASON_PROTOCOL.encode()
+                )
             raise RemoteProtocolError(f"HTTP/2 protocol error: {exc}", h2_error=code) from exc
         return self._translate(h2_events)
 
@@ -438,6 +458,10 @@ class TunnelSession:
                 self.closed = True
                 reason = (ev.additional_data or b"").decode("ascii", "replace")
                 out.append(SessionEnded(int(ev.error_code or 0), reason))
+                # Nothing after GOAWAY counts, as in later calls (a closed
+                # session ignores its input): what h2 parsed after it in the
+                # same bytes must not depend on how they were cut.
+                break
             elif isinstance(ev, h2.events.DataReceived):
                 out.append(
                     DataReceived(
@@ -456,6 +480,13 @@ class TunnelSession:
                 out.append(
                     RequestReceived(ev.stream_id, list(ev.headers), ev.stream_ended is not None)
                 )
+            elif isinstance(ev, h2.events.TrailersReceived):
+                # Not part of the protocol (the only header blocks are a stream's
+                # CONNECT and its answer): the fields are dropped, but the
+                # END_STREAM h2 requires on them is not, or the stream would
+                # never end. An empty DATA with END_STREAM reports it.
+                if ev.stream_ended is not None:
+                    out.append(DataReceived(ev.stream_id, b"", 0, True))
             elif isinstance(ev, h2.events.StreamEnded):
                 # Already reported through the end_stream flag of the event it came with.
                 pass
