@@ -30,3 +30,44 @@ def test_the_demo_agent_config_is_accepted_for_a_gateway_on_every_address() -> N
     with pytest.raises(ConfigError, match=r"in clear text to 0\.0\.0\.0"):
         AgentConfig(gateway="http://0.0.0.0:8080", name="demo", secret=SECRET)
     AgentConfig(gateway=_loopback("http://0.0.0.0:8080"), name="demo", secret=SECRET)
+
+
+@pytest.mark.parametrize("prog", ["revconn-gateway", "revconn-agent"])
+def test_version_names_the_program_and_the_package(prog: str) -> None:
+    import subprocess
+
+    import revconn
+
+    from .._procs import executable
+
+    done = subprocess.run(
+        [*executable(prog), "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert (done.returncode, done.stdout) == (0, f"{prog}, version {revconn.__version__}\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90d", 90 * 86400),
+        ("12h", 43200),
+        ("30m", 1800),
+        ("3600s", 3600),
+        ("3600", 3600),
+        ("1w", 604800),
+        ("1.5h", 5400),
+        (" 2D ", 172800),
+    ],
+)
+def test_token_durations(text: str, seconds: float) -> None:
+    from revconn._cli.gateway import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1d", "5x", "d", "1d2h", "1e400"])
+def test_bad_token_durations_name_the_value(text: str) -> None:
+    from revconn._cli.gateway import parse_duration
+
+    with pytest.raises(ConfigError, match=f"--expires {text!r}: give a positive number"):
+        parse_duration(text)

@@ -12,6 +12,7 @@ from functools import partial
 import click
 import trio
 
+from .. import __version__
 from .._agent.agent import Agent, AgentConfig
 from .._agent.local import DEFAULT_LISTEN, parse_listen, serve_local
 from .._agent.upstream import ASGIApp
@@ -83,6 +84,7 @@ def _secret(value: str | None, token: str | None = None) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="revconn-agent")
 def main() -> None:
     """revconn agent: makes a local service reachable through a revconn gateway."""
 

@@ -21,6 +21,7 @@ import attrs
 import click
 import trio
 
+from .. import __version__
 from .._agent.agent import Agent, AgentConfig
 from .._agent.demo import demo_app
 from .._errors import ConfigError
@@ -118,6 +119,7 @@ def _auth_policy(
     invoke_without_command=True,
     subcommand_metavar="[token ...]",
 )
+@click.version_option(__version__, "--version", prog_name="revconn-gateway")
 @click.option(
     "--bind",
     "binds",
@@ -206,6 +208,17 @@ def _auth_policy(
     show_default=True,
     help="Data-plane connections waiting for a request head at once (new, or kept alive "
     "between requests); beyond it new connections are closed at once.",
+)
+@click.option(
+    "--no-metrics",
+    is_flag=True,
+    help="Count nothing per request (/metrics then has presence and auth only; the "
+    "dashboard no counters).",
+)
+@click.option(
+    "--metrics-per-agent",
+    is_flag=True,
+    help="Label request metrics with the agent's name (one series per agent).",
 )
 @click.option(
     "--max-streams-per-agent",
@@ -358,6 +371,8 @@ def main(
     idle_timeout: float,
     body_timeout: float,
     max_pending_connections: int,
+    no_metrics: bool,
+    metrics_per_agent: bool,
     max_streams_per_agent: int,
     max_message_size: int,
     domains: tuple[str, ...],
@@ -395,6 +410,8 @@ def main(
             idle_timeout=idle_timeout,
             body_timeout=body_timeout,
             max_pending_connections=max_pending_connections,
+            metrics=not no_metrics,
+            metrics_per_agent=metrics_per_agent,
             max_streams_per_agent=max_streams_per_agent,
             max_message_size=max_message_size,
             heartbeat=Heartbeat(heartbeat_interval, heartbeat_timeout),

@@ -19,6 +19,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
+from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers
@@ -53,6 +54,14 @@ class AdminHost(Protocol):
     @property
     def domains(self) -> tuple[str, ...]: ...
 
+    async def metrics_text(self) -> bytes:
+        """The Prometheus text exposition."""
+        ...
+
+    async def stats(self) -> dict[str, object]:
+        """The online agents and their counters."""
+        ...
+
     @property
     def event_streams(self) -> EventStreams:
         """The ``/events`` responses, ended at shutdown."""
@@ -85,6 +94,7 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
         if verdict.status == 401:
             count_failure(host.auth_limiter, source, request.path)
         log.info("%s from %s refused: %s", request.path, source, verdict.error)
+        host.auth_limiter.refused(verdict.error)
         return _quart(verdict.reply())
 
     @app.get("/endpoints")
@@ -94,6 +104,23 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
             return refused
         rows = await host.registry.snapshot()
         return _quart(json_reply(200, {"endpoints": [row.to_json() for row in rows]}))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format (``metrics.py``); an admin credential, as
+        for every operator route (Prometheus: ``authorization`` in the scrape)."""
+        refused = refuse_operator()
+        if refused is not None:
+            return refused
+        body = await host.metrics_text()
+        return Response(body, content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/stats")
+    async def stats() -> Response:
+        refused = refuse_operator()
+        if refused is not None:
+            return refused
+        return _quart(json_reply(200, await host.stats()))
 
     @app.get("/events")
     async def events() -> Response:

@@ -261,6 +261,7 @@ def admit_agent_name(
     verdict = auth.authenticate(bearer_credential(headers), agent=name, scope=Scope.CONNECT)
     if isinstance(verdict, Denial):
         log.info("%s: agent %r from %s refused: %s", surface, name, source, verdict.error)
+        limiter.refused(verdict.error)
         if verdict.status == 401:
             count_failure(limiter, source, surface)
         return verdict.reply()
@@ -276,7 +277,10 @@ def refuse_limited(limiter: FailureLimiter, source: str) -> Reply | None:
     Asked before any credential is compared, so a locked-out source learns
     nothing, not even from a correct one."""
     wait = limiter.retry_after(source)
-    return None if wait is None else too_many_failures(wait)
+    if wait is None:
+        return None
+    limiter.refused("too_many_auth_failures")
+    return too_many_failures(wait)
 
 
 def count_failure(limiter: FailureLimiter, source: str, surface: str) -> None:

@@ -59,6 +59,7 @@ from .registry import Registry, RequestStream
 from .replies import Reply, agent_busy, agent_offline, json_reply, stream_failure, upstream_broken
 from .routing import Forward, Route, Target, dispatch, forward, public_urls, public_view
 from .tls import AcceptedStream
+from .traffic import CLIENT_GONE, AgentTraffic, Traffic
 from .websocket import WebSocketTransport, upgrade_response
 
 __all__ = ["MAX_HEAD", "DataPlane", "HeadWait", "HttpConnection", "RequestLimits"]
@@ -115,6 +116,11 @@ class DataPlane(Protocol):
 
     @property
     def registry(self) -> Registry: ...
+
+    @property
+    def traffic(self) -> Traffic | None:
+        """Where forwarded requests are counted; None: they are not."""
+        ...
 
     @property
     def idle_timeout(self) -> float:
@@ -201,17 +207,23 @@ class _InFlight:
         "gone",
         "head",
         "head_bytes",
+        "method",
         "name",
         "received",
         "request_done",
         "retried",
         "scope",
+        "sent",
         "session",
+        "started",
+        "status",
         "stop_upload",
         "stream",
         "switch",
         "switched",
+        "target",
         "timeout",
+        "traffic",
         "upload_wait",
         "waiting_on_client",
     )
@@ -238,7 +250,17 @@ class _InFlight:
         """The whole request (head and body) is in the stream."""
         self.stop_upload = False
         self.received = 0
-        """Request body bytes received (counted for a chunked body's limit)."""
+        """Request body bytes received (for a chunked body's limit, and counted)."""
+        self.sent = 0
+        """Response bytes written to the client."""
+        self.status = 0
+        """The status answered (the upstream's, or the gateway's error)."""
+        self.started = 0.0
+        self.method = head.method
+        self.target = head.target
+        """(what the counters record: a WebSocket's ``head`` is dropped)"""
+        self.traffic: AgentTraffic | None = None
+        """The agent's counters, when the gateway counts."""
         self.switch: trio.Event | None = None
         """(a WebSocket handshake) Set once the upstream's answer is known."""
         self.switched = False
@@ -295,6 +317,7 @@ class HttpConnection:
         "_nursery",
         "_responding",
         "_send_lock",
+        "_started",
         "_timeout",
         "_trusted",
         "_tunnel",
@@ -329,6 +352,8 @@ class HttpConnection:
         """The connection ends after the current response."""
         self._responding = False
         """A response to the current request has begun (nothing else may be sent)."""
+        self._started = 0.0
+        """When the current request for an agent was routed (trio time; counted only)."""
         self._tunnel: tuple[Admission, WebSocketTransport] | None = None
         self._trusted = plane.trusts_proxy(client)
         """The peer is a --trusted-proxy: its X-Forwarded-* are believed."""
@@ -346,6 +371,9 @@ class HttpConnection:
                 await send_all(self.stream, part)
 
     async def _reply(self, reply: Reply, *, close: bool = False) -> None:
+        ex = self._exchange
+        if ex is not None and not ex.status:
+            ex.status = reply.status  # (the gateway answers for the agent: 502, 504, ...)
         close = close or not self._keep_alive
         headers = [*reply.headers, (b"connection", b"close")] if close else reply.headers
         head = response_head(reply.status, _REASONS.get(reply.status, b""), headers)
@@ -503,13 +531,15 @@ class HttpConnection:
             await self._announce(head)
             return None
         assert isinstance(decision, Route)
+        if self.plane.traffic is not None:
+            self._started = trio.current_time()
         refused_access = self.plane.check_access(decision.name, self.client, head.headers)
         if refused_access is not None:
-            await self._answer_early(refused_access, head, close=websocket)
+            await self._answer_for_agent(refused_access, head, close=websocket)
             return None
         if not hosts and head.version == b"1.1":
             detail = "an HTTP/1.1 request needs exactly one Host header (RFC 9112 3.2)"
-            await self._answer_early(
+            await self._answer_for_agent(
                 json_reply(400, {"error": "bad_request", "detail": detail}), head, close=True
             )
             return None
@@ -524,11 +554,11 @@ class HttpConnection:
             drop_authorization=self.plane.guards_credentials(decision.name),
         )
         if isinstance(outbound, Reply):
-            await self._answer_early(outbound, head)
+            await self._answer_for_agent(outbound, head)
             return None
         too_large = self._body_too_large(head)
         if too_large is not None:
-            await self._answer_early(too_large, head, close=True)
+            await self._answer_for_agent(too_large, head, close=True)
             return None
         if websocket:
             # Upgrade and Connection are hop-by-hop: the handshake's own two go on.
@@ -538,24 +568,28 @@ class HttpConnection:
             with trio.move_on_after(self.plane.idle_timeout) as waiting:
                 stream, fresh = await outbound.session.acquire()
         except AgentBusy:
-            await self._answer_early(agent_busy(outbound.name), head)
+            await self._answer_for_agent(agent_busy(outbound.name), head)
             return None
         except StreamRefused as refused:
-            await self._answer_early(_refusal(refused), head)
+            await self._answer_for_agent(_refusal(refused), head)
             return None
         except StreamError as exc:
             failed = agent_offline(outbound.name)
             if exc.error_code is not None:
                 failed = stream_failure(exc, outbound.name)
-            await self._answer_early(failed, head)
+            await self._answer_for_agent(failed, head)
             return None
         if waiting.cancelled_caught:
             detail = f"the agent did not accept a stream within {self.plane.idle_timeout:g} s"
             payload = {"error": "upstream_timeout", "agent": outbound.name, "detail": detail}
-            await self._answer_early(json_reply(504, payload), head)
+            await self._answer_for_agent(json_reply(504, payload), head)
             return None
         exchange = _InFlight(stream, outbound, head)
         exchange.fresh = fresh
+        traffic = self.plane.traffic
+        if traffic is not None:
+            exchange.traffic = traffic.begin(outbound.name)
+            exchange.started = self._started
         if websocket:
             exchange.switch = trio.Event()
         self._exchange = exchange
@@ -609,6 +643,7 @@ class HttpConnection:
                 data = await self.stream.receive_some(READ_SIZE)
                 if not data:
                     break
+                exchange.received += len(data)
                 await stream.send_body(data)
         except StreamError:
             return  # the agent or its upstream ended it: the relay closes the connection
@@ -834,12 +869,11 @@ class HttpConnection:
                     # The upstream refused the body: read (and drop) the rest.
                     raise StreamError("the upstream answered before the body was sent")  # noqa: TRY301
                 if isinstance(event, Body):
-                    if chunked and self.plane.limits.max_body is not None:
-                        exchange.received += len(event.data)
-                        if self._body_too_large(head, exchange.received) is not None:
-                            limit = self.plane.limits.max_body
-                            detail = f"the request body is larger than {limit} bytes"
-                            await self._malformed_body(exchange, ParseError(413, detail))
+                    exchange.received += len(event.data)
+                    limit = self.plane.limits.max_body
+                    if chunked and limit is not None and exchange.received > limit:
+                        detail = f"the request body is larger than {limit} bytes"
+                        await self._malformed_body(exchange, ParseError(413, detail))
                     piece = chunk(event.data) if chunked else event.data
                     if pending:
                         piece = pending + piece
@@ -921,6 +955,16 @@ class HttpConnection:
                 await self._linger()
             self._closing = True
 
+    async def _answer_for_agent(
+        self, reply: Reply, head: RequestHead, *, close: bool = False
+    ) -> None:
+        """Answer a request for an agent without it (offline, busy, refused,
+        too large, ...): counted as the agent's requests are."""
+        traffic = self.plane.traffic
+        if traffic is not None:
+            traffic.early(reply.status, self._started)
+        await self._answer_early(reply, head, close=close)
+
     def _client_gone(self, exchange: _InFlight) -> None:
         exchange.gone = True
         exchange.stream.reset(_codes.H2_CANCEL)
@@ -948,6 +992,18 @@ class HttpConnection:
                     await self._upstream_timeout(exchange)
         finally:
             exchange.done = True
+            if exchange.traffic is not None:
+                traffic = self.plane.traffic
+                assert traffic is not None
+                traffic.end(
+                    exchange.traffic,
+                    exchange.method,
+                    exchange.target,
+                    exchange.status or CLIENT_GONE,
+                    exchange.started,
+                    exchange.received,
+                    exchange.sent,
+                )
             if exchange.switch is not None:
                 exchange.switch.set()
             if exchange.upload_wait is not None:
@@ -1026,6 +1082,7 @@ class HttpConnection:
                 self._finish_cycle(exchange)
                 return upstream_keeps and not parser.stray
             elif isinstance(event, ResponseHead):
+                exchange.status = event.status
                 if event.status == 101 and exchange.switch is not None:
                     problem = _bad_switch(exchange.head, event)
                     if problem is not None:
@@ -1135,6 +1192,7 @@ class HttpConnection:
         cut off (the upstream's silence is not counted meanwhile)."""
         exchange.waiting_on_client = True
         exchange.scope.deadline = trio.current_time() + self.plane.idle_timeout
+        exchange.sent += sum(map(len, out))
         await self._write(out)
 
     async def _upstream_timeout(self, exchange: _InFlight) -> None:

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 
 import attrs
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
 
 from .. import _codes
 from .._errors import ConfigError, ConnectionLost, ProtocolError, RevconnTimeout
@@ -45,6 +46,7 @@ from .auth import Admission, AuthPolicy, Grant, TokenPolicy, admit_agent_name
 from .events import EVENTS_CAPACITY, EventStreams, presence
 from .exchange import RequestLimits
 from .listener import Listener, listen_all, parse_bind, socket_url
+from .metrics import GatewayCollector, Presence, count_presence, stats_json
 from .ratelimit import FailureLimiter
 from .registry import (
     REASON_CLOSED,
@@ -58,6 +60,7 @@ from .replies import Reply, json_reply
 from .routing import check_domain
 from .tls import ServerTLS
 from .tokens import RevocationList
+from .traffic import RTT_BUCKETS, Histogram, Traffic
 
 __all__ = ["Gateway", "GatewayConfig"]
 
@@ -124,6 +127,12 @@ class GatewayConfig:
     heartbeat: Heartbeat = Heartbeat()
     handshake_timeout: float = 10.0
     max_message_size: int = MAX_MESSAGE_SIZE
+    metrics: bool = True
+    """Count forwarded requests (``/metrics``, ``/stats``, the dashboard's
+    counters); False: the data plane counts nothing (``--no-metrics``)."""
+    metrics_per_agent: bool = False
+    """Label request metrics with the agent's name (one series per agent:
+    mind the cardinality; ``--metrics-per-agent``)."""
     max_streams_per_agent: int | None = 128
     """Requests in flight to one agent at once (503 ``agent_busy`` beyond;
     the agent's own ``--max-streams`` applies too); None: the agent's only."""
@@ -274,6 +283,16 @@ class Gateway:
         """The data plane's URLs, once ``serve()`` has started (ports resolved)."""
         self.admin_urls: list[str] = []
         """The operator surface's URLs, once ``serve()`` has started."""
+        self.traffic: Traffic | None = Traffic() if config.metrics else None
+        """What the data plane counts (None with ``metrics=False``)."""
+        self.presence = Presence()
+        """Connects, disconnects and replacements (counted while ``serve()`` runs)."""
+        self.rtt = Histogram(RTT_BUCKETS)
+        """Heartbeat round trips."""
+        self._collector = GatewayCollector(self)
+        self.metrics_registry = CollectorRegistry(auto_describe=False)
+        """The gateway's Prometheus registry (``GET /metrics``)."""
+        self.metrics_registry.register(self._collector)
         self.listener: Listener | None = None
         """The data plane's listener while ``serve()`` runs (its ``pending`` line)."""
         self.event_streams = EventStreams()
@@ -492,6 +511,28 @@ class Gateway:
             if self._shutting_down and not self._tunnels:
                 self._drained.set()
 
+    # -- metrics ----------------------------------------------------------------------
+    @property
+    def auth_refusals(self) -> dict[str, int]:
+        return self.auth_limiter.refusals
+
+    @property
+    def evicted_connections(self) -> int:
+        return 0 if self.listener is None else self.listener.pending.evicted
+
+    @property
+    def per_agent_metrics(self) -> bool:
+        return self.config.metrics_per_agent
+
+    async def metrics_text(self) -> bytes:
+        """``GET /metrics``: the Prometheus text exposition of this gateway."""
+        self._collector.agents = await self.registry.snapshot()
+        return generate_latest(self.metrics_registry)
+
+    async def stats(self) -> dict[str, object]:
+        """``GET /stats``: the online agents with their counters (the dashboard's)."""
+        return stats_json(self, await self.registry.snapshot())
+
     # -- presence ---------------------------------------------------------------------
     def events(
         self, capacity: int = EVENTS_CAPACITY
@@ -605,8 +646,9 @@ class Gateway:
                 admin_done.set()
 
         async with trio.open_nursery() as nursery:
-            scheduler = HeartbeatScheduler(cfg.heartbeat)
+            scheduler = HeartbeatScheduler(cfg.heartbeat, on_rtt=self.rtt.observe)
             await nursery.start(scheduler.run)
+            await nursery.start(count_presence, self.registry, self.presence)
             nursery.start_soon(self.registry.expire_announcements)
             nursery.start_soon(self.announcements.prune_idle)
             if isinstance(self.auth, TokenPolicy) and self.auth.revoked is not None:

@@ -86,6 +86,14 @@ class FailureLimiter:
         # sources evicts counting ones before any that are locked out.
         self._counting: OrderedDict[str, _Record] = OrderedDict()
         self._limited: OrderedDict[str, _Record] = OrderedDict()
+        self.refusals: dict[str, int] = {}
+        """Refused credentials by reason (``unauthorized``, ``expired``,
+        ``revoked``, ``wrong_agent``, ``wrong_scope``,
+        ``too_many_auth_failures``), ever: for ``/metrics``."""
+
+    def refused(self, reason: str) -> None:
+        """Count one refusal (a few fixed reasons: the dict stays small)."""
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
     def __len__(self) -> int:
         """How many sources are remembered (at most ``max_tracked``)."""

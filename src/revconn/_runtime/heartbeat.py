@@ -43,8 +43,12 @@ class HeartbeatScheduler:
     deadline by ``Tunnel.heartbeat_expired`` (no I/O needed for that).
     """
 
-    def __init__(self, heartbeat: Heartbeat) -> None:
+    def __init__(
+        self, heartbeat: Heartbeat, on_rtt: Callable[[float], None] | None = None
+    ) -> None:
         self.heartbeat = heartbeat
+        self.on_rtt = on_rtt
+        """Called with each RTT measured (the gateway's histogram)."""
         self._due: OrderedDict[Tunnel, float] = OrderedDict()
         # tunnel -> (ACK deadline, PING payload, sent at)
         self._waiting: OrderedDict[Tunnel, tuple[float, bytes, float]] = OrderedDict()
@@ -71,7 +75,9 @@ class HeartbeatScheduler:
             return  # not ours, or already expired
         del self._waiting[tunnel]
         sent_at = entry[2]
-        tunnel.rtt = trio.current_time() - sent_at
+        rtt = tunnel.rtt = trio.current_time() - sent_at
+        if self.on_rtt is not None:
+            self.on_rtt(rtt)
         self._due[tunnel] = sent_at + self.heartbeat.interval
         self._changed.set()
 
