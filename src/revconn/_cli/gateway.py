@@ -210,6 +210,15 @@ def _auth_policy(
     "between requests); beyond it new connections are closed at once.",
 )
 @click.option(
+    "--grace-period",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM/SIGINT: seconds requests and WebSockets in flight may take to finish "
+    "(new ones get 503) before agents get GOAWAY and close 1001; a second signal stops at "
+    "once, and with nothing in flight the gateway exits at once.",
+)
+@click.option(
     "--no-metrics",
     is_flag=True,
     help="Count nothing per request (/metrics then has presence and auth only; the "
@@ -371,6 +380,7 @@ def main(
     idle_timeout: float,
     body_timeout: float,
     max_pending_connections: int,
+    grace_period: float,
     no_metrics: bool,
     metrics_per_agent: bool,
     max_streams_per_agent: int,
@@ -410,6 +420,7 @@ def main(
             idle_timeout=idle_timeout,
             body_timeout=body_timeout,
             max_pending_connections=max_pending_connections,
+            graceful_timeout=grace_period,
             metrics=not no_metrics,
             metrics_per_agent=metrics_per_agent,
             max_streams_per_agent=max_streams_per_agent,
