@@ -14,6 +14,8 @@ import re
 import signal
 import ssl
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,7 +32,16 @@ from .._gateway.gateway import Gateway, GatewayConfig
 from .._gateway.tokens import RevocationList, SigningKey, TokenVerifier, issue_token
 from .._proto.rules import MAX_MESSAGE_SIZE
 from .._runtime.heartbeat import Heartbeat
-from .common import EXIT_CONFIG, TRACE_HELP, fail, run, setup_logging, until_signal
+from .common import (
+    EXIT_AUTH,
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    TRACE_HELP,
+    fail,
+    run,
+    setup_logging,
+    until_signal,
+)
 
 __all__ = ["main"]
 
@@ -117,7 +128,7 @@ def _auth_policy(
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"]},
     invoke_without_command=True,
-    subcommand_metavar="[token ...]",
+    subcommand_metavar="[endpoints | token ...]",
 )
 @click.version_option(__version__, "--version", prog_name="revconn-gateway")
 @click.option(
@@ -408,9 +419,10 @@ def main(
     /announce) and public requests for /a/NAME/... reach them on --bind;
     operators list /endpoints on --admin-bind.
 
+    `revconn-gateway endpoints`: the agents online (over the admin API).
     `revconn-gateway token --help`: signing keys and per-agent tokens."""
     if ctx.invoked_subcommand is not None:
-        return  # (a `token` command: it runs next, no gateway)
+        return  # (a subcommand: it runs next, no gateway)
     setup_logging(log_level, trace_protocol=trace_protocol)
     try:
         auth = _auth_policy(secret, secret_file, token_key_files, revoked_file, no_shared_secret)
@@ -521,6 +533,111 @@ async def _reload_on_sighup(gateway: Gateway, revoked: bool) -> None:
                 except ConfigError as exc:
                     message = "SIGHUP: revoked tokens not reloaded, the current list stays: %s"
                     log.error(message, exc)  # noqa: TRY400
+
+
+# -- `revconn-gateway endpoints`: the agents, over the admin API ------------------------
+
+
+def _since(connected_at: str, now: datetime.datetime) -> str:
+    """``2026-12-03T08:00:00.5Z`` -> ``3h12m`` (how long ago)."""
+    try:
+        then = datetime.datetime.fromisoformat(connected_at.replace("Z", "+00:00"))
+    except ValueError:
+        return connected_at
+    seconds = max(0, int((now - then).total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def endpoints_table(rows: list[dict[str, object]], now: datetime.datetime) -> str:
+    """The agents as a table for humans (``revconn-gateway endpoints``)."""
+    header = ("NAME", "TRANSPORT", "SINCE", "REMOTE", "RTT", "EPOCH", "VERSION")
+    lines = [header]
+    for row in rows:
+        rtt = row.get("rtt_ms")
+        flap = " (flapping)" if row.get("flapping") else ""
+        lines.append(
+            (
+                f"{row.get('name')}{flap}",
+                str(row.get("transport")),
+                _since(str(row.get("connected_at")), now),
+                str(row.get("remote") or "-"),
+                "-" if rtt is None else f"{float(str(rtt)):.1f} ms",
+                str(row.get("epoch")),
+                str(row.get("version") or "-"),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+    return text + ("\n(no agent online)" if not rows else "")
+
+
+@main.command("endpoints")
+@click.option(
+    "--admin",
+    "admin_url",
+    default="http://127.0.0.1:8081",
+    show_default=True,
+    envvar="REVCONN_ADMIN_URL",
+    help="The gateway's admin API (--admin-bind) (env REVCONN_ADMIN_URL).",
+)
+@click.option(
+    "--token",
+    "credential",
+    envvar=["REVCONN_ADMIN_TOKEN", "REVCONN_SECRET"],
+    help="An admin token or the shared secret (env REVCONN_ADMIN_TOKEN, else REVCONN_SECRET).",
+)
+@click.option("--json", "as_json", is_flag=True, help="The /endpoints JSON, for scripts.")
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Verify an https:// admin API against these PEM CA certificates.",
+)
+def endpoints_command(
+    admin_url: str, credential: str | None, as_json: bool, ca_file: str | None
+) -> None:
+    """List the agents online (name, transport, since, remote, RTT, epoch, version)."""
+    if not credential:
+        fail(
+            "no credential: pass --token with an admin token (`revconn-gateway token issue "
+            "--admin`) or the shared secret, or set REVCONN_ADMIN_TOKEN",
+            EXIT_CONFIG,
+        )
+    url = admin_url.rstrip("/") + "/endpoints"
+    if urlsplit(url).scheme not in ("http", "https"):
+        fail(f"--admin {admin_url!r}: give an http:// or https:// URL", EXIT_CONFIG)
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {credential}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            payload = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            answer = json.loads(exc.read())
+            reason = f"{answer.get('error')}: {answer.get('detail', '')}".rstrip(": ")
+        except (ValueError, AttributeError):
+            reason = exc.reason
+        hint = " (check --token)" if exc.code in (401, 403) else ""
+        fail(f"{url} answered HTTP {exc.code} {reason}{hint}", EXIT_AUTH if hint else EXIT_ERROR)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        fail(f"cannot reach {url}: {why} (is --admin the gateway's --admin-bind?)", EXIT_ERROR)
+    rows = payload.get("endpoints") if isinstance(payload, dict) else None
+    if not isinstance(rows, list):
+        fail(f"{url} did not answer with an endpoint list: is it a revconn gateway?", EXIT_ERROR)
+    if as_json:
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        click.echo(endpoints_table(rows, datetime.datetime.now(datetime.UTC)))
 
 
 # -- `revconn-gateway token ...`: keys and tokens, offline ----------------------------
