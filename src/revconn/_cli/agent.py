@@ -21,6 +21,7 @@ from .._proto.announce import DEFAULT_INTERVAL, TTL_INTERVALS
 from .._runtime.heartbeat import Heartbeat
 from .._runtime.supervisor import Backoff
 from .common import EXIT_CONFIG, TRACE_HELP, fail, run, setup_logging, until_signal
+from .config import config_option, environment_for_every_option
 
 __all__ = ["main"]
 
@@ -140,6 +141,7 @@ def _check_modes(
 
 
 @main.command("serve")
+@config_option("agent")
 @click.option(
     "--gateway",
     envvar="REVCONN_GATEWAY",
@@ -340,6 +342,9 @@ def agent_serve(
             nursery.cancel_scope.cancel()
 
     run(main_task)
+
+
+environment_for_every_option(agent_serve)
 
 
 def _serve_without_tunnel(app_ref: str, listen: str) -> None:

@@ -42,6 +42,7 @@ from .common import (
     setup_logging,
     until_signal,
 )
+from .config import config_option, environment_for_every_option
 
 __all__ = ["main"]
 
@@ -131,6 +132,7 @@ def _auth_policy(
     subcommand_metavar="[endpoints | token ...]",
 )
 @click.version_option(__version__, "--version", prog_name="revconn-gateway")
+@config_option("gateway")
 @click.option(
     "--bind",
     "binds",
@@ -514,6 +516,9 @@ def main(
             sys.stdout.flush()
 
     run(main_task)
+
+
+environment_for_every_option(main)
 
 
 async def _reload_on_sighup(gateway: Gateway, revoked: bool) -> None:
