@@ -513,6 +513,7 @@ def main(
                 bearer = auth.secret if auth.generated else "$REVCONN_SECRET"
             click.echo("list the agents with:")
             click.echo(f"  curl -H \"Authorization: Bearer {bearer}\" '{admin}/endpoints'")
+            click.echo(f"open the dashboard: {admin}/dashboard (any user name, password: {bearer})")
             sys.stdout.flush()
 
     run(main_task)

@@ -1,6 +1,6 @@
 """The operator surface: one QuartTrio app (``/endpoints``, ``/events``,
-``/healthz``; later metrics and the dashboard), served by hypercorn on ``--admin-bind``
-(over TLS with the gateway's own context, when it has one).
+``/metrics``, ``/stats``, ``/dashboard``, ``/healthz``), served by hypercorn on
+``--admin-bind`` (over TLS with the gateway's own context, when it has one).
 
 Agents and public traffic never reach it: they are served by the data plane
 (``listener.py``). Keep it on a private address.
@@ -8,7 +8,12 @@ Agents and public traffic never reach it: they are served by the data plane
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
+import importlib.resources
 import logging
+import secrets
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,9 +36,27 @@ from .ratelimit import FailureLimiter
 from .registry import Registry
 from .replies import Reply, json_reply
 
-__all__ = ["AdminHost", "make_admin_app", "serve_admin"]
+__all__ = ["AdminHost", "admin_credential", "basic_password", "make_admin_app", "serve_admin"]
 
 log = logging.getLogger("revconn.gateway")
+
+BASIC_CHALLENGE = 'Basic realm="revconn admin", charset="UTF-8"'
+"""``/dashboard``'s 401 challenge: the browser asks for a user name (any)
+and a password (the admin credential), then sends them with every request
+to this origin, ``fetch()`` and ``EventSource`` included."""
+NONCE = "__CSP_NONCE__"
+"""Where ``dashboard.html`` wants this response's CSP nonce."""
+
+
+def dashboard_csp(nonce: str) -> str:
+    """The dashboard's Content-Security-Policy: its own inline script and
+    style (by nonce), requests to its own origin, nothing else; no string
+    ever becomes markup (Trusted Types: ``innerHTML = "..."`` throws)."""
+    return (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'; require-trusted-types-for 'script'; trusted-types 'none'"
+    )
 
 
 class AdminHost(Protocol):
@@ -78,23 +101,33 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
             return _quart(json_reply(503, {"status": "shutting_down"}))
         return _quart(json_reply(200, {"status": "ok"}))
 
-    def refuse_operator() -> Response | None:
+    def refuse_operator(*, browser: bool = False) -> Response | None:
         """The refusal for a request to an admin-only route (429 locked out,
-        401 bad credential, 403 an agent token), or None: go ahead."""
+        401 bad credential, 403 an agent token), or None: go ahead.
+        ``browser``: a 401 challenges for Basic credentials (the page a
+        person opens), not Bearer."""
         source = request.remote_addr or _scope_client(request.scope) or "unknown"
         refused = refuse_limited(host.auth_limiter, source)
         if refused is not None:
             return _quart(refused)
-        credential = bearer_credential(
-            (k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()
-        )
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
+        credential = admin_credential(headers)
         verdict = host.auth.authenticate(credential, agent=None, scope=Scope.ADMIN)
         if isinstance(verdict, Grant):
             return None
-        if verdict.status == 401:
+        # (A browser's first request carries no credential: it asks for the
+        # challenge, and guesses nothing. Every credential it sends counts.)
+        handshake = browser and not any(k.lower() == b"authorization" for k, _ in headers)
+        if verdict.status == 401 and not handshake:
             count_failure(host.auth_limiter, source, request.path)
         log.info("%s from %s refused: %s", request.path, source, verdict.error)
         host.auth_limiter.refused(verdict.error)
+        if browser and verdict.status == 401:
+            detail = "sign in with any user name and the admin credential as the password"
+            reply = json_reply(401, {"error": verdict.error, "detail": detail})
+            response = _quart(reply)
+            response.headers["WWW-Authenticate"] = BASIC_CHALLENGE
+            return response
         return _quart(verdict.reply())
 
     @app.get("/endpoints")
@@ -137,6 +170,26 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
         )
         response.timeout = None  # (Quart's 60 s response timeout: a stream has none)
         return response
+
+    @app.get("/dashboard")
+    async def dashboard() -> Response:
+        """The live dashboard (``dashboard.html``: one page, inline script and
+        style, reading ``/events`` and ``/stats``)."""
+        refused = refuse_operator(browser=True)
+        if refused is not None:
+            return refused
+        nonce = secrets.token_urlsafe(18)
+        return Response(
+            dashboard_page().replace(NONCE, nonce),
+            content_type="text/html; charset=utf-8",
+            headers={
+                "content-security-policy": dashboard_csp(nonce),
+                "x-frame-options": "DENY",
+                "x-content-type-options": "nosniff",
+                "cache-control": "no-store",
+                "referrer-policy": "no-referrer",
+            },
+        )
 
     @app.get("/tls-ask")
     async def tls_ask() -> Response:
@@ -213,6 +266,39 @@ class _Config(HypercornConfig):
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         return self._tls
+
+
+@functools.cache
+def dashboard_page() -> str:
+    """``dashboard.html`` (package data), read once, on first use."""
+    resource = importlib.resources.files("revconn._gateway").joinpath("dashboard.html")
+    return resource.read_text("utf-8")
+
+
+def admin_credential(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The admin credential of the single ``Authorization`` header: its
+    Bearer token, or the password of its Basic credentials (browsers: a
+    navigation or an ``EventSource`` cannot send Bearer); else None."""
+    bearer = bearer_credential(headers)
+    if bearer is not None:
+        return bearer
+    values = [value for key, value in headers if key.lower() == b"authorization"]
+    return basic_password(values[0]) if len(values) == 1 else None
+
+
+def basic_password(value: bytes) -> str | None:
+    """The password of ``Basic base64(user:password)`` (RFC 7617, UTF-8, any
+    user name), or None: another scheme, bad base64, not UTF-8, no colon or
+    an empty password. The policy compares it (in constant time)."""
+    scheme, _, encoded = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        pair = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _, colon, password = pair.partition(":")
+    return password if colon and password else None
 
 
 def _scope_client(scope: Mapping[str, Any]) -> str | None:

@@ -218,9 +218,7 @@ class GatewayConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{label} must be > 0 seconds, got {value!r}")
         if not (math.isfinite(self.graceful_timeout) and self.graceful_timeout >= 0):
-            raise ConfigError(
-                f"--grace-period must be >= 0 seconds, got {self.graceful_timeout!r}"
-            )
+            raise ConfigError(f"--grace-period must be >= 0 seconds, got {self.graceful_timeout!r}")
 
     @property
     def effective_tcp_user_timeout(self) -> float:

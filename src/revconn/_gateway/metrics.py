@@ -149,9 +149,7 @@ class GatewayCollector:
             "Agents replaced by a newer one of the same name.",
             value=presence.replacements,
         )
-        yield _histogram(
-            "revconn_heartbeat_rtt_seconds", "Heartbeat PING round trips.", source.rtt
-        )
+        yield _histogram("revconn_heartbeat_rtt_seconds", "Heartbeat PING round trips.", source.rtt)
         refused = CounterMetricFamily(
             "revconn_auth_failures", "Refused credentials, by reason.", labels=["reason"]
         )

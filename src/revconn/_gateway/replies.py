@@ -55,9 +55,7 @@ def unauthorized(
     challenge = b'Bearer realm="revconn"'
     if error != "unauthorized":  # RFC 6750 section 3: the token was presented but is bad
         challenge += b', error="invalid_token"'
-    return json_reply(
-        401, {"error": error, "detail": detail}, [(b"www-authenticate", challenge)]
-    )
+    return json_reply(401, {"error": error, "detail": detail}, [(b"www-authenticate", challenge)])
 
 
 def too_many_failures(retry_after: float) -> Reply:

@@ -43,9 +43,7 @@ class HeartbeatScheduler:
     deadline by ``Tunnel.heartbeat_expired`` (no I/O needed for that).
     """
 
-    def __init__(
-        self, heartbeat: Heartbeat, on_rtt: Callable[[float], None] | None = None
-    ) -> None:
+    def __init__(self, heartbeat: Heartbeat, on_rtt: Callable[[float], None] | None = None) -> None:
         self.heartbeat = heartbeat
         self.on_rtt = on_rtt
         """Called with each RTT measured (the gateway's histogram)."""
