@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 import signal
+import stat
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -211,12 +213,30 @@ def test_agent_leaves_silent_gateway(procs: list[Proc]) -> None:
     eventually(lambda: agent.count("connected as 'watchful'") >= 2, timeout=15)
 
 
-def test_gateway_generates_secret_when_none_given(procs: list[Proc]) -> None:
-    gw, _, admin = start_gateway(procs, secret=None)
-    generated = gw.wait_for(r"generated secret \(shown once\): (\S+)", stream="out").group(1)
-    assert len(generated) >= 32
+def test_gateway_generates_secret_when_none_given(procs: list[Proc], tmp_path: Path) -> None:
+    """Kept 0600 in --state-dir, so that a restart keeps it (agents keep working)."""
+    state = tmp_path / "state"
+    gw, _, admin = start_gateway(procs, "--state-dir", str(state), secret=None)
+    shown = gw.wait_for(r"generated secret, kept in (\S+) \(shown once\): (\S+)", stream="out")
+    kept, generated = shown.group(1), shown.group(2)
+    assert kept == str(state / "secret") and len(generated) >= 32
+    assert (state / "secret").read_text().strip() == generated
+    assert stat.S_IMODE((state / "secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
     r = httpx.get(f"{admin}/endpoints", headers={"Authorization": f"Bearer {generated}"})
     assert r.status_code == 200
+    gw.signal(signal.SIGTERM)
+    assert gw.wait() == 0
+    again, _, admin = start_gateway(procs, "--state-dir", str(state), secret=None)
+    again.wait_for(rf"using the secret kept in {state / 'secret'}", stream="out")
+    assert generated not in again.stdout  # shown once only
+    r = httpx.get(f"{admin}/endpoints", headers={"Authorization": f"Bearer {generated}"})
+    assert r.status_code == 200
+    (state / "secret").chmod(0o644)
+    refused = Proc([*executable("revconn-gateway"), "--state-dir", str(state)])
+    procs.append(refused)
+    assert refused.wait() == 2
+    assert "is accessible to other users (mode 0644)" in refused.stderr
 
 
 def test_gateway_refuses_empty_or_weak_secret(procs: list[Proc], tmp_path: object) -> None:
