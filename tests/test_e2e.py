@@ -217,10 +217,12 @@ def test_gateway_generates_secret_when_none_given(procs: list[Proc], tmp_path: P
     """Kept 0600 in --state-dir, so that a restart keeps it (agents keep working)."""
     state = tmp_path / "state"
     gw, _, admin = start_gateway(procs, "--state-dir", str(state), secret=None)
-    shown = gw.wait_for(r"generated secret, kept in (\S+) \(shown once\): (\S+)", stream="out")
-    kept, generated = shown.group(1), shown.group(2)
-    assert kept == str(state / "secret") and len(generated) >= 32
-    assert (state / "secret").read_text().strip() == generated
+    kept = gw.wait_for(r"generated a secret, kept in (\S+) \(0600\)", stream="out").group(1)
+    assert kept == str(state / "secret")
+    generated = (state / "secret").read_text().strip()
+    assert len(generated) >= 32
+    assert generated not in gw.stdout + gw.stderr  # never printed: stdout is the journal
+    gw.wait_for(rf"Bearer \$\(cat {state / 'secret'}\)", stream="out")
     assert stat.S_IMODE((state / "secret").stat().st_mode) == 0o600
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     r = httpx.get(f"{admin}/endpoints", headers={"Authorization": f"Bearer {generated}"})

@@ -4,12 +4,14 @@ gateway's ``events()`` iterator and ``GET /events`` (server-sent events)."""
 from __future__ import annotations
 
 import json
+import time
 from contextlib import aclosing
 from typing import Any
 
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from revconn import (
     Agent,
@@ -24,6 +26,7 @@ from revconn import (
 )
 from revconn._agent.dial import USER_AGENT
 from revconn._errors import ConnectionLost
+from revconn._gateway.auth import Grant
 from revconn._gateway.events import EventStreams, sse_stream
 from revconn._gateway.gateway import offline_reason
 from revconn._gateway.registry import PresenceSnapshot, RegistryEvent, RegistryEventKind
@@ -322,5 +325,44 @@ async def test_an_sse_consumer_that_falls_behind_gets_overflow_and_the_end() -> 
     assert (await body.__anext__()).startswith(b"id: 2\nevent: online\n")
     last = await body.__anext__()
     assert last.startswith(b"event: overflow\n") and b'"error":"slow_consumer"' in last
+    with pytest.raises(StopAsyncIteration):
+        await body.__anext__()
+
+
+async def test_a_stream_ends_when_its_token_is_revoked() -> None:
+    reg = InMemoryRegistry()
+    streams = EventStreams()
+    mine = sse_stream(reg, streams, grant=Grant("admin-1"), keepalive=60)
+    other = sse_stream(reg, streams, grant=Grant("admin-2"), keepalive=60)
+    for body in (mine, other):
+        await body.__anext__()
+        await body.__anext__()  # the snapshot: subscribed and watched
+    got: list[bytes] = []
+
+    async def read_mine() -> None:
+        got.append(await mine.__anext__())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_mine)
+        await trio.testing.wait_all_tasks_blocked()
+        assert streams.revoke(frozenset({"admin-1", "agent-9"})) == 1
+    assert got == [b'event: closed\ndata: {"event":"closed","reason":"revoked"}\n\n']
+    with pytest.raises(StopAsyncIteration):
+        await mine.__anext__()
+    # The other stream goes on.
+    await reg.register("a", FakeSession(), remote="x")  # type: ignore[arg-type]
+    assert (await other.__anext__()).startswith(b"id: 1\nevent: online\n")
+    await other.aclose()
+    assert not reg._subscribers
+
+
+async def test_a_stream_ends_when_its_token_expires() -> None:
+    reg = InMemoryRegistry()
+    body = sse_stream(reg, EventStreams(), grant=Grant("t", int(time.time()) + 1), keepalive=60)
+    await body.__anext__()
+    await body.__anext__()
+    with trio.fail_after(3):
+        last = await body.__anext__()
+    assert last == b'event: closed\ndata: {"event":"closed","reason":"credential expired"}\n\n'
     with pytest.raises(StopAsyncIteration):
         await body.__anext__()

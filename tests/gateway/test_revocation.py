@@ -757,3 +757,18 @@ async def test_an_announcement_lasts_no_longer_than_its_token(tmp_path: Path) ->
         # ... and its renewal is refused as expired.
         r = await announce(client, gw, "svc", token)
         assert (r.status_code, r.json()["error"]) == (401, "expired")
+
+
+async def test_an_events_stream_ends_when_its_admin_token_is_revoked(tmp_path: Path) -> None:
+    from .test_events import SSEClient
+
+    admin, claims = issue_token(KEY, None, admin=True)
+    async with token_gateway(tmp_path) as gw:
+        sse = await SSEClient.open(gw.admin_url, admin)
+        async with sse.stream:
+            ((kind, _),) = await sse.events(1)
+            assert kind == "snapshot"
+            append_revoked(gw.gateway, claims.token_id)
+            with trio.fail_after(3):
+                ((kind, event),) = await sse.events(1)
+            assert (kind, event["reason"]) == ("closed", "revoked")

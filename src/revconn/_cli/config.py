@@ -33,6 +33,8 @@ __all__ = ["config_option", "environment_for_every_option"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 ENV_PREFIX = "REVCONN_"
+SECRET_KEYS = frozenset({"secret", "token", "agent-basic-auth"})
+"""Keys whose values are credentials: errors do not print them."""
 
 
 def _flag_name(param: click.Parameter) -> str | None:
@@ -57,8 +59,13 @@ def environment_for_every_option(command: click.Command) -> click.Command:
 def _check(param: click.Option, key: str, value: object, ctx: click.Context, where: str) -> object:
     """``value`` from the file for ``param``, as click will take it; exits 2 if it cannot."""
 
+    # (a credential's value is never echoed: stderr goes to the journal)
+    shown = "***" if key.replace("_", "-") in SECRET_KEYS else repr(value)
+
     def wrong(problem: str) -> None:
-        fail(f"{where}: key {key!r} = {value!r}: {problem}", EXIT_CONFIG)
+        if shown == "***":
+            problem = "(value not shown: it is a credential)"
+        fail(f"{where}: key {key!r} = {shown}: {problem}", EXIT_CONFIG)
 
     if param.is_flag and not param.multiple:
         if not isinstance(value, bool):

@@ -172,14 +172,17 @@ def _auth_policy(
     shared_key: str | None = None
     stored: Path | None = None
     generated = False
+    given = secret is not None or secret_file is not None or "REVCONN_SECRET" in os.environ
     if no_shared_secret:
-        if secret is not None or secret_file is not None:
+        if given:
             raise ConfigError(
                 "--no-shared-secret contradicts --secret/--secret-file/REVCONN_SECRET: "
                 "drop one of them"
             )
-    else:
-        shared_key, generated, stored = _load_secret(secret, secret_file, state_dir)
+    elif given:
+        # With tokens, a shared secret only if one is given: none is made up
+        # (it would open every name and the admin surface, and never expire).
+        shared_key, generated, stored = _load_secret(secret, secret_file)
         shared = SharedSecretPolicy(shared_key)
     policy = TokenPolicy(TokenVerifier(keys), revoked=revoked, shared_secret=shared)
     return _Auth(policy, shared_key, generated, keys, token_key_files, stored)
@@ -561,10 +564,9 @@ def main(
             click.echo(f"revconn-gateway listening on {', '.join(urls)}")
             click.echo(f"admin API on {', '.join(gateway.admin_urls)}")
             admin = gateway.admin_urls[0]
+            # A kept secret is never printed (stdout goes to the journal): its file is named.
             if auth.generated and auth.stored_in is not None:
-                click.echo(
-                    f"generated secret, kept in {auth.stored_in} (shown once): {auth.secret}"
-                )
+                click.echo(f"generated a secret, kept in {auth.stored_in} (0600)")
             elif auth.generated:
                 click.echo(f"generated secret (shown once): {auth.secret}")
             elif auth.stored_in is not None:
@@ -591,7 +593,7 @@ def main(
                 bearer = f"$({issue})"
             else:
                 bearer = auth.secret if auth.generated else "$REVCONN_SECRET"
-                if auth.stored_in is not None and not auth.generated:
+                if auth.stored_in is not None:
                     bearer = f"$(cat {auth.stored_in})"
             click.echo("list the agents with:")
             click.echo(f"  curl -H \"Authorization: Bearer {bearer}\" '{admin}/endpoints'")
@@ -704,7 +706,9 @@ def endpoints_command(
     if urlsplit(url).scheme not in ("http", "https"):
         fail(f"--admin {admin_url!r}: give an http:// or https:// URL", EXIT_CONFIG)
     context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {credential}"})
+    request = urllib.request.Request(url)
+    # (not sent on to wherever a redirect points: the admin API never redirects)
+    request.add_unredirected_header("Authorization", f"Bearer {credential}")
     try:
         with urllib.request.urlopen(request, timeout=10, context=context) as response:
             payload = json.loads(response.read())

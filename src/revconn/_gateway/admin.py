@@ -106,6 +106,11 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
         401 bad credential, 403 an agent token), or None: go ahead.
         ``browser``: a 401 challenges for Basic credentials (the page a
         person opens), not Bearer."""
+        verdict = operator_grant(browser=browser)
+        return None if isinstance(verdict, Grant) else verdict
+
+    def operator_grant(*, browser: bool = False) -> Grant | Response:
+        """The credential's grant, or the refusal (``refuse_operator``)."""
         source = request.remote_addr or _scope_client(request.scope) or "unknown"
         refused = refuse_limited(host.auth_limiter, source)
         if refused is not None:
@@ -114,7 +119,7 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
         credential = admin_credential(headers)
         verdict = host.auth.authenticate(credential, agent=None, scope=Scope.ADMIN)
         if isinstance(verdict, Grant):
-            return None
+            return verdict
         # (A browser's first request carries no credential: it asks for the
         # challenge, and guesses nothing. Every credential it sends counts.)
         handshake = browser and not any(k.lower() == b"authorization" for k, _ in headers)
@@ -157,14 +162,15 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
 
     @app.get("/events")
     async def events() -> Response:
-        """Presence as server-sent events (``events.py``)."""
-        refused = refuse_operator()
-        if refused is not None:
-            return refused
+        """Presence as server-sent events (``events.py``); the stream ends
+        when its credential is revoked or expires."""
+        grant = operator_grant()
+        if not isinstance(grant, Grant):
+            return grant
         if host.event_streams.closed:
             return _quart(json_reply(503, {"error": "shutting_down"}))
         response = Response(
-            sse_stream(host.registry, host.event_streams),
+            sse_stream(host.registry, host.event_streams, grant=grant),
             mimetype="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )

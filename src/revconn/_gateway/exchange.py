@@ -59,7 +59,7 @@ from .registry import Registry, RequestStream
 from .replies import Reply, agent_busy, agent_offline, json_reply, stream_failure, upstream_broken
 from .routing import Forward, Route, Target, dispatch, forward, public_urls, public_view
 from .tls import AcceptedStream
-from .traffic import CLIENT_GONE, AgentTraffic, Traffic
+from .traffic import CLIENT_GONE, MAX_PATH, AgentTraffic, Traffic
 from .websocket import WebSocketTransport, upgrade_response
 
 __all__ = ["MAX_HEAD", "DataPlane", "HeadWait", "HttpConnection", "RequestLimits"]
@@ -257,7 +257,7 @@ class _InFlight:
         """The status answered (the upstream's, or the gateway's error)."""
         self.started = 0.0
         self.method = head.method
-        self.target = head.target
+        self.target = head.target[:MAX_PATH]
         """(what the counters record: a WebSocket's ``head`` is dropped)"""
         self.traffic: AgentTraffic | None = None
         """The agent's counters, when the gateway counts."""
@@ -696,6 +696,7 @@ class HttpConnection:
         timeout = self.plane.limits.upgrade_timeout
         log.info("agent %r: no answer to a WebSocket handshake within %g s", exchange.name, timeout)
         exchange.gone = True  # (the relay, cancelled, answers nothing itself)
+        exchange.status = exchange.status or 504  # (counted as answered, before the relay ends)
         exchange.stream.reset(_codes.H2_CANCEL)
         exchange.scope.cancel()
         await self._cycle_done.wait()
@@ -909,6 +910,8 @@ class HttpConnection:
         nor anything after it; the client is told, if nothing was answered
         yet, and the connection closes."""
         answered = self._responding
+        if not answered:
+            exchange.status = exc.status  # (counted as answered, before the relay ends)
         self._client_gone(exchange)  # (the relay, cancelled, writes nothing more)
         await self._cycle_done.wait()
         if not answered:

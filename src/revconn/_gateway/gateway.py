@@ -563,6 +563,7 @@ class Gateway:
             if grant.token_id in ids and tunnel.end is None:
                 tunnel.request_close(_codes.WS_REVOKED, _codes.REASON_REVOKED)
                 closed += 1
+        closed += self.event_streams.revoke(ids)  # (admin tokens' /events streams)
         return closed + await self.announcements.revoke(ids)
 
     async def reload_revoked(self) -> None:

@@ -182,7 +182,9 @@ class Traffic:
         agent.bytes_in += bytes_in
         agent.bytes_out += bytes_out
         # (the target as it came: its query is cut off when it is shown)
-        agent.recent.append((time.time(), method, target, status, duration, bytes_in, bytes_out))
+        agent.recent.append(
+            (time.time(), method, target[:MAX_PATH], status, duration, bytes_in, bytes_out)
+        )
         self.in_flight -= 1
         self.by_class[index] += 1
         self.bytes_in += bytes_in
