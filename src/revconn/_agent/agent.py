@@ -348,7 +348,12 @@ class Agent:
                 self.connected.set()
                 if self.public_urls:
                     online = " and ".join(self.public_urls)
-                    log.info("connected as %r, online: %s", cfg.name, online)
+                    log.info(
+                        "connected as %r, online: %s",
+                        cfg.name,
+                        online,
+                        extra={"event": "online", "agent": cfg.name},
+                    )
                 else:  # (a gateway that does not say)
                     log.info("connected as %r", cfg.name)
                 assert self.upstream is not None
@@ -377,9 +382,17 @@ class Agent:
             ):
                 error = ProtocolVersionError(f"{end.reason or error}: upgrade this agent")
             if error is not None:
-                log.warning("disconnected: %s", _describe(end.reason, end.close_code, error))
+                log.warning(
+                    "disconnected: %s",
+                    _describe(end.reason, end.close_code, error),
+                    extra={"event": "offline", "agent": cfg.name, "reason": end.reason},
+                )
                 raise error
-            log.info("disconnected: %s", _describe(end.reason, end.close_code, error))
+            log.info(
+                "disconnected: %s",
+                _describe(end.reason, end.close_code, error),
+                extra={"event": "offline", "agent": cfg.name, "reason": end.reason},
+            )
 
 
 def _describe(reason: str, code: int, error: BaseException | None) -> str:

@@ -20,7 +20,7 @@ from .._errors import ConfigError
 from .._proto.announce import DEFAULT_INTERVAL, TTL_INTERVALS
 from .._runtime.heartbeat import Heartbeat
 from .._runtime.supervisor import Backoff
-from .common import EXIT_CONFIG, TRACE_HELP, fail, run, setup_logging, until_signal
+from .common import EXIT_CONFIG, LOG_FORMAT_HELP, TRACE_HELP, fail, run, setup_logging, until_signal
 from .config import config_option, environment_for_every_option
 
 __all__ = ["main"]
@@ -267,6 +267,13 @@ def _check_modes(
     show_default=True,
 )
 @click.option("--trace-protocol", is_flag=True, help=TRACE_HELP)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help=LOG_FORMAT_HELP,
+)
 def agent_serve(
     gateway: str | None,
     name: str | None,
@@ -289,6 +296,7 @@ def agent_serve(
     handshake_timeout: float,
     log_level: str,
     trace_protocol: bool,
+    log_format: str,
 ) -> None:
     """Serve until SIGTERM/SIGINT, in one of three modes:
 
@@ -306,7 +314,7 @@ def agent_serve(
         gateway=gateway,
         name=name,
     )
-    setup_logging(log_level, trace_protocol=trace_protocol)
+    setup_logging(log_level, trace_protocol=trace_protocol, log_format=log_format)
     if no_tunnel:
         assert app_ref is not None
         _serve_without_tunnel(app_ref, listen or DEFAULT_LISTEN)

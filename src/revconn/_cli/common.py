@@ -7,6 +7,8 @@ library under trio, map expected failures to exit codes.
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import signal
 import sys
@@ -31,6 +33,7 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_OK",
     "EXIT_REPLACED",
+    "LOG_FORMAT_HELP",
     "TRACE_HELP",
     "fail",
     "run",
@@ -58,16 +61,55 @@ TRACE_HELP = (
 )
 
 
-def setup_logging(level: str, *, trace_protocol: bool = False) -> None:
-    """Our log lines at ``level``. The protocol libraries stay at WARNING at
-    every level, debug included, unless ``trace_protocol``: nothing secret
-    reaches a log by accident (revconn's own lines never carry a credential,
-    a header value or a body)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+LOG_KEYS = ("event", "agent", "epoch", "remote", "reason", "duration_ms")
+"""The stable keys of ``--log-format json``: present on every line (null
+when a line is not about them), set by the library's ``extra=``."""
+
+LOG_FORMAT_HELP = (
+    "text: one human line per event; json: one JSON object a line, with the stable keys "
+    "ts, level, logger, message, " + ", ".join(LOG_KEYS) + "."
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ``ts`` (ISO 8601 UTC), ``level``, ``logger``,
+    ``message``, then LOG_KEYS (null when absent) and, for an access-log
+    line, ``method``, ``path``, ``status``, ``bytes_in``, ``bytes_out``."""
+
+    EXTRA = ("method", "path", "status", "bytes_in", "bytes_out")
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        line: dict[str, object] = {
+            "ts": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = record.__dict__
+        for key in LOG_KEYS:
+            line[key] = fields.get(key)
+        for key in self.EXTRA:
+            if key in fields:
+                line[key] = fields[key]
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, separators=(",", ":"))
+
+
+def setup_logging(level: str, *, trace_protocol: bool = False, log_format: str = "text") -> None:
+    """Our log lines at ``level``, as text or JSON. The protocol libraries
+    stay at WARNING at every level, debug included, unless
+    ``trace_protocol``: nothing secret reaches a log by accident (revconn's
+    own lines never carry a credential, a header value or a body)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
     for name in PROTOCOL_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if trace_protocol else logging.WARNING)
     # hypercorn and quart are chatty at INFO about things we log ourselves.

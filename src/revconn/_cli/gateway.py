@@ -37,6 +37,7 @@ from .common import (
     EXIT_AUTH,
     EXIT_CONFIG,
     EXIT_ERROR,
+    LOG_FORMAT_HELP,
     TRACE_HELP,
     fail,
     run,
@@ -301,6 +302,12 @@ def _auth_policy(
     "once, and with nothing in flight the gateway exits at once.",
 )
 @click.option(
+    "--access-log",
+    is_flag=True,
+    help="Log one line per request for an agent at INFO (agent, method, path without its "
+    "query, status, bytes, duration); off by default.",
+)
+@click.option(
     "--no-metrics",
     is_flag=True,
     help="Count nothing per request (/metrics then has presence and auth only; the "
@@ -446,6 +453,13 @@ def _auth_policy(
     show_default=True,
 )
 @click.option("--trace-protocol", is_flag=True, help=TRACE_HELP)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help=LOG_FORMAT_HELP,
+)
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -464,6 +478,7 @@ def main(
     max_pending_connections: int,
     state_dir: Path | None,
     grace_period: float,
+    access_log: bool,
     no_metrics: bool,
     metrics_per_agent: bool,
     max_streams_per_agent: int,
@@ -486,6 +501,7 @@ def main(
     demo: bool,
     log_level: str,
     trace_protocol: bool,
+    log_format: str,
 ) -> None:
     """Run the revconn gateway: agents dial /ws/connect (or announce a URL on
     /announce) and public requests for /a/NAME/... reach them on --bind;
@@ -495,7 +511,7 @@ def main(
     `revconn-gateway token --help`: signing keys and per-agent tokens."""
     if ctx.invoked_subcommand is not None:
         return  # (a subcommand: it runs next, no gateway)
-    setup_logging(log_level, trace_protocol=trace_protocol)
+    setup_logging(log_level, trace_protocol=trace_protocol, log_format=log_format)
     try:
         auth = _auth_policy(
             secret,
@@ -512,6 +528,7 @@ def main(
             body_timeout=body_timeout,
             max_pending_connections=max_pending_connections,
             graceful_timeout=grace_period,
+            access_log=access_log,
             metrics=not no_metrics,
             metrics_per_agent=metrics_per_agent,
             max_streams_per_agent=max_streams_per_agent,

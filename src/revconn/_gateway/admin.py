@@ -125,7 +125,13 @@ def make_admin_app(host: AdminHost) -> QuartTrio:
         handshake = browser and not any(k.lower() == b"authorization" for k, _ in headers)
         if verdict.status == 401 and not handshake:
             count_failure(host.auth_limiter, source, request.path)
-        log.info("%s from %s refused: %s", request.path, source, verdict.error)
+        log.info(
+            "%s from %s refused: %s",
+            request.path,
+            source,
+            verdict.error,
+            extra={"event": "refused", "remote": source, "reason": verdict.error},
+        )
         host.auth_limiter.refused(verdict.error)
         if browser and verdict.status == 401:
             detail = "sign in with any user name and the admin credential as the password"

@@ -260,7 +260,14 @@ def admit_agent_name(
     name = names[0]
     verdict = auth.authenticate(bearer_credential(headers), agent=name, scope=Scope.CONNECT)
     if isinstance(verdict, Denial):
-        log.info("%s: agent %r from %s refused: %s", surface, name, source, verdict.error)
+        log.info(
+            "%s: agent %r from %s refused: %s",
+            surface,
+            name,
+            source,
+            verdict.error,
+            extra={"event": "refused", "agent": name, "remote": source, "reason": verdict.error},
+        )
         limiter.refused(verdict.error)
         if verdict.status == 401:
             count_failure(limiter, source, surface)

@@ -65,6 +65,8 @@ from .websocket import WebSocketTransport, upgrade_response
 __all__ = ["MAX_HEAD", "DataPlane", "HeadWait", "HttpConnection", "RequestLimits"]
 
 log = logging.getLogger("revconn.exchange")
+access_log = logging.getLogger("revconn.access")
+"""``--access-log``: one INFO line per request for an agent."""
 
 MAX_HEAD = 64 * 1024
 """Largest response head accepted from an upstream (502 beyond); requests
@@ -120,6 +122,11 @@ class DataPlane(Protocol):
     @property
     def traffic(self) -> Traffic | None:
         """Where forwarded requests are counted; None: they are not."""
+        ...
+
+    @property
+    def access_log(self) -> bool:
+        """``--access-log``: log one line per request for an agent."""
         ...
 
     @property
@@ -308,6 +315,7 @@ class HttpConnection:
     """
 
     __slots__ = (
+        "_agent_name",
         "_closing",
         "_cycle_done",
         "_exchange",
@@ -354,6 +362,8 @@ class HttpConnection:
         """A response to the current request has begun (nothing else may be sent)."""
         self._started = 0.0
         """When the current request for an agent was routed (trio time; counted only)."""
+        self._agent_name = ""
+        """The agent the current request is for (the access log's)."""
         self._tunnel: tuple[Admission, WebSocketTransport] | None = None
         self._trusted = plane.trusts_proxy(client)
         """The peer is a --trusted-proxy: its X-Forwarded-* are believed."""
@@ -531,7 +541,8 @@ class HttpConnection:
             await self._announce(head)
             return None
         assert isinstance(decision, Route)
-        if self.plane.traffic is not None:
+        self._agent_name = decision.name
+        if self.plane.traffic is not None or self.plane.access_log:
             self._started = trio.current_time()
         refused_access = self.plane.check_access(decision.name, self.client, head.headers)
         if refused_access is not None:
@@ -587,9 +598,9 @@ class HttpConnection:
         exchange = _InFlight(stream, outbound, head)
         exchange.fresh = fresh
         traffic = self.plane.traffic
+        exchange.started = self._started
         if traffic is not None:
             exchange.traffic = traffic.begin(outbound.name)
-            exchange.started = self._started
         if websocket:
             exchange.switch = trio.Event()
         self._exchange = exchange
@@ -966,7 +977,46 @@ class HttpConnection:
         traffic = self.plane.traffic
         if traffic is not None:
             traffic.early(reply.status, self._started)
+        if self.plane.access_log:
+            name = self._agent_name
+            self._access(name, head.method, head.target, reply.status, self._started, 0, 0)
         await self._answer_early(reply, head, close=close)
+
+    def _access(
+        self,
+        name: str,
+        method: bytes,
+        target: bytes,
+        status: int,
+        started: float,
+        got: int,
+        sent: int,
+    ) -> None:
+        """``--access-log``: one line per request for an agent (no query
+        string, no header value), with its stable JSON keys."""
+        path = target.split(b"?", 1)[0][:MAX_PATH].decode("latin-1")
+        took = (trio.current_time() - started) * 1000.0
+        access_log.info(
+            "%s %s %s %d %d/%d B %.1f ms",
+            name,
+            method.decode("latin-1"),
+            path,
+            status,
+            got,
+            sent,
+            took,
+            extra={
+                "event": "request",
+                "agent": name,
+                "remote": self.client,
+                "method": method.decode("latin-1"),
+                "path": path,
+                "status": status,
+                "bytes_in": got,
+                "bytes_out": sent,
+                "duration_ms": round(took, 3),
+            },
+        )
 
     def _client_gone(self, exchange: _InFlight) -> None:
         exchange.gone = True
@@ -1000,6 +1050,16 @@ class HttpConnection:
                 assert traffic is not None
                 traffic.end(
                     exchange.traffic,
+                    exchange.method,
+                    exchange.target,
+                    exchange.status or CLIENT_GONE,
+                    exchange.started,
+                    exchange.received,
+                    exchange.sent,
+                )
+            if self.plane.access_log:
+                self._access(
+                    exchange.name,
                     exchange.method,
                     exchange.target,
                     exchange.status or CLIENT_GONE,

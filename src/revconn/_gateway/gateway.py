@@ -127,6 +127,9 @@ class GatewayConfig:
     heartbeat: Heartbeat = Heartbeat()
     handshake_timeout: float = 10.0
     max_message_size: int = MAX_MESSAGE_SIZE
+    access_log: bool = False
+    """One INFO line per request for an agent (logger ``revconn.access``:
+    agent, method, path without query, status, bytes, duration)."""
     metrics: bool = True
     """Count forwarded requests (``/metrics``, ``/stats``, the dashboard's
     counters); False: the data plane counts nothing (``--no-metrics``)."""
@@ -487,6 +490,12 @@ class Gateway:
                 remote,
                 registration.epoch,
                 grant.describe(),
+                extra={
+                    "event": "online",
+                    "agent": name,
+                    "epoch": registration.epoch,
+                    "remote": remote,
+                },
             )
             if self._shutting_down:
                 tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
@@ -503,6 +512,13 @@ class Gateway:
                 registration.epoch,
                 end.reason or f"close {end.close_code}",
                 f" ({end.error})" if isinstance(end.error, ProtocolError) else "",
+                extra={
+                    "event": "offline",
+                    "agent": name,
+                    "epoch": registration.epoch,
+                    "remote": remote,
+                    "reason": offline_reason(end),
+                },
             )
         finally:
             self._tunnels.pop(tunnel, None)
@@ -521,6 +537,10 @@ class Gateway:
     @property
     def evicted_connections(self) -> int:
         return 0 if self.listener is None else self.listener.pending.evicted
+
+    @property
+    def access_log(self) -> bool:
+        return self.config.access_log
 
     @property
     def per_agent_metrics(self) -> bool:
