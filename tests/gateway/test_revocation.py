@@ -40,6 +40,7 @@ from revconn import (
 )
 from revconn._codes import WS_CREDENTIAL_EXPIRED, WS_REVOKED
 from revconn._gateway import gateway as gateway_module
+from revconn._gateway.addresses import parse_networks
 from revconn._gateway.auth import Admission, SharedSecretPolicy, TokenPolicy
 from revconn._gateway.gateway import REVOKED_POLL
 from revconn._gateway.registry import RegistryEventKind
@@ -772,3 +773,47 @@ async def test_an_events_stream_ends_when_its_admin_token_is_revoked(tmp_path: P
             with trio.fail_after(3):
                 ((kind, event),) = await sse.events(1)
             assert (kind, event["reason"]) == ("closed", "revoked")
+
+
+async def test_a_token_revoked_while_its_url_resolves_is_not_announced(tmp_path: Path) -> None:
+    """The revocation's reload sees no announcement yet (the URL is being
+    resolved): the announcement is withdrawn as soon as it is made, and
+    refused."""
+    from revconn._gateway.addresses import AddressPolicy
+
+    token, claims = issue_token(KEY, "svc")
+    resolving, go_on = trio.Event(), trio.Event()
+
+    class SlowDNS(AddressPolicy):
+        async def resolve(self, host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+            resolving.set()
+            await go_on.wait()
+            return await super().resolve(host, port)
+
+    cfg = GatewayConfig(binds=("127.0.0.1:0",), admin_binds=(), heartbeat=HEARTBEAT)
+    policy = SlowDNS(parse_networks(("127.0.0.0/8",)))
+    gateway = Gateway(cfg, token_policy(tmp_path), address_policy=policy)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+        (url,) = await nursery.start(partial(gateway.serve, shutdown_trigger=stop.wait))
+        answers: list[httpx.Response] = []
+
+        async def put() -> None:
+            answers.append(
+                await client.put(
+                    f"{url}/announce?name=svc",
+                    json={"url": "http://127.0.0.1:9/", "ttl": 30},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            )
+
+        nursery.start_soon(put)
+        await resolving.wait()
+        append_revoked(gateway, claims.token_id)
+        await gateway.reload_revoked()
+        go_on.set()
+        await wait_for(lambda: bool(answers))
+        (answer,) = answers
+        assert (answer.status_code, answer.json()["error"]) == (401, "revoked")
+        assert gateway.registry.lookup("svc") is None
+        stop.set()

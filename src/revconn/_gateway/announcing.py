@@ -21,7 +21,7 @@ import trio
 from .. import _codes
 from .._proto.announce import AnnouncedUrl, parse_announcement
 from .addresses import AddressPolicy, AddressRefused
-from .auth import Admission, AuthPolicy, admit_agent_name
+from .auth import Admission, AuthPolicy, Denial, TokenPolicy, admit_agent_name
 from .direct import DirectSession
 from .ratelimit import FailureLimiter
 from .registry import NameTaken, Registry
@@ -191,6 +191,12 @@ class Announcements:
                 }
                 return json_reply(409, payload)
             token_id = admitted.grant.token_id
+            if isinstance(self.auth, TokenPolicy) and self.auth.is_revoked(token_id):
+                # Revoked while the URL was resolved (the reload saw no
+                # announcement of it yet): withdrawn at once, refused.
+                await self.registry.withdraw(name, announced.registration.epoch)
+                detail = "this token was revoked: ask the operator for a new one"
+                return Denial(401, "revoked", detail).reply()
             if token_id is not None:
                 self._tokens[name] = (announced.registration.epoch, token_id)
             else:
