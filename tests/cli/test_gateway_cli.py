@@ -71,3 +71,22 @@ def test_bad_token_durations_name_the_value(text: str) -> None:
 
     with pytest.raises(ConfigError, match=f"--expires {text!r}: give a positive number"):
         parse_duration(text)
+
+
+def test_a_kept_secret_is_written_whole_and_never_replaced(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from revconn._cli.gateway import _keep_secret, stored_secret
+
+    state = Path(str(tmp_path)) / "state"
+    secret, generated, path = stored_secret(state)
+    assert generated and path == state / "secret"
+    assert path.read_text() == secret + "\n"
+    assert sorted(p.name for p in state.iterdir()) == ["secret"]  # no temporary left
+    # Another gateway that got there first: its secret stays, ours is dropped.
+    assert _keep_secret(state, path, "another-secret-0123456789") is False
+    assert stored_secret(state) == (secret, False, path)
+    assert sorted(p.name for p in state.iterdir()) == ["secret"]
+    path.write_text("")
+    with pytest.raises(ConfigError, match="is empty: delete it"):
+        stored_secret(state)

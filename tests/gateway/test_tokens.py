@@ -192,8 +192,22 @@ def test_load_names_the_file_of_a_malformed_key(
 
 
 def test_load_of_a_directory_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=f"token key file {tmp_path}: Is a directory"):
+    with pytest.raises(ConfigError, match=f"token key file {tmp_path} is not a regular file"):
         SigningKey.load(tmp_path)
+
+
+def test_a_key_is_checked_on_the_file_it_is_read_from(tmp_path: Path) -> None:
+    """A symlink to a private key is followed (as secret volumes mount them),
+    and the mode checked is the target's, on the open descriptor."""
+    key = SigningKey.generate()
+    target = tmp_path / "real.key"
+    key.write(target)
+    link = tmp_path / "link.key"
+    link.symlink_to(target)
+    assert SigningKey.load(link).id == key.id
+    target.chmod(0o644)
+    with pytest.raises(ConfigError, match="is accessible to other users"):
+        SigningKey.load(link)
 
 
 # -- issuing and verifying -------------------------------------------------------------

@@ -13,8 +13,8 @@ import os
 import re
 import signal
 import ssl
-import stat
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,7 +30,13 @@ from .._agent.demo import demo_app
 from .._errors import ConfigError
 from .._gateway.auth import AuthPolicy, SharedSecretPolicy, TokenPolicy, generate_secret
 from .._gateway.gateway import Gateway, GatewayConfig
-from .._gateway.tokens import RevocationList, SigningKey, TokenVerifier, issue_token
+from .._gateway.tokens import (
+    RevocationList,
+    SigningKey,
+    TokenVerifier,
+    issue_token,
+    read_private,
+)
 from .._proto.rules import MAX_MESSAGE_SIZE
 from .._runtime.heartbeat import Heartbeat
 from .common import (
@@ -69,36 +75,45 @@ def stored_secret(state_dir: Path) -> tuple[str, bool, Path]:
     Made (0600, in a 0700 directory) the first time, so that agents keep
     working across restarts; refused if others can read it."""
     path = state_dir / "secret"
+    generated = False
     try:
-        mode = path.stat().st_mode
+        text = read_private(path, "the state file").strip()
     except FileNotFoundError:
-        secret = generate_secret()
-        try:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise ConfigError(
-                f"--state-dir {state_dir}: cannot keep a generated secret there "
-                f"({exc.strerror}): give --state-dir, --secret or --secret-file"
-            ) from None
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(secret + "\n")
-        return secret, True, path
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"{path} is accessible to other users (mode {stat.S_IMODE(mode):04o}): "
-            f"run `chmod 600 {path}`"
-        )
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
-        raise ConfigError(f"{path}: {reason}") from None
+        # (another gateway starting at once may keep its own first: then that one)
+        generated = _keep_secret(state_dir, path, generate_secret())
+        text = read_private(path, "the state file").strip()
     if not text:
         raise ConfigError(f"{path} is empty: delete it to have a new secret generated")
-    return text, False, path
+    return text, generated, path
+
+
+def _keep_secret(state_dir: Path, path: Path, secret: str) -> bool:
+    """Write ``secret`` to ``path`` whole or not at all: a 0600 temporary file
+    in the same directory, then a hard link to the name (never replacing a
+    secret another gateway kept meanwhile: that one is used). True if
+    ``secret`` was kept."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".secret-", dir=state_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"--state-dir {state_dir}: cannot keep a generated secret there "
+            f"({exc.strerror}): give --state-dir, --secret or --secret-file"
+        ) from None
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(secret + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        return True
+    except OSError as exc:
+        raise ConfigError(f"--state-dir {state_dir}: {exc.strerror}") from None
+    finally:
+        os.unlink(temporary)
 
 
 def _load_secret(

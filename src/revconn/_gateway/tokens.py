@@ -60,6 +60,50 @@ LEEWAY = 30.0
 clock runs ahead); expiry is exact."""
 
 
+MAX_PRIVATE_FILE = 64 * 1024
+"""Bytes a key or secret file may hold at most."""
+
+
+def read_private(path: str | os.PathLike[str], label: str) -> str:
+    """The ASCII text of a credential file, checked on the descriptor it is
+    read from (no window between the check and the read): a regular file,
+    accessible to its owner only, owned by this user (or root). Raises
+    FileNotFoundError as is, ConfigError naming ``label`` and the file
+    otherwise."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"{label} {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{label} {path} is not a regular file")
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{label} {path} is accessible to other users (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}): run `chmod 600 {path}`"
+            )
+        if info.st_uid not in (os.geteuid(), 0):
+            raise ConfigError(
+                f"{label} {path} belongs to another user (uid {info.st_uid}): it must be "
+                "owned by the user the gateway runs as"
+            )
+        data = os.read(fd, MAX_PRIVATE_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{label} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_PRIVATE_FILE:
+        raise ConfigError(f"{label} {path} is larger than {MAX_PRIVATE_FILE} bytes")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label} {path}: not ASCII text") from None
+
+
 @attrs.frozen(repr=False)
 class SigningKey:
     """A token signing key (HMAC-SHA256); ``id`` is derived from it."""
@@ -108,21 +152,12 @@ class SigningKey:
         malformed or readable by others than its owner."""
         path = Path(path)
         try:
-            mode = path.stat().st_mode
-            text = path.read_text(encoding="ascii")
+            text = read_private(path, "token key file")
         except FileNotFoundError:
             raise ConfigError(
                 f"token key file {path} does not exist: create one with "
                 f"`revconn-gateway token keygen {path}`"
             ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
-            raise ConfigError(f"token key file {path}: {reason}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"token key file {path} is accessible to other users (mode "
-                f"{stat.S_IMODE(mode):04o}): run `chmod 600 {path}`"
-            )
         return cls.parse(text, f"token key file {path}")
 
     def write(self, path: str | os.PathLike[str]) -> None:
