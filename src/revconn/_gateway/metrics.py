@@ -25,7 +25,7 @@ from prometheus_client.core import (
 )
 
 from .registry import AgentInfo, Registry, RegistryEvent, RegistryEventKind
-from .traffic import Histogram, Traffic
+from .traffic import STATUS_CLASSES, Histogram, Traffic, by_status
 
 __all__ = ["GatewayCollector", "MetricsSource", "Presence", "count_presence", "stats_json"]
 
@@ -114,6 +114,13 @@ def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFami
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=histogram.sum)
 
 
+def _by_reason(name: str, doc: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=["reason"])
+    for reason, count in sorted(counts.items()):
+        family.add_metric([reason], count)
+    return family
+
+
 class GatewayCollector:
     """The gateway's metric families, built at each scrape."""
 
@@ -138,24 +145,17 @@ class GatewayCollector:
         yield CounterMetricFamily(
             "revconn_agent_connects", "Agents that came online.", value=presence.connects
         )
-        disconnects = CounterMetricFamily(
-            "revconn_agent_disconnects", "Agents that went offline, by reason.", labels=["reason"]
-        )
-        for reason, count in sorted(presence.disconnects.items()):
-            disconnects.add_metric([reason], count)
-        yield disconnects
+        doc = "Agents that went offline, by reason."
+        yield _by_reason("revconn_agent_disconnects", doc, presence.disconnects)
         yield CounterMetricFamily(
             "revconn_agent_replacements",
             "Agents replaced by a newer one of the same name.",
             value=presence.replacements,
         )
         yield _histogram("revconn_heartbeat_rtt_seconds", "Heartbeat PING round trips.", source.rtt)
-        refused = CounterMetricFamily(
-            "revconn_auth_failures", "Refused credentials, by reason.", labels=["reason"]
+        yield _by_reason(
+            "revconn_auth_failures", "Refused credentials, by reason.", source.auth_refusals
         )
-        for reason, count in sorted(source.auth_refusals.items()):
-            refused.add_metric([reason], count)
-        yield refused
         yield CounterMetricFamily(
             "revconn_connections_evicted",
             "Connections closed to make room in the --max-pending-connections line.",
@@ -170,7 +170,7 @@ class GatewayCollector:
             labels=["status_class"],
         )
         for index, count in enumerate(traffic.by_class):
-            requests.add_metric([f"{index + 1}xx"], count)
+            requests.add_metric([STATUS_CLASSES[index]], count)
         yield requests
         yield _histogram(
             "revconn_request_duration_seconds",
@@ -206,7 +206,7 @@ class GatewayCollector:
         )
         for name, agent in traffic.agents():
             for index, count in enumerate(agent.by_class):
-                requests.add_metric([name, f"{index + 1}xx"], count)
+                requests.add_metric([name, STATUS_CLASSES[index]], count)
             sent.add_metric([name], agent.bytes_out)
             received.add_metric([name], agent.bytes_in)
             in_flight.add_metric([name], agent.in_flight)
@@ -227,7 +227,7 @@ def stats_json(source: MetricsSource, agents: list[AgentInfo]) -> dict[str, obje
     if traffic is not None:
         totals = {
             "in_flight": traffic.in_flight,
-            "by_status": {f"{i + 1}xx": n for i, n in enumerate(traffic.by_class)},
+            "by_status": by_status(traffic.by_class),
             "bytes_in": traffic.bytes_in,
             "bytes_out": traffic.bytes_out,
         }

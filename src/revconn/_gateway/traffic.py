@@ -44,9 +44,24 @@ CLIENT_GONE = 499
 (nginx's convention)."""
 
 
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+"""The classes counted, in the order of every ``by_class`` list."""
+
+
+def class_index(status: int) -> int:
+    """The index in ``by_class`` of ``status``'s class (out of range: the nearest)."""
+    index = status // 100 - 1
+    return index if 0 <= index <= 4 else (0 if index < 0 else 4)
+
+
 def status_class(status: int) -> str:
     """``2xx`` for 204; ``1xx`` for a 101 (a WebSocket); 499: ``4xx``."""
-    return f"{min(max(status // 100, 1), 5)}xx"
+    return STATUS_CLASSES[class_index(status)]
+
+
+def by_status(by_class: list[int]) -> dict[str, int]:
+    """``{"1xx": n, ..., "5xx": n}`` for JSON."""
+    return dict(zip(STATUS_CLASSES, by_class, strict=True))
 
 
 class Histogram:
@@ -128,7 +143,7 @@ class AgentTraffic:
             "requests": self.requests,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
-            "by_status": {f"{i + 1}xx": n for i, n in enumerate(self.by_class)},
+            "by_status": by_status(self.by_class),
             "recent": [r.to_json() for r in self.records()],
         }
 
@@ -173,9 +188,7 @@ class Traffic:
         """The request ``begin`` counted has ended (``started``: trio time).
         (Runs once per forwarded request: kept to plain additions.)"""
         duration = trio.current_time() - started
-        index = status // 100 - 1
-        if not 0 <= index <= 4:
-            index = 0 if index < 0 else 4
+        index = class_index(status)
         agent.in_flight -= 1
         agent.requests += 1
         agent.by_class[index] += 1
@@ -194,7 +207,7 @@ class Traffic:
     def early(self, status: int, started: float) -> None:
         """A request for an agent answered by the gateway itself (the agent
         is offline or busy, refused the stream, or did not accept it)."""
-        self.by_class[min(max(status // 100, 1), 5) - 1] += 1
+        self.by_class[class_index(status)] += 1
         self.durations.observe(trio.current_time() - started)
 
     def _forget_idle(self) -> None:
