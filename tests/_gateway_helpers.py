@@ -11,7 +11,7 @@ import attrs
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
-from revconn import Gateway, GatewayConfig, Heartbeat, SharedSecretPolicy
+from revconn import AuthPolicy, Gateway, GatewayConfig, Heartbeat, SharedSecretPolicy
 from revconn._gateway.addresses import AddressPolicy
 from revconn._proto.connect import WS_SUBPROTOCOL
 from revconn._proto.session import Role, TunnelSession
@@ -42,13 +42,14 @@ async def running_gateway(
     *,
     address_policy: AddressPolicy | None = None,
     url_ssl_context: ssl.SSLContext | None = None,
+    auth: AuthPolicy | None = None,
     **config: object,
 ) -> AsyncIterator[RunningGateway]:
     config.setdefault("admin_binds", ("127.0.0.1:0",))
     cfg = GatewayConfig(binds=("127.0.0.1:0",), heartbeat=heartbeat, **config)  # type: ignore[arg-type]
     gateway = Gateway(
         cfg,
-        SharedSecretPolicy(SECRET),
+        SharedSecretPolicy(SECRET) if auth is None else auth,
         address_policy=address_policy,
         url_ssl_context=url_ssl_context,
     )

@@ -54,7 +54,7 @@ from revconn._proto.session import Role, TunnelSession
 from revconn._runtime.streams import TunnelStream
 from revconn._runtime.tunnel import EXPIRED_MESSAGE, Tunnel, TunnelEnd
 
-from .._gateway_helpers import RunningGateway, raw_agent, wait_for
+from .._gateway_helpers import RunningGateway, raw_agent, running_gateway, wait_for
 from .._memory import MemoryTransport, read_all, transport_pair
 from .test_gateway import upgrade
 
@@ -414,23 +414,10 @@ async def test_reload_revoked_needs_a_revoked_file(tmp_path: Path) -> None:
 async def token_gateway(
     tmp_path: Path, *, shared: str | None = None, **config: Any
 ) -> AsyncIterator[RunningGateway]:
-    """Like ``running_gateway``, with a TokenPolicy (no shared secret unless given)."""
-    config.setdefault("admin_binds", ("127.0.0.1:0",))
-    cfg = GatewayConfig(binds=("127.0.0.1:0",), heartbeat=HEARTBEAT, **config)
-    gateway = Gateway(cfg, token_policy(tmp_path, shared=shared))
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        urls = await nursery.start(partial(gateway.serve, shutdown_trigger=stop.wait))
-        try:
-            admin = gateway.admin_urls[0] if gateway.admin_urls else ""
-            yield RunningGateway(gateway, urls[0], admin)
-        finally:
-            stop.set()
-            with trio.move_on_after(5) as scope:
-                scope.shield = True
-                while len(nursery.child_tasks):
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+    """``running_gateway`` with a TokenPolicy (no shared secret unless given)."""
+    policy = token_policy(tmp_path, shared=shared)
+    async with running_gateway(HEARTBEAT, auth=policy, **config) as gw:
+        yield gw
 
 
 def named_app(name: str) -> Callable[..., Any]:
