@@ -57,7 +57,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from revconn import LocalProtocolError, RemoteProtocolError
+from revconn import LocalProtocolError, RemoteProtocolError, _codes
 from revconn._proto.session import (
     CLIENT_PREFACE,
     FRAME_HEADER_LEN,
@@ -851,6 +851,7 @@ class HonestPeers(RuleBasedStateMachine):
         self.pings: dict[Role, list[bytes]] = {Role.GATEWAY: [], Role.AGENT: []}
         self.acked: dict[Role, list[bytes]] = {Role.GATEWAY: [], Role.AGENT: []}
         self.closed_by: dict[Role, tuple[int, str]] = {}
+        self.agent_drained = False
         self.ended_seen: dict[Role, SessionEnded] = {}
         self.counter = 0
         self.steps = 0
@@ -975,6 +976,7 @@ class HonestPeers(RuleBasedStateMachine):
     @precondition(lambda self: self._live(Role.AGENT))
     @rule()
     def agent_drains(self) -> None:
+        self.agent_drained = True
         self.s(Role.AGENT).stop_accepting_streams()
         self._flush(Role.AGENT)
 
@@ -1107,6 +1109,15 @@ class HonestPeers(RuleBasedStateMachine):
             assert role not in m.reset_seen
             if peer in m.reset_by:
                 assert event.error_code == m.reset_by[peer]
+            elif (
+                role is Role.GATEWAY
+                and event.error_code == _codes.H2_REFUSED_STREAM
+                and m.ag_head is None
+            ):
+                # A stream opened as the drain's SETTINGS (limit 0) crossed it:
+                # the agent refuses that stream, and only it (RFC 9113 5.1.2).
+                assert self.agent_drained, f"stream {m.sid} refused without a drain"
+                m.reset_by[Role.AGENT] = event.error_code
             else:
                 # h2's own answer to frames on a stream *we* reset
                 assert role in m.reset_by, f"{role} got an unprovoked reset of stream {m.sid}"
@@ -1161,6 +1172,29 @@ HonestPeers.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 test_honest_peers_any_interleaving = HonestPeers.TestCase
+
+
+def test_a_stream_crossing_the_drain_during_the_handshake_is_refused_alone() -> None:
+    """Found by the state machine above: the agent drains (SETTINGS
+    MAX_CONCURRENT_STREAMS = 0) before the gateway's ACK of its first
+    SETTINGS arrives; h2 applies the pending 0 with that ACK, so a stream the
+    gateway opened honestly arrives over the limit. h2 makes that a connection
+    error (TooManyStreamsError); it is a stream error (RFC 9113 5.1.2): the
+    agent refuses that stream with REFUSED_STREAM and the session lives on."""
+    state = HonestPeers()
+    state.handshake(up_front=False, bodies=[])
+    state.deliver(sender=Role.AGENT, size=17)
+    state.deliver(sender=Role.GATEWAY, size=100)
+    state.deliver(sender=Role.AGENT, size=56)
+    state.agent_drains()
+    state.open_stream(end=False, value=b"")
+    state.deliver_everything()
+    (stream,) = state.streams.values()
+    assert stream.reset_by == {Role.AGENT: _codes.H2_REFUSED_STREAM}
+    assert stream.reset_seen == {Role.GATEWAY: _codes.H2_REFUSED_STREAM}
+    assert not state.closed_by
+    for role in Role:
+        assert state.s(role).handshake_complete and not state.s(role).closed
 
 
 # -- chunking is invisible -----------------------------------------------------------

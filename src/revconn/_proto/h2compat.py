@@ -13,6 +13,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.stream
 import hpack
 import hyperframe.frame
 
@@ -65,11 +66,39 @@ class PlainEncoder(hpack.Encoder):
 
 
 class H2Connection(h2.connection.H2Connection):
-    """h2's connection without the ``repr(frame)`` it builds for every received
-    frame for a trace log that is disabled: for a 16 KiB DATA frame that repr
-    hex-encodes the whole payload (hyperframe's ``_raw_data_repr``), measured at
-    16 % of the gateway's CPU on a 10 MiB download. The body below is h2 4.x's
-    ``_receive_frame`` (same error handling) minus that log line."""
+    """h2's connection with two changes.
+
+    * Without the ``repr(frame)`` it builds for every received frame for a
+      trace log that is disabled: for a 16 KiB DATA frame that repr
+      hex-encodes the whole payload (hyperframe's ``_raw_data_repr``),
+      measured at 16 % of the gateway's CPU on a 10 MiB download. The body of
+      ``_receive_frame`` below is h2 4.x's (same error handling) minus that
+      log line.
+    * A new stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS is refused with
+      RST_STREAM REFUSED_STREAM, a stream error (RFC 9113 5.1.2), where h2
+      raises TooManyStreamsError, a connection error. An honest peer does
+      that when its HEADERS crossed our lowered limit (the agent's drain
+      signal, SETTINGS_MAX_CONCURRENT_STREAMS = 0): the session and the
+      streams in flight must survive it.
+    """
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        stream_id = frame.stream_id
+        if (
+            stream_id not in self.streams
+            and stream_id > self.highest_inbound_stream_id
+            and not self._stream_id_is_outbound(stream_id)
+            and self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams
+        ):
+            self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+            # The header block is decoded all the same: HPACK state is per connection.
+            h2.connection._decode_headers(self.decoder, frame.data)
+            self.highest_inbound_stream_id = stream_id
+            self._closed_streams[stream_id] = h2.stream.StreamClosedBy.SEND_RST_STREAM
+            refusal = hyperframe.frame.RstStreamFrame(stream_id)
+            refusal.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+            return [refusal], []
+        return super()._receive_headers_frame(frame)
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         events: list[h2.events.Event]
