@@ -71,7 +71,7 @@ def test_a_browser_follows_a_link_posts_a_form_and_talks_websocket_by_host_name(
     _, url, _ = start_gateway(procs, "--domain", DOMAIN)
     port = urlsplit(url).port
     agent = start_agent(procs, url, "web", "--app", "tests.browser_app:app")
-    agent.wait_for(r"connected as 'web'")
+    agent.wait_for(r"\(agent 'web'\)")
 
     site = f"http://web.{DOMAIN}:{port}"
     driver.get(f"{site}/")

@@ -81,7 +81,7 @@ def test_verification_steps(procs: list[Proc]) -> None:
     assert (r.status_code, r.json()) == (200, {"status": "ok"})
     # (2) serve starts and the WebSocket is established
     agent = start_agent(procs, url, "laptop", "--upstream", "http://127.0.0.1:9")
-    agent.wait_for(r"connected as 'laptop'")
+    agent.wait_for(r"\(agent 'laptop'\)")
     # (3) /endpoints lists it online
     eventually(lambda: names(admin) == ["laptop"])
     (row,) = endpoints(admin)
@@ -102,7 +102,7 @@ def test_verification_steps(procs: list[Proc]) -> None:
 def test_killed_agent_disappears_at_once(procs: list[Proc]) -> None:
     _, url, admin = start_gateway(procs)
     agent = start_agent(procs, url, "victim")
-    agent.wait_for("connected as")
+    agent.wait_for("online: ")
     eventually(lambda: names(admin) == ["victim"])
     agent.popen.kill()
     agent.wait()
@@ -119,7 +119,7 @@ def test_agent_retries_with_growing_delays_until_gateway_is_up(procs: list[Proc]
     assert all(0.2 <= d <= cap + 0.005 for d, cap in zip(delays, caps, strict=False)), delays
     assert "cannot reach the gateway" in agent.stderr
     start_gateway(procs, port=port, admin_port=admin_port)
-    agent.wait_for("connected as 'patient'", timeout=10)
+    agent.wait_for(r"\(agent 'patient'\)", timeout=10)
     eventually(lambda: names(admin) == ["patient"])
 
 
@@ -127,22 +127,22 @@ def test_gateway_restart_agent_reconnects(procs: list[Proc]) -> None:
     port, admin_port = free_port(), free_port()
     gw, url, admin = start_gateway(procs, port=port, admin_port=admin_port)
     agent = start_agent(procs, url, "sticky", "--backoff-min", "0.2", "--backoff-max", "1")
-    agent.wait_for("connected as")
+    agent.wait_for("online: ")
     gw.signal(signal.SIGTERM)
     assert gw.wait() == 0
-    agent.wait_for(r"disconnected: peer is shutting down")
+    agent.wait_for(r"lost: the gateway is shutting down, retry in [\d.]+ s")
     agent.wait_for(r"retry in")
     start_gateway(procs, port=port, admin_port=admin_port)
-    eventually(lambda: agent.count("connected as 'sticky'") == 2)
+    eventually(lambda: agent.count(r"\(agent 'sticky'\)") == 2)
     eventually(lambda: names(admin) == ["sticky"])
 
 
 def test_replacement_older_agent_exits_with_replaced(procs: list[Proc]) -> None:
     gw, url, admin = start_gateway(procs)
     first = start_agent(procs, url, "twin")
-    first.wait_for("connected as")
+    first.wait_for("online: ")
     second = start_agent(procs, url, "twin")
-    second.wait_for("connected as")
+    second.wait_for("online: ")
     assert first.wait() == 4
     assert "replaced" in first.stderr
     time.sleep(0.5)
@@ -188,7 +188,7 @@ def test_half_open_agent_dropped_after_heartbeat_timeout(procs: list[Proc]) -> N
     """A frozen agent process (SIGSTOP) stops answering PINGs: dropped within interval+timeout."""
     _, url, admin = start_gateway(procs, *FAST_HB)
     agent = start_agent(procs, url, "frozen")
-    agent.wait_for("connected as")
+    agent.wait_for("online: ")
     eventually(lambda: names(admin) == ["frozen"])
     agent.signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -203,14 +203,14 @@ def test_agent_leaves_silent_gateway(procs: list[Proc]) -> None:
     """A frozen gateway (half-open from the agent's view): the agent redials."""
     gw, url, _ = start_gateway(procs)
     agent = start_agent(procs, url, "watchful", *FAST_HB, "--backoff-min", "0.2")
-    agent.wait_for("connected as")
+    agent.wait_for("online: ")
     gw.signal(signal.SIGSTOP)
     try:
-        agent.wait_for(r"disconnected: no PING acknowledgement", timeout=5)
+        agent.wait_for(r"lost: heartbeat timeout \(no PING acknowledgement", timeout=5)
         agent.wait_for(r"retry in", timeout=5)
     finally:
         gw.signal(signal.SIGCONT)
-    eventually(lambda: agent.count("connected as 'watchful'") >= 2, timeout=15)
+    eventually(lambda: agent.count(r"\(agent 'watchful'\)") >= 2, timeout=15)
 
 
 def test_gateway_generates_secret_when_none_given(procs: list[Proc], tmp_path: Path) -> None:
@@ -294,7 +294,7 @@ def test_repeated_replacement_keeps_gateway_alive(procs: list[Proc]) -> None:
     previous = None
     for _ in range(6):
         agent = start_agent(procs, url, "flappy")
-        agent.wait_for("connected as")
+        agent.wait_for("online: ")
         if previous is not None:
             assert previous.wait() == 4
         previous = agent

@@ -76,7 +76,7 @@ def wall(iso: object) -> float:
 def test_url_agent_is_listed_beside_a_websocket_agent(procs: list[Proc]) -> None:
     _, gw, admin = start_gateway(procs, *ALLOW_LOOPBACK)
     _, url = start_app_agent(procs, gw, "web")
-    start_agent(procs, gw, "laptop").wait_for("connected as 'laptop'")
+    start_agent(procs, gw, "laptop").wait_for(r"\(agent 'laptop'\)")
     eventually(lambda: names(admin) == ["laptop", "web"], timeout=5)
     rows = {r["name"]: r for r in endpoints(admin)}
     assert len(rows) == 2  # one entry per name
@@ -165,7 +165,7 @@ def test_sigkill_lapses_within_the_ttl(procs: list[Proc]) -> None:
 
 def test_name_held_by_a_websocket_is_refused(procs: list[Proc]) -> None:
     _, gw, admin = start_gateway(procs, *ALLOW_LOOPBACK)
-    start_agent(procs, gw, "taken").wait_for("connected as 'taken'")
+    start_agent(procs, gw, "taken").wait_for(r"\(agent 'taken'\)")
     agent = start_url_agent(procs, gw, "taken", f"http://127.0.0.1:{free_port()}/")
     assert agent.wait() == 1, agent.stderr
     assert "name 'taken' is held by a websocket agent" in agent.stderr
@@ -179,7 +179,7 @@ def test_websocket_agent_replaces_a_url_agent(procs: list[Proc]) -> None:
     url_agent = start_url_agent(procs, gw, "svc", f"http://127.0.0.1:{free_port()}/")
     url_agent.wait_for(r"announced .* as 'svc'")
     ws_agent = start_agent(procs, gw, "svc")
-    ws_agent.wait_for("connected as 'svc'")
+    ws_agent.wait_for(r"\(agent 'svc'\)")
     listed = row(admin, "svc")
     assert listed is not None and listed["transport"] == "websocket"
     assert url_agent.wait(timeout=3 * INTERVAL + 2) == 4, url_agent.stderr

@@ -30,7 +30,7 @@ def test_host_routing_and_the_printed_public_urls(procs: list[Proc]) -> None:
     port = url.rsplit(":", 1)[1]
     agent = start_agent(procs, url, "web", "--upstream", upstream)
     agent.wait_for(
-        rf"connected as 'web', online: http://web\.revconn\.test:{port}/ and "
+        rf"online: http://web\.revconn\.test:{port}/ and "
         rf"http://127\.0\.0\.1:{port}/a/web/"
     )
     # By host: the path is the upstream's own, no prefix.

@@ -54,6 +54,7 @@ __all__ = [
     "StreamError",
     "UpstreamClosed",
     "UpstreamConnectError",
+    "revconn_error_in",
 ]
 
 
@@ -186,3 +187,14 @@ class HandshakeTimeout(RevconnTimeout):
 
 class HeartbeatTimeout(RevconnTimeout):
     """The peer did not acknowledge a PING within the heartbeat timeout."""
+
+
+def revconn_error_in(exc: BaseException) -> RevconnError | None:
+    """The RevconnError behind ``exc``, seen through the one-exception groups
+    of the nurseries it crossed; None if anything else is in there (a bug
+    must show its traceback)."""
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, RevconnError) else None

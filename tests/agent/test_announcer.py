@@ -218,12 +218,17 @@ async def test_first_answer_sets_connected_and_logs_once_at_info(
         assert trio.current_time() == 0.0
         assert len(gateway.calls) == 1
         await gateway.wait_calls(3)
+        # renewals are not new connections
+        assert (agent.monitor.state, agent.monitor.connects) == ("online", 1)
         agent.stop()
+        assert agent.monitor.state == "stopping"
+    assert agent.monitor.state == "stopped"
     assert agent_logs(caplog) == [
         ("INFO", f"announced {NORMALIZED} as 'probe' (ttl 30 s)"),
         ("DEBUG", f"renewed {NORMALIZED} as 'probe' (ttl 30 s, epoch 12)"),
         ("DEBUG", f"renewed {NORMALIZED} as 'probe' (ttl 30 s, epoch 12)"),
         ("INFO", f"withdrew {NORMALIZED}"),
+        ("INFO", "offline: stopped"),
     ]
     assert SECRET not in caplog.text
 
@@ -704,5 +709,70 @@ async def test_announce_mode_serves_the_app_locally_until_withdrawn(
             assert (response.status_code, response.text) == (201, "status 201")
             agent.stop()
     assert [c.method for c in gateway.calls] == [b"PUT", b"DELETE"]
-    assert agent_logs(caplog)[-1] == ("INFO", f"withdrew {NORMALIZED}")
+    assert agent_logs(caplog)[-2:] == [
+        ("INFO", f"withdrew {NORMALIZED}"),
+        ("INFO", "offline: stopped"),
+    ]
     assert "serving the app" in agent_logs(caplog)[0][1]  # listening before announcing
+
+
+# -- the agent's monitor in announce mode ---------------------------------------------
+
+
+class SlowGateway(FakeGateway):
+    """Answers each PUT after ``delay`` seconds."""
+
+    def __init__(self, *answers: Answer, delay: float) -> None:
+        super().__init__(*answers)
+        self.delay = delay
+
+    async def __call__(
+        self, method: bytes, target: str, body: bytes
+    ) -> tuple[int, dict[str, object]]:
+        if method == b"PUT":
+            await trio.sleep(self.delay)
+        return await super().__call__(method, target, body)
+
+
+async def test_an_announcement_accepted_after_stop_does_not_look_online(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """stop() while the first PUT is in flight (shielded, so its epoch can be
+    withdrawn): its late acceptance must not flip the state back to online."""
+    gateway = SlowGateway(OK, delay=2.0)
+    agent = Agent(config(), announce_exchange=gateway)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.sleep(1.0)
+        assert (agent.monitor.state, agent.monitor.attempts) == ("connecting", 1)
+        agent.stop()
+        assert agent.monitor.state == "stopping"
+        await trio.sleep(0.5)
+        assert agent.monitor.state == "stopping"
+    # the PUT was accepted at t=2, then withdrawn: never counted as online
+    assert (agent.monitor.state, agent.monitor.connects) == ("stopped", 0)
+    assert trio.current_time() == 2.0
+    assert [c.method for c in gateway.calls] == [b"PUT", b"DELETE"]
+
+
+async def test_announcements_failing_after_acceptance_count_as_a_lost_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    unavailable = (503, {"error": "shutting_down", "detail": "the gateway is shutting down"})
+    gateway = FakeGateway(OK, unavailable, unavailable, OK)
+    agent = Agent(config(announce_interval=10.0), announce_exchange=gateway)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await gateway.wait_calls(2)  # t=10: the first failure
+        await trio.sleep(1.0)
+        monitor = agent.monitor
+        assert (monitor.state, monitor.retry_at is not None) == ("retrying", True)
+        assert monitor.disconnects == {"announce failed": 1}
+        await gateway.wait_calls(3)  # t=20: still failing, not a second loss
+        await trio.sleep(1.0)
+        assert (monitor.disconnects, monitor.connect_failures) == ({"announce failed": 1}, 1)
+        await gateway.wait_calls(4)  # t=30: accepted again
+        await trio.sleep(1.0)
+        assert (monitor.state, monitor.connects, monitor.reconnects) == ("online", 2, 1)
+        assert monitor.attempts == 4
+        agent.stop()

@@ -202,7 +202,7 @@ async def test_attempt_fails_at_once_and_follows_backoff(
     assert last_error.startswith("ConnectError: ")
     for message in messages:
         assert message in last_error
-    retries = [r for r in caplog.records if r.getMessage().startswith("retry in")]
+    retries = [r for r in caplog.records if r.getMessage().startswith("failed: ")]
     assert len(retries) >= ATTEMPTS - 1
     assert {r.levelno for r in retries} == {logging.WARNING}
     assert all("attempt" in r.getMessage() and messages[0] in r.getMessage() for r in retries)
@@ -216,9 +216,13 @@ async def test_attempt_fails_at_once_and_follows_backoff(
         (403, AuthError, "rejected the credentials (HTTP 403)"),
     ],
 )
-async def test_rejection_status_is_fatal(status: int, error: type[Exception], message: str) -> None:
+async def test_rejection_status_is_fatal(
+    status: int, error: type[Exception], message: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """404 (a path typo, or not a revconn gateway) is a configuration error like
-    401/403 are credential errors: the agent stops after one attempt."""
+    401/403 are credential errors: the agent stops after one attempt, and its
+    log's story ends saying why."""
+    caplog.set_level(logging.INFO, logger="revconn.agent")
     reply = f"HTTP/1.1 {status} Nope\r\nContent-Length: 4\r\n\r\nnope".encode()
     async with trio.open_nursery() as nursery:
         port = await listen(nursery, answer_and_stay(reply))
@@ -230,6 +234,9 @@ async def test_rejection_status_is_fatal(status: int, error: type[Exception], me
     if status == 404:
         assert f"ws://127.0.0.1:{port}/ws/connect answered" in str(info.value)
     assert agent.statistics().attempts == 1
+    told = [r.getMessage() for r in caplog.records if r.name == "revconn.agent"]
+    assert told[-1] == f"offline: {info.value}"  # once, last
+    assert (agent.monitor.state, agent.monitor.last_error) == ("stopped", str(info.value))
 
 
 def test_agent_with_nothing_to_serve_is_refused_at_construction() -> None:

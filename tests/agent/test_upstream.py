@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from revconn import StreamError
+from revconn import ConfigError, StreamError
 from revconn._agent.upstream import AsgiUpstream, HttpUpstream
 from revconn._codes import H2_CONNECT_ERROR, H2_NO_ERROR
 from revconn._proto.connect import UpstreamInfo
@@ -233,3 +233,15 @@ async def test_unreachable_upstream_is_logged_once_per_change_and_not_revealed(
         ("INFO", f"upstream {url} reachable again"),
         ("WARNING", f"upstream {url} unreachable: connection refused"),
     ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://user:hunter2@127.0.0.1:3000/", "https://tok3n@svc.internal/", "http://:hunter2@h/"],
+)
+def test_an_upstream_url_with_credentials_is_refused_without_echoing_them(url: str) -> None:
+    """They would reach the gateway (the Host it sends) and /status; clients
+    send their own Authorization."""
+    with pytest.raises(ConfigError, match="must not carry credentials") as info:
+        HttpUpstream(url, agent="web")
+    assert "hunter2" not in str(info.value) and "tok3n" not in str(info.value)

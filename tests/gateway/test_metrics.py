@@ -17,10 +17,10 @@ from revconn._gateway.traffic import (
     CLIENT_GONE,
     MAX_TRACKED,
     RECENT,
-    Histogram,
     Traffic,
     status_class,
 )
+from revconn._stats import Histogram
 
 from .._gateway_helpers import SECRET, RunningGateway, running_gateway, wait_for
 from ..upstream_app import app

@@ -19,10 +19,12 @@ from .._errors import (
     AuthError,
     ConfigError,
     ConnectionLost,
+    FatalError,
     ProtocolVersionError,
     ReplacedError,
     RevconnError,
     RevokedError,
+    revconn_error_in,
 )
 from .._proto.announce import DEFAULT_INTERVAL, MAX_TTL, MIN_TTL, TTL_INTERVALS, parse_url
 from .._proto.connect import PUBLIC_URL_HEADER, WS_SUBPROTOCOL
@@ -30,8 +32,9 @@ from .._proto.rules import valid_agent_name
 from .._proto.session import Role, TunnelSession
 from .._runtime import wsmask
 from .._runtime.heartbeat import Heartbeat
+from .._runtime.streams import TunnelStream
 from .._runtime.supervisor import Backoff, Supervisor, SupervisorStatistics
-from .._runtime.tunnel import EXPIRED_MESSAGE, REVOKED_MESSAGE, Tunnel
+from .._runtime.tunnel import EXPIRED_MESSAGE, REVOKED_MESSAGE, Tunnel, TunnelEnd
 from .announcer import Announcer, Exchange
 from .dial import (
     HandshakeWatch,
@@ -45,6 +48,7 @@ from .dial import (
 )
 from .dial import tunnel_url as websocket_url
 from .local import DEFAULT_LISTEN, parse_listen, serve_local
+from .monitor import AgentMonitor, disconnect_reason
 from .upstream import ASGIApp, AsgiUpstream, HttpUpstream, Upstream
 
 __all__ = ["Agent", "AgentConfig"]
@@ -168,6 +172,8 @@ class Agent:
         the gateway (for tests).
         """
         self.config = config
+        self.monitor = AgentMonitor()
+        """The agent's state and counters (what ``--metrics-bind`` serves)."""
         if ssl_context is not None and config.ca_file is not None:
             raise ConfigError("give either ssl_context or AgentConfig.ca_file, not both")
         if ssl_context is None and config.url.startswith("wss:"):
@@ -191,12 +197,16 @@ class Agent:
                 exchange=announce_exchange,
                 ssl_context=ssl_context,
                 on_announced=self.connected.set,
+                monitor=self.monitor,
             )
         elif app is not None:
-            self.upstream = AsgiUpstream(app, agent=config.name)
+            self.upstream = AsgiUpstream(app, agent=config.name, monitor=self.monitor)
         elif config.upstream is not None:
             self.upstream = HttpUpstream(
-                config.upstream, agent=config.name, timeout=config.upstream_timeout
+                config.upstream,
+                agent=config.name,
+                timeout=config.upstream_timeout,
+                monitor=self.monitor,
             )
         else:
             raise ConfigError(
@@ -205,6 +215,10 @@ class Agent:
             )
         self._ssl_context = ssl_context
         self._attempt_scope: trio.CancelScope | None = None
+        self._told_offline = False
+        """The end of a session said "offline: ..." (run() need not say it again)."""
+        self._lost: str | None = None
+        """How the last session ended, while its retry is being scheduled."""
         self._supervisor = Supervisor(
             self._connect_once,
             backoff=config.backoff,
@@ -214,9 +228,28 @@ class Agent:
         )
 
     def statistics(self) -> SupervisorStatistics:
+        """The connection supervisor's counters (attempts, failures, backoff)."""
         return self._supervisor.statistics()
 
     async def run(self) -> None:
+        """Serve until ``stop()`` (tunnel mode: or cancelled); see the class."""
+        try:
+            await self._run()
+        except BaseException as exc:
+            fatal = revconn_error_in(exc)
+            if fatal is not None and not self._told_offline:
+                self.monitor.last_error = str(fatal)
+                log.warning(
+                    "offline: %s",
+                    fatal,
+                    extra={"event": "offline", "agent": self.config.name, "reason": "fatal"},
+                )
+            raise
+        finally:
+            self.monitor.enter("stopped")
+        log.info("offline: stopped", extra={"event": "stopped", "agent": self.config.name})
+
+    async def _run(self) -> None:
         if self._announcer is not None:
             await self._run_announcing(self._announcer)
             return
@@ -263,27 +296,44 @@ class Agent:
         announcements stop, the URL is withdrawn (at most 5 s), then a local
         app finishes its requests in flight (3 s). The caller bounds the wait
         (the CLI: 10 s, or a second signal)."""
+        if self.monitor.state != "stopped":
+            self.monitor.enter("stopping")
         if self._announcer is not None:
             self._announcer.stop()
             return
         self._supervisor.stop()
         if self.tunnel is not None:
+            if self.monitor.streams_open:
+                log.info(
+                    "stopping: no new requests; the %d open stream(s) finish first",
+                    self.monitor.streams_open,
+                )
             self.tunnel.drain(_codes.WS_GOING_AWAY, _codes.REASON_SHUTDOWN)
         elif self._attempt_scope is not None:
             self._attempt_scope.cancel()
 
     def _on_retry(self, delay: float, error: BaseException | None) -> None:
-        if error is None:  # a clean goodbye, not a failure
-            log.info("retry in %.2f s", delay)
+        """One line per lost session or failed attempt: why, and when the next one is."""
+        self.monitor.enter("retrying", retry_in=delay)
+        lost, self._lost = self._lost, None
+        level = logging.INFO if error is None else logging.WARNING
+        if lost is not None:  # the session was up
+            log.log(level, "lost: %s, retry in %s s", lost, _seconds(delay))
             return
-        stats = self._supervisor.statistics()
-        if stats.connected_since is None and self.tunnel is None:
-            log.warning("retry in %.2f s (attempt %d failed: %s)", delay, stats.attempts, error)
-        else:  # "disconnected: ..." said why
-            log.warning("retry in %.2f s", delay)
+        description = str(error) or type(error).__name__
+        self.monitor.failed(description)
+        log.log(
+            level,
+            "failed: %s, retry in %s s (attempt %d)",
+            description,
+            _seconds(delay),
+            self.monitor.attempts,
+        )
 
     async def _connect_once(self, connected: Callable[[], None]) -> None:
         cfg = self.config
+        self.monitor.attempts += 1
+        self.monitor.enter("connecting")
         log.info("connecting to %s as %r", redacted(cfg.url), cfg.name)
         stream: HandshakeWatch | None = None
         try:
@@ -333,10 +383,6 @@ class Agent:
                 except ConnectionLost as exc:
                     if exc.close_code == _codes.WS_VERSION_MISMATCH:
                         raise ProtocolVersionError(f"{exc}: upgrade this agent") from None
-                    log.warning("disconnected: handshake failed: %s", exc)
-                    raise
-                except RevconnError as exc:
-                    log.warning("disconnected: handshake failed: %s", exc)
                     raise
                 self.tunnel = tunnel
                 self.public_urls = [
@@ -346,18 +392,16 @@ class Agent:
                 ]
                 connected()
                 self.connected.set()
-                if self.public_urls:
-                    online = " and ".join(self.public_urls)
-                    log.info(
-                        "connected as %r, online: %s",
-                        cfg.name,
-                        online,
-                        extra={"event": "online", "agent": cfg.name},
-                    )
-                else:  # (a gateway that does not say)
-                    log.info("connected as %r", cfg.name)
-                assert self.upstream is not None
-                end = await tunnel.serve(on_request=self.upstream.handle)
+                self.monitor.online(self.public_urls)
+                # (a gateway that does not say its URLs: an older one)
+                online = " and ".join(self.public_urls) or "(no public URL given)"
+                log.info(
+                    "online: %s (agent %r)",
+                    online,
+                    cfg.name,
+                    extra={"event": "online", "agent": cfg.name},
+                )
+                end = await tunnel.serve(on_request=self._handle, on_rtt=self.monitor.rtt.observe)
             finally:
                 self.tunnel = None
                 self.connected = trio.Event()
@@ -381,21 +425,41 @@ class Agent:
                 isinstance(error, ConnectionLost) and error.close_code == _codes.WS_VERSION_MISMATCH
             ):
                 error = ProtocolVersionError(f"{end.reason or error}: upgrade this agent")
+            self._session_ended(end, error)
             if error is not None:
-                log.warning(
-                    "disconnected: %s",
-                    _describe(end.reason, end.close_code, error),
-                    extra={"event": "offline", "agent": cfg.name, "reason": end.reason},
-                )
                 raise error
-            log.info(
-                "disconnected: %s",
-                _describe(end.reason, end.close_code, error),
-                extra={"event": "offline", "agent": cfg.name, "reason": end.reason},
-            )
+
+    async def _handle(self, stream: TunnelStream) -> None:
+        monitor = self.monitor
+        monitor.streams += 1
+        monitor.streams_open += 1
+        try:
+            assert self.upstream is not None
+            await self.upstream.handle(stream)
+        finally:
+            monitor.streams_open -= 1
+
+    def _session_ended(self, end: TunnelEnd, error: RevconnError | None) -> None:
+        """Count and tell how the session ended: here when retrying cannot
+        help or the agent is stopping, else with the retry (``_on_retry``)."""
+        reason = disconnect_reason(end)
+        text = str(error) if error is not None else (end.reason or f"close code {end.close_code}")
+        if reason == "gateway shutdown":  # (its GOAWAY says only "shutdown")
+            described = "the gateway is shutting down"
+        else:
+            described = text if text.startswith(reason) else f"{reason} ({text})"
+        self.monitor.lost(reason, described)
+        extra = {"event": "offline", "agent": self.config.name, "reason": reason}
+        if reason == "stopped":  # run() says so once it has returned
+            log.debug("tunnel closed: stopping", extra=extra)
+        elif isinstance(error, FatalError):
+            self._told_offline = True
+            log.warning("offline: %s", described, extra=extra)
+        else:
+            self._lost = described
+            log.debug("session ended: %s", described, extra=extra)
 
 
-def _describe(reason: str, code: int, error: BaseException | None) -> str:
-    if error is not None:
-        return str(error)
-    return reason or f"close code {code}"
+def _seconds(delay: float) -> str:
+    """``2.1`` (tenths; hundredths under a second: backoffs that short are for tests)."""
+    return f"{delay:.1f}" if delay >= 1 else f"{delay:.2f}"

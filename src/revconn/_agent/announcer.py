@@ -41,6 +41,7 @@ from .._proto.announce import (
 )
 from .._proto.http1 import END, Body, ParseError, ResponseHead, ResponseParser, request_head
 from .dial import USER_AGENT, open_stream, rejection_error, tunnel_url
+from .monitor import AgentMonitor
 
 if TYPE_CHECKING:
     from .agent import AgentConfig
@@ -173,6 +174,7 @@ class Announcer:
         exchange: Exchange | None = None,
         ssl_context: ssl.SSLContext | None = None,
         on_announced: Callable[[], None] | None = None,
+        monitor: AgentMonitor | None = None,
     ) -> None:
         if config.tunnel_url is None:
             raise ConfigError("the announcer needs a URL to announce: pass --tunnel-url")
@@ -185,6 +187,7 @@ class Announcer:
         """The epoch of our announcement, from the gateway's last 200 answer."""
         self._exchange = exchange if exchange is not None else HttpExchange(config, ssl_context)
         self._on_announced = on_announced
+        self.monitor = monitor if monitor is not None else AgentMonitor()
         self._prefix = _gateway_prefix(config)
         self._scope = trio.CancelScope()
         self._announced = False
@@ -215,11 +218,17 @@ class Announcer:
             if failure is not None:
                 self._failing = True
                 wait = max(0.0, next_at - trio.current_time())
+                if self.monitor.state == "online":  # it was accepted until now
+                    self.monitor.lost("announce failed", failure)
+                else:
+                    self.monitor.failed(failure)
+                self.monitor.enter("retrying", retry_in=wait)
                 log.warning("announce failed: %s; next try in %.3g s", failure, wait)
             await trio.sleep_until(next_at)
 
     async def _announce_once(self) -> str | None:
         """One announcement; None when accepted, else why it failed (transient)."""
+        self.monitor.attempts += 1
         timeout = self.config.handshake_timeout
         body = announcement_body(self.url, self.ttl, self.epoch)
         target = announce_target(self._prefix, self.config.name)
@@ -249,6 +258,8 @@ class Announcer:
             if isinstance(ttl, bool) or not isinstance(ttl, int | float):
                 ttl = self.ttl
             renewed = epoch == self.epoch and not self._failing
+            if not renewed:
+                self.monitor.online([])
             self.epoch = epoch
             self._failing = False
             if renewed:

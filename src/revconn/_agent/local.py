@@ -22,9 +22,9 @@ __all__ = ["DEFAULT_LISTEN", "parse_listen", "serve_local"]
 DEFAULT_LISTEN = "127.0.0.1:8000"
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, flag: str = "--listen") -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for an IPv6 address) as (host, port); a
-    ConfigError names --listen."""
+    ConfigError names ``flag``."""
     text, sep, port_text = listen.rpartition(":")
     bracketed = text.startswith("[") and text.endswith("]")
     host = text[1:-1] if bracketed else text
@@ -36,10 +36,10 @@ def parse_listen(listen: str) -> tuple[str, int]:
         or any(c.isspace() or c in "/[]@" for c in host)
     ):
         raise ConfigError(
-            f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8000 or [::1]:8000"
+            f"{flag} {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8000 or [::1]:8000"
         )
     if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
-        raise ConfigError(f"--listen {listen!r}: the port must be 0-65535 (0: any free port)")
+        raise ConfigError(f"{flag} {listen!r}: the port must be 0-65535 (0: any free port)")
     return host, int(port_text)
 
 
@@ -48,6 +48,7 @@ async def serve_local(
     listen: str,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    flag: str = "--listen",
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` (HOST:PORT; port 0 picks a free one) until
@@ -56,9 +57,10 @@ async def serve_local(
 
     ``task_status.started`` gets the URL served, with the bound port
     (``http://127.0.0.1:8000``). ConfigError for a malformed ``listen``,
-    FatalError when the address cannot be bound (in use, not local).
+    FatalError when the address cannot be bound (in use, not local); both
+    name ``flag``.
     """
-    host, port = parse_listen(listen)
+    host, port = parse_listen(listen, flag)
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -78,7 +80,7 @@ async def serve_local(
             if error is None:
                 raise
             raise FatalError(
-                f"cannot listen on {listen} (--listen): {error.strerror or error}"
+                f"cannot listen on {listen} ({flag}): {error.strerror or error}"
             ) from None
         task_status.started(binds[0])
 

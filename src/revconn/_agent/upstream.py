@@ -37,6 +37,7 @@ from .._errors import ConfigError, StreamError, UpstreamConnectError
 from .._proto.connect import PROTOCOL_TOKEN, UPSTREAM_UNREACHABLE
 from .._runtime.fastpath import send_all
 from .._runtime.streams import TunnelStream
+from .monitor import AgentMonitor, FirstByteTimer
 
 __all__ = ["ASGIApp", "AsgiUpstream", "HttpUpstream", "StreamChannel", "Upstream", "error_body"]
 
@@ -104,15 +105,20 @@ def finish(stream: TunnelStream) -> None:
 class StreamChannel:
     """A tunnel stream as the byte channel ``asgi.serve_http1`` reads and writes."""
 
-    __slots__ = ("stream",)
+    __slots__ = ("stream", "timer")
 
-    def __init__(self, stream: TunnelStream) -> None:
+    def __init__(self, stream: TunnelStream, timer: FirstByteTimer) -> None:
         self.stream = stream
+        self.timer = timer
 
     async def receive(self) -> bytes | None:
-        return await self.stream.read()
+        data = await self.stream.read()
+        if data:
+            self.timer.request_bytes()
+        return data
 
     async def send(self, data: bytes) -> None:
+        self.timer.answer_bytes(data)
         await self.stream.send_body(data)
 
     async def send_eof(self) -> None:
@@ -129,11 +135,18 @@ class HttpUpstream:
         agent: str,
         timeout: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
+        monitor: AgentMonitor | None = None,
     ) -> None:
-        """``ssl_context``: for an https upstream (default: the system's CAs)."""
+        """``ssl_context``: for an https upstream (default: the system's CAs);
+        ``monitor`` counts connect times, failures and latency."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"upstream URL {url!r} must be http://HOST[:PORT] or https://...")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                f"upstream URL {parts.scheme}://...@{parts.hostname}: must not carry "
+                "credentials (user:password@): clients send their own Authorization"
+            )
         if not (math.isfinite(timeout) and timeout > 0):
             raise ConfigError("upstream timeout must be > 0 seconds")
         self.url = url
@@ -155,6 +168,7 @@ class HttpUpstream:
             self._accept_headers.append((b"revconn-upstream-prefix", prefix))
         self._down = False
         """The last connect failed (logged once until one succeeds again)."""
+        self.monitor = monitor if monitor is not None else AgentMonitor()
 
     async def aclose(self) -> None:
         return None
@@ -164,6 +178,7 @@ class HttpUpstream:
 
     async def _connect(self) -> _Conn:
         conn: _Conn
+        started = trio.current_time()
         try:
             with trio.fail_after(self.timeout):
                 if self._ssl is not None:
@@ -178,6 +193,7 @@ class HttpUpstream:
             raise UpstreamConnectError(
                 f"cannot connect to {self.host}:{self.port}: {reason}", reason=reason
             ) from exc
+        self.monitor.upstream_connect.observe(trio.current_time() - started)
         return conn
 
     async def handle(self, stream: TunnelStream) -> None:
@@ -186,6 +202,7 @@ class HttpUpstream:
         try:
             conn = await self._connect()
         except UpstreamConnectError as exc:
+            self.monitor.upstream_unreachable += 1
             if not self._down:
                 self._down = True
                 log.warning("upstream %s unreachable: %s", self.url, exc.reason)
@@ -197,9 +214,10 @@ class HttpUpstream:
         try:
             stream.respond_nowait(200, self._accept_headers)
             await stream.tunnel.flush()
+            timer = FirstByteTimer(self.monitor.upstream_latency)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._to_upstream, stream, conn, nursery.cancel_scope)
-                await self._to_gateway(stream, conn)
+                nursery.start_soon(self._to_upstream, stream, conn, timer, nursery.cancel_scope)
+                await self._to_gateway(stream, conn, timer)
                 nursery.cancel_scope.cancel()
             if stream.reset_code is None:
                 if not stream.local_ended:
@@ -209,12 +227,13 @@ class HttpUpstream:
             await trio.aclose_forcefully(conn)
 
     async def _to_upstream(
-        self, stream: TunnelStream, conn: _Conn, scope: trio.CancelScope
+        self, stream: TunnelStream, conn: _Conn, timer: FirstByteTimer, scope: trio.CancelScope
     ) -> None:
         """Gateway -> upstream. The gateway ending the stream retires it: the
         upstream connection is closed (an idle stream has nothing in flight)."""
         try:
             while (data := await stream.read()) is not None:
+                timer.request_bytes()
                 await send_all(conn, data)  # (TLS: the stream's own send)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The upstream stopped reading and closed (an early answer): what
@@ -224,13 +243,14 @@ class HttpUpstream:
             pass  # the gateway reset the stream: abandon the connection
         scope.cancel()
 
-    async def _to_gateway(self, stream: TunnelStream, conn: _Conn) -> None:
+    async def _to_gateway(self, stream: TunnelStream, conn: _Conn, timer: FirstByteTimer) -> None:
         """Upstream -> gateway; the upstream closing ends the stream, the
         upstream resetting the connection resets it with CONNECT_ERROR (RFC
         9113 8.5): what came before still reaches the gateway, which keeps a
         complete response and aborts an incomplete or close-delimited one."""
         try:
             while data := await conn.receive_some(READ_SIZE):
+                timer.answer_bytes(data)
                 await stream.send_body(bytes(data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             stream.reset(_codes.H2_CONNECT_ERROR)
@@ -242,12 +262,14 @@ class AsgiUpstream:
     """``--app``: each stream is served by the ASGI app through hypercorn's
     HTTP/1.1 protocol layer."""
 
-    def __init__(self, app: ASGIApp, *, agent: str) -> None:
+    def __init__(self, app: ASGIApp, *, agent: str, monitor: AgentMonitor | None = None) -> None:
+        """``monitor`` counts the app's latency (time to its first answer byte)."""
         # hypercorn is loaded only by agents that serve an app (--app).
         from . import asgi
 
         self.app = app
         self.agent = agent
+        self.monitor = monitor if monitor is not None else AgentMonitor()
         self._asgi = asgi
         self.config = asgi.asgi_config()
 
@@ -304,7 +326,7 @@ class AsgiUpstream:
         if not await check_connect(stream, self.agent):
             return
         await stream.respond(200, [], end_stream=False)
-        channel = StreamChannel(stream)
+        channel = StreamChannel(stream, FirstByteTimer(self.monitor.upstream_latency))
         await self._asgi.serve_http1(self.app, channel, config=self.config, agent=self.agent)
         finish(stream)
 

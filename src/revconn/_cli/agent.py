@@ -4,9 +4,11 @@ SIGTERM/SIGINT. Loads nothing of the gateway side (tests check sys.modules)."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
+import time
 from functools import partial
 
 import click
@@ -14,18 +16,35 @@ import trio
 
 from .. import __version__
 from .._agent.agent import Agent, AgentConfig
+from .._agent.dial import is_loopback
 from .._agent.local import DEFAULT_LISTEN, parse_listen, serve_local
 from .._agent.upstream import ASGIApp
 from .._errors import ConfigError
 from .._proto.announce import DEFAULT_INTERVAL, TTL_INTERVALS
 from .._runtime.heartbeat import Heartbeat
 from .._runtime.supervisor import Backoff
-from .common import EXIT_CONFIG, LOG_FORMAT_HELP, TRACE_HELP, fail, run, setup_logging, until_signal
+from .common import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    LOG_FORMAT_HELP,
+    TRACE_HELP,
+    duration_text,
+    fail,
+    fetch_json,
+    run,
+    setup_logging,
+    until_signal,
+)
 from .config import config_option, environment_for_every_option
 
 __all__ = ["main"]
 
 STOP_GRACE = 10.0  # time for requests in flight to finish after SIGTERM
+DEFAULT_METRICS_BIND = "127.0.0.1:9465"
+"""Where ``revconn-agent status`` looks by default (``--metrics-bind`` is off
+unless given)."""
+EXIT_NOT_ONLINE = 5
+"""``revconn-agent status``: the agent answered, but is not online."""
 
 log = logging.getLogger("revconn.agent")
 
@@ -99,8 +118,14 @@ def _check_modes(
     listen: str | None,
     gateway: str | None,
     name: str | None,
+    metrics_bind: str | None,
 ) -> None:
     """The flags that go together, per mode (click.UsageError: exit 2)."""
+    if no_tunnel and metrics_bind is not None:
+        raise click.UsageError(
+            "--no-tunnel and --metrics-bind do not go together: with no tunnel there is no "
+            "connection to report on (the app serves its own metrics, if any)"
+        )
     if no_tunnel:
         if upstream is not None:
             raise click.UsageError(
@@ -266,6 +291,14 @@ def _check_modes(
     default="info",
     show_default=True,
 )
+@click.option(
+    "--metrics-bind",
+    envvar="REVCONN_METRICS_BIND",
+    metavar="HOST:PORT",
+    help=f"Serve GET /metrics (Prometheus) and GET /status (what `revconn-agent status` "
+    f"reads) on HOST:PORT, e.g. {DEFAULT_METRICS_BIND}. No authentication: keep it on "
+    "loopback or a private network (env REVCONN_METRICS_BIND).",
+)
 @click.option("--trace-protocol", is_flag=True, help=TRACE_HELP)
 @click.option(
     "--log-format",
@@ -295,6 +328,7 @@ def agent_serve(
     heartbeat_timeout: float,
     handshake_timeout: float,
     log_level: str,
+    metrics_bind: str | None,
     trace_protocol: bool,
     log_format: str,
 ) -> None:
@@ -313,6 +347,7 @@ def agent_serve(
         listen=listen,
         gateway=gateway,
         name=name,
+        metrics_bind=metrics_bind,
     )
     setup_logging(log_level, trace_protocol=trace_protocol, log_format=log_format)
     if no_tunnel:
@@ -337,6 +372,8 @@ def agent_serve(
             ca_file=ca_file,
             insecure_plaintext=insecure_plaintext,
         )
+        if metrics_bind is not None:
+            parse_listen(metrics_bind, "--metrics-bind")
         app = _load_app(app_ref, upstream) if app_ref is not None else None
         agent = Agent(config, app=app)
     except ConfigError as exc:
@@ -346,10 +383,39 @@ def agent_serve(
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(until_signal, agent.stop, STOP_GRACE, nursery.cancel_scope)
+            if metrics_bind is not None:
+                await nursery.start(_serve_metrics, agent, metrics_bind)
             await agent.run()
             nursery.cancel_scope.cancel()
 
     run(main_task)
+
+
+async def _serve_metrics(
+    agent: Agent, bind: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """``--metrics-bind``: /metrics and /status until cancelled (the agent has stopped)."""
+    from .._agent.metrics import metrics_app  # prometheus-client, hypercorn: only if asked
+
+    host, _ = parse_listen(bind, "--metrics-bind")
+    if not is_loopback(host):
+        log.warning(
+            "--metrics-bind %s is not a loopback address: /metrics and /status have no "
+            "authentication (they name the agent, its gateway and public URLs)",
+            bind,
+        )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(
+            partial(
+                serve_local,
+                metrics_app(agent),
+                bind,
+                shutdown_trigger=trio.sleep_forever,
+                flag="--metrics-bind",
+            )
+        )
+        log.info("metrics on %s/metrics, status on %s/status", url, url)
+        task_status.started()
 
 
 environment_for_every_option(agent_serve)
@@ -380,3 +446,95 @@ def _serve_without_tunnel(app_ref: str, listen: str) -> None:
             nursery.cancel_scope.cancel()
 
     run(main_task)
+
+
+# -- `revconn-agent status`: a running agent's state, from its --metrics-bind ---------
+
+
+def status_text(status: dict[str, object], now: float) -> str:
+    """``GET /status`` for humans (``revconn-agent status``)."""
+    state = str(status.get("state"))
+    since = status.get("state_since")
+    lasting = f" for {duration_text(now - since)}" if isinstance(since, int | float) else ""
+    line = f"{state}{lasting}"
+    retry_in = status.get("retry_in_s")
+    if state == "retrying" and isinstance(retry_in, int | float):
+        attempts = status.get("attempts")
+        upcoming = attempts + 1 if isinstance(attempts, int) else "?"
+        line = f"retrying in {retry_in:.1f} s (attempt {upcoming} next)"
+    rtt = status.get("rtt_ms")
+    disconnects = status.get("disconnects")
+    lost = (
+        ", ".join(f"{reason} x{count}" for reason, count in disconnects.items())
+        if isinstance(disconnects, dict) and disconnects
+        else "none"
+    )
+    rows = [
+        (
+            "agent",
+            f"{status.get('name')} (revconn-agent {status.get('version')}, "
+            f"{status.get('mode')} mode)",
+        ),
+        ("state", line),
+        ("public", " and ".join(str(u) for u in _items(status.get("public_urls"))) or "-"),
+        ("gateway", str(status.get("gateway"))),
+        ("upstream", str(status.get("upstream"))),
+        ("rtt", "-" if not isinstance(rtt, int | float) else f"{rtt:.1f} ms"),
+        (
+            "requests",
+            f"{status.get('answers')} answered, {status.get('upstream_unreachable')} refused "
+            f"(upstream unreachable); streams: {status.get('streams_open')} open, "
+            f"{status.get('streams')} opened",
+        ),
+        (
+            "sessions",
+            f"{status.get('connects')} up ({status.get('reconnects')} reconnects), "
+            f"failed attempts: {status.get('connect_failures')}, lost: {lost}",
+        ),
+    ]
+    if status.get("last_error"):
+        rows.append(("last error", str(status["last_error"])))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
+
+
+def _items(value: object) -> list[object]:
+    return list(value) if isinstance(value, list) else []
+
+
+@main.command("status")
+@click.option(
+    "--agent",
+    "agent_url",
+    default=f"http://{DEFAULT_METRICS_BIND}",
+    show_default=True,
+    envvar="REVCONN_AGENT_URL",
+    help="The agent's --metrics-bind address (HOST:PORT or a URL) (env REVCONN_AGENT_URL).",
+)
+@click.option("--json", "as_json", is_flag=True, help="The /status JSON, for scripts.")
+def status_command(agent_url: str, as_json: bool) -> None:
+    """Show a running agent's state (it must run with --metrics-bind).
+
+    Exits 0 when the agent is online, 5 when it answers but is not (connecting,
+    retrying, stopping), 1 when it cannot be reached.
+    """
+    base = agent_url if "://" in agent_url else f"http://{agent_url}"
+    url = base.rstrip("/") + "/status"
+    if not url.startswith(("http://", "https://")):
+        fail(f"--agent {agent_url!r}: give HOST:PORT or an http:// URL", EXIT_CONFIG)
+    status = fetch_json(
+        url,
+        timeout=3.0,  # a local endpoint answers at once, or is not the agent's
+        unreachable_hint=(
+            f"start the agent with --metrics-bind {DEFAULT_METRICS_BIND}, or pass its "
+            "--metrics-bind address with --agent"
+        ),
+    )
+    if not isinstance(status, dict) or "state" not in status:
+        fail(f"{url} did not answer with an agent's status: is it a revconn agent?", EXIT_ERROR)
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+    else:
+        click.echo(status_text(status, time.time()))
+    if status.get("state") != "online":
+        sys.exit(EXIT_NOT_ONLINE)

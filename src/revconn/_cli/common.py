@@ -8,10 +8,14 @@ library under trio, map expected failures to exit codes.
 from __future__ import annotations
 
 import datetime
+import http.client
 import json
 import logging
 import signal
+import ssl
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
@@ -25,6 +29,7 @@ from .._errors import (
     ProtocolVersionError,
     ReplacedError,
     RevconnError,
+    revconn_error_in,
 )
 
 __all__ = [
@@ -35,7 +40,9 @@ __all__ = [
     "EXIT_REPLACED",
     "LOG_FORMAT_HELP",
     "TRACE_HELP",
+    "duration_text",
     "fail",
+    "fetch_json",
     "run",
     "setup_logging",
     "until_signal",
@@ -139,7 +146,7 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
     try:
         trio.run(main)
     except (RevconnError, BaseExceptionGroup) as exc:
-        error = _revconn_error(exc)
+        error = revconn_error_in(exc)
         if error is None:
             raise
         if isinstance(error, AuthError):
@@ -152,13 +159,56 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
             fail(str(error), EXIT_ERROR)
 
 
-def _revconn_error(exc: BaseException) -> RevconnError | None:
-    """The RevconnError behind ``exc``, seeing through nursery exception groups.
+def duration_text(seconds: float) -> str:
+    """``3h12m``, ``4m05s``, ``12s``, ``2d3h``: how long, for humans."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
-    None if anything else is in there (a bug must show its traceback).
-    """
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, RevconnError) else None
+
+def fetch_json(
+    url: str,
+    *,
+    unreachable_hint: str,
+    auth_hint: str = "",
+    authorization: str | None = None,
+    context: ssl.SSLContext | None = None,
+    timeout: float = 10.0,
+) -> object:
+    """GET ``url`` and decode its JSON, or exit with a message: an HTTP error
+    names the status and the answer's ``error: detail`` (exit 3 with
+    ``auth_hint`` for 401/403, else 1), an unreachable URL says why and
+    ``unreachable_hint`` (exit 1)."""
+    request = urllib.request.Request(url)
+    if authorization is not None:
+        # (not sent on to wherever a redirect points: these APIs never redirect)
+        request.add_unredirected_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            answer = json.loads(exc.read())
+            reason = f"{answer.get('error')}: {answer.get('detail', '')}".rstrip(": ")
+        except (ValueError, AttributeError):
+            reason = exc.reason
+        hint = auth_hint if exc.code in (401, 403) else ""
+        fail(f"{url} answered HTTP {exc.code} {reason}{hint}", EXIT_AUTH if hint else EXIT_ERROR)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        fail(f"cannot reach {url}: {why} ({unreachable_hint})", EXIT_ERROR)
+    except http.client.HTTPException as exc:  # not HTTP at all (another service's port)
+        fail(
+            f"{url} did not answer HTTP ({type(exc).__name__}: {exc}) ({unreachable_hint})",
+            EXIT_ERROR,
+        )
+    try:
+        return json.loads(body)
+    except ValueError:
+        fail(f"{url} did not answer JSON ({unreachable_hint})", EXIT_ERROR)

@@ -15,8 +15,6 @@ import signal
 import ssl
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,12 +38,13 @@ from .._gateway.tokens import (
 from .._proto.rules import MAX_MESSAGE_SIZE
 from .._runtime.heartbeat import Heartbeat
 from .common import (
-    EXIT_AUTH,
     EXIT_CONFIG,
     EXIT_ERROR,
     LOG_FORMAT_HELP,
     TRACE_HELP,
+    duration_text,
     fail,
+    fetch_json,
     run,
     setup_logging,
     until_signal,
@@ -666,15 +665,7 @@ def _since(connected_at: str, now: datetime.datetime) -> str:
         then = datetime.datetime.fromisoformat(connected_at.replace("Z", "+00:00"))
     except ValueError:
         return connected_at
-    seconds = max(0, int((now - then).total_seconds()))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+    return duration_text((now - then).total_seconds())
 
 
 def endpoints_table(rows: list[dict[str, object]], now: datetime.datetime) -> str:
@@ -738,23 +729,13 @@ def endpoints_command(
     if urlsplit(url).scheme not in ("http", "https"):
         fail(f"--admin {admin_url!r}: give an http:// or https:// URL", EXIT_CONFIG)
     context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-    request = urllib.request.Request(url)
-    # (not sent on to wherever a redirect points: the admin API never redirects)
-    request.add_unredirected_header("Authorization", f"Bearer {credential}")
-    try:
-        with urllib.request.urlopen(request, timeout=10, context=context) as response:
-            payload = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            answer = json.loads(exc.read())
-            reason = f"{answer.get('error')}: {answer.get('detail', '')}".rstrip(": ")
-        except (ValueError, AttributeError):
-            reason = exc.reason
-        hint = " (check --token)" if exc.code in (401, 403) else ""
-        fail(f"{url} answered HTTP {exc.code} {reason}{hint}", EXIT_AUTH if hint else EXIT_ERROR)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        fail(f"cannot reach {url}: {why} (is --admin the gateway's --admin-bind?)", EXIT_ERROR)
+    payload = fetch_json(
+        url,
+        authorization=f"Bearer {credential}",
+        context=context,
+        auth_hint=" (check --token)",
+        unreachable_hint="is --admin the gateway's --admin-bind?",
+    )
     rows = payload.get("endpoints") if isinstance(payload, dict) else None
     if not isinstance(rows, list):
         fail(f"{url} did not answer with an endpoint list: is it a revconn gateway?", EXIT_ERROR)

@@ -38,6 +38,7 @@ from .._proto.session import Role, TunnelSession
 from .._runtime.heartbeat import Heartbeat, HeartbeatScheduler
 from .._runtime.transport import MessageTransport
 from .._runtime.tunnel import Tunnel, TunnelEnd
+from .._stats import RTT_BUCKETS, Histogram
 from .access import AccessPolicy, parse_access
 from .addresses import AddressPolicy, parse_networks, peer_in
 from .admin import make_admin_app, serve_admin
@@ -60,7 +61,7 @@ from .replies import Reply, json_reply
 from .routing import check_domain
 from .tls import ServerTLS
 from .tokens import RevocationList
-from .traffic import RTT_BUCKETS, Histogram, Traffic
+from .traffic import Traffic
 
 __all__ = ["Gateway", "GatewayConfig"]
 

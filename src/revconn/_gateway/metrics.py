@@ -20,12 +20,12 @@ import trio
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 
+from .._stats import Histogram, by_reason_family, histogram_family
 from .registry import AgentInfo, Registry, RegistryEvent, RegistryEventKind
-from .traffic import STATUS_CLASSES, Histogram, Traffic, by_status
+from .traffic import STATUS_CLASSES, Traffic, by_status
 
 __all__ = ["GatewayCollector", "MetricsSource", "Presence", "count_presence", "stats_json"]
 
@@ -103,24 +103,6 @@ class MetricsSource(Protocol):
     def per_agent_metrics(self) -> bool: ...
 
 
-def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
-    buckets: list[tuple[str, float]] = []
-    total = 0
-    for bound, count in zip(histogram.bounds, histogram.counts, strict=False):
-        total += count
-        buckets.append((repr(float(bound)), total))
-    total += histogram.counts[-1]
-    buckets.append(("+Inf", total))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=histogram.sum)
-
-
-def _by_reason(name: str, doc: str, counts: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=["reason"])
-    for reason, count in sorted(counts.items()):
-        family.add_metric([reason], count)
-    return family
-
-
 class GatewayCollector:
     """The gateway's metric families, built at each scrape."""
 
@@ -146,14 +128,16 @@ class GatewayCollector:
             "revconn_agent_connects", "Agents that came online.", value=presence.connects
         )
         doc = "Agents that went offline, by reason."
-        yield _by_reason("revconn_agent_disconnects", doc, presence.disconnects)
+        yield by_reason_family("revconn_agent_disconnects", doc, presence.disconnects)
         yield CounterMetricFamily(
             "revconn_agent_replacements",
             "Agents replaced by a newer one of the same name.",
             value=presence.replacements,
         )
-        yield _histogram("revconn_heartbeat_rtt_seconds", "Heartbeat PING round trips.", source.rtt)
-        yield _by_reason(
+        yield histogram_family(
+            "revconn_heartbeat_rtt_seconds", "Heartbeat PING round trips.", source.rtt
+        )
+        yield by_reason_family(
             "revconn_auth_failures", "Refused credentials, by reason.", source.auth_refusals
         )
         yield CounterMetricFamily(
@@ -172,7 +156,7 @@ class GatewayCollector:
         for index, count in enumerate(traffic.by_class):
             requests.add_metric([STATUS_CLASSES[index]], count)
         yield requests
-        yield _histogram(
+        yield histogram_family(
             "revconn_request_duration_seconds",
             "Public requests for agents, from routing to the response's end.",
             traffic.durations,

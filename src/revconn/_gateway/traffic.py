@@ -11,7 +11,6 @@ no label lookup: a forwarded request costs a few additions (``begin``,
 
 from __future__ import annotations
 
-import bisect
 import collections
 import time
 from collections.abc import Iterator
@@ -19,20 +18,15 @@ from collections.abc import Iterator
 import attrs
 import trio
 
+from .._stats import DURATION_BUCKETS, Histogram
+
 __all__ = [
-    "DURATION_BUCKETS",
-    "RTT_BUCKETS",
     "AgentTraffic",
-    "Histogram",
     "RequestRecord",
     "Traffic",
     "status_class",
 ]
 
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-"""Upper bounds (s) of the request duration histogram (then +Inf)."""
-RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-"""Upper bounds (s) of the heartbeat RTT histogram (then +Inf)."""
 RECENT = 20
 """Requests remembered per agent (the dashboard's "last requests")."""
 MAX_TRACKED = 4096
@@ -62,22 +56,6 @@ def status_class(status: int) -> str:
 def by_status(by_class: list[int]) -> dict[str, int]:
     """``{"1xx": n, ..., "5xx": n}`` for JSON."""
     return dict(zip(STATUS_CLASSES, by_class, strict=True))
-
-
-class Histogram:
-    """Counts of observations at or below each bound (then one above all), and
-    their sum: what a Prometheus histogram exposes, cumulated at scrape time."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
 
 
 @attrs.frozen

@@ -305,13 +305,16 @@ class Tunnel:
         scheduler: HeartbeatScheduler | None = None,
         *,
         on_request: RequestHandler | None = None,
+        on_rtt: Callable[[float], None] | None = None,
     ) -> TunnelEnd:
         """Run the session after the handshake until it ends; then close the socket.
 
         ``scheduler`` sends this tunnel's heartbeats (a gateway shares one among
         all its tunnels); without one, the tunnel runs its own. ``on_request``
         (agent) is run in a task of this tunnel for each request stream; those
-        tasks are cancelled when the tunnel ends. Returns how the session ended.
+        tasks are cancelled when the tunnel ends; ``on_rtt`` gets each PING's
+        round trip (seconds) from the tunnel's own scheduler. Returns how the
+        session ended.
         """
         if scheduler is not None and on_request is None:
             return await self._serve(scheduler)
@@ -319,7 +322,7 @@ class Tunnel:
             self._handlers = nursery
             self._on_request = on_request
             if scheduler is None:
-                scheduler = HeartbeatScheduler(self.heartbeat)
+                scheduler = HeartbeatScheduler(self.heartbeat, on_rtt=on_rtt)
                 await nursery.start(scheduler.run)
             end = await self._serve(scheduler)
             nursery.cancel_scope.cancel()
