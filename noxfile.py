@@ -19,8 +19,16 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff (with the flake8-async rules) and the formatter check."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+    paths = ("src", "tests", "benchmarks", "noxfile.py", "bin/gen-api-reference")
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Regenerate docs/reference.md from the docstrings (not a default session)."""
+    session.install(".", "pdoc>=14")
+    session.run("python", "bin/gen-api-reference", *session.posargs)
 
 
 @nox.session

@@ -82,6 +82,7 @@ class Denial:
     detail: str
 
     def reply(self) -> Reply:
+        """The HTTP answer: the JSON error (with a Bearer challenge for 401)."""
         if self.status == 401:
             return unauthorized(self.error, self.detail)
         return json_reply(self.status, {"error": self.error, "detail": self.detail})
@@ -101,6 +102,9 @@ class Admission:
 
 
 class AuthPolicy(Protocol):
+    """How the gateway checks credentials: ``SharedSecretPolicy``,
+    ``TokenPolicy``, or an object of your own with this method."""
+
     def authenticate(
         self, credential: str | None, *, agent: str | None, scope: Scope
     ) -> Grant | Denial:
@@ -129,6 +133,8 @@ class SharedSecretPolicy:
     def authenticate(
         self, credential: str | None, *, agent: str | None, scope: Scope
     ) -> Grant | Denial:
+        """A :class:`Grant` if ``credential`` is the secret (any agent, any
+        scope), else a 401 :class:`Denial`."""
         return Grant() if self.matches(credential) else DENIED
 
     def matches(self, credential: str | None) -> bool:
@@ -139,6 +145,7 @@ class SharedSecretPolicy:
         return hmac.compare_digest(credential.encode("utf-8", "surrogatepass"), self._secret)
 
     def allows(self, credential: str | None, *, agent: str | None, scope: Scope) -> bool:
+        """``authenticate()`` returns a :class:`Grant`."""
         return isinstance(self.authenticate(credential, agent=agent, scope=scope), Grant)
 
     def __repr__(self) -> str:  # never print the secret
@@ -169,6 +176,8 @@ class TokenPolicy:
     def authenticate(
         self, credential: str | None, *, agent: str | None, scope: Scope
     ) -> Grant | Denial:
+        """The shared secret (if kept) or a valid token for ``agent`` and
+        ``scope``: a :class:`Grant`; else the :class:`Denial` the class describes."""
         if credential is None:
             return DENIED
         if self.shared_secret is not None and self.shared_secret.matches(credential):
@@ -197,6 +206,7 @@ class TokenPolicy:
         return grant
 
     def is_revoked(self, token_id: str | None) -> bool:
+        """``token_id`` is on the revocation list (None, the shared secret's: never)."""
         return token_id is not None and self.revoked is not None and token_id in self.revoked
 
     def __repr__(self) -> str:

@@ -226,6 +226,7 @@ class GatewayConfig:
 
     @property
     def effective_tcp_user_timeout(self) -> float:
+        """``tcp_user_timeout``, or if unset heartbeat interval + timeout (seconds)."""
         if self.tcp_user_timeout is not None:
             return self.tcp_user_timeout
         return self.heartbeat.interval + self.heartbeat.timeout
@@ -330,25 +331,32 @@ class Gateway:
 
     @property
     def idle_timeout(self) -> float:
+        """``config.idle_timeout``: keep-alive idle time of data-plane connections."""
         return self.config.idle_timeout
 
     @property
     def limits(self) -> RequestLimits:
+        """The size and time limits of public requests, from the config."""
         return self._limits
 
     @property
     def max_message_size(self) -> int:
+        """``config.max_message_size``: the largest agent WebSocket message, bytes."""
         return self.config.max_message_size
 
     @property
     def shutting_down(self) -> bool:
+        """True once ``begin_shutdown()`` was called."""
         return self._shutting_down
 
     @property
     def domains(self) -> tuple[str, ...]:
+        """``config.domains``: a request for ``NAME.DOMAIN`` goes to agent NAME."""
         return self.config.domains
 
     def trusts_proxy(self, client: str | None) -> bool:
+        """``client`` (an IP address) is a ``--trusted-proxy``: its
+        X-Forwarded-For/-Proto/-Host are believed."""
         return peer_in(client, self._trusted_proxies)
 
     def auth_source(self, remote: str | None, headers: Iterable[tuple[bytes, bytes]]) -> str:
@@ -368,11 +376,16 @@ class Gateway:
     def check_access(
         self, name: str, remote: str | None, headers: list[tuple[bytes, bytes]]
     ) -> Reply | None:
+        """The refusal (403, or 401 for basic auth) for a public request to
+        agent ``name`` under ``--agent-allow``/``--agent-basic-auth``, or
+        None to let it through."""
         if not self.access:
             return None
         return self.access.check(name, self.auth_source(remote, headers), headers)
 
     def guards_credentials(self, name: str) -> bool:
+        """Agent ``name`` uses basic auth (the Authorization header is then
+        not forwarded to it)."""
         return self.access.guards_credentials(name)
 
     # -- agent tunnels ------------------------------------------------------------
@@ -533,18 +546,23 @@ class Gateway:
     # -- metrics ----------------------------------------------------------------------
     @property
     def auth_refusals(self) -> dict[str, int]:
+        """Refused credentials by reason, since the start: for ``/metrics``."""
         return self.auth_limiter.refusals
 
     @property
     def evicted_connections(self) -> int:
+        """Data-plane connections still waiting for a request head that were
+        closed to make room for a newer one (``max_pending_connections``)."""
         return 0 if self.listener is None else self.listener.pending.evicted
 
     @property
     def access_log(self) -> bool:
+        """``config.access_log``: one INFO line per request for an agent."""
         return self.config.access_log
 
     @property
     def per_agent_metrics(self) -> bool:
+        """``config.metrics_per_agent``: request metrics are labelled by agent."""
         return self.config.metrics_per_agent
 
     async def metrics_text(self) -> bytes:

@@ -171,6 +171,7 @@ class AgentInfo:
     """What the agent says it runs (its ``User-Agent``), if it said."""
 
     def to_json(self) -> dict[str, object]:
+        """This row as ``GET /endpoints`` lists it (JSON-ready)."""
         return {
             "name": self.name,
             "status": "online",
@@ -224,6 +225,8 @@ def _iso(moment: datetime.datetime) -> str:
 
 
 class RegistryEventKind(enum.Enum):
+    """What a :class:`RegistryEvent` reports."""
+
     ONLINE = "online"
     """``name`` is held by ``epoch`` now."""
     OFFLINE = "offline"
@@ -258,6 +261,8 @@ class RegistryEvent:
     from event to event, so a gap or a duplicate shows."""
 
     def to_json(self) -> dict[str, object]:
+        """This event as ``GET /events`` sends it (JSON-ready): ``reason`` only
+        for ``offline``, ``new_epoch`` only for ``replaced``."""
         data: dict[str, object] = {
             "event": self.kind.value,
             "seq": self.seq,
@@ -287,6 +292,7 @@ class PresenceSnapshot:
     """The number of the last event before this listing."""
 
     def to_json(self) -> dict[str, object]:
+        """This listing as ``GET /events`` sends it first (JSON-ready)."""
         return {
             "event": "snapshot",
             "seq": self.seq,
@@ -446,11 +452,13 @@ class InMemoryRegistry:
     async def register(
         self, name: str, session: AgentSession, *, remote: str, version: str | None = None
     ) -> Registration:
+        """See :class:`Registry`; never blocks (it calls ``register_nowait``)."""
         return self.register_nowait(name, session, remote=remote, version=version)
 
     def register_nowait(
         self, name: str, session: AgentSession, *, remote: str, version: str | None = None
     ) -> Registration:
+        """``register()`` for synchronous callers: the same, done at once."""
         epoch = next(self._epochs)
         history = self._replace(name, epoch, WEBSOCKET)
         now_wall = self._wall_clock()
@@ -494,9 +502,11 @@ class InMemoryRegistry:
         return history
 
     async def unregister(self, registration: Registration, reason: str = REASON_CLOSED) -> bool:
+        """See :class:`Registry`; never blocks (it calls ``unregister_nowait``)."""
         return self.unregister_nowait(registration, reason)
 
     def unregister_nowait(self, registration: Registration, reason: str = REASON_CLOSED) -> bool:
+        """``unregister()`` for synchronous callers: the same, done at once."""
         entry = self._entries.get(registration.name)
         if entry is None or entry.epoch != registration.epoch:
             return False
@@ -523,6 +533,7 @@ class InMemoryRegistry:
         connect: Callable[[], AgentSession],
         version: str | None = None,
     ) -> Announced:
+        """See :class:`Registry`; never blocks (it calls ``announce_nowait``)."""
         return self.announce_nowait(
             name, url, ttl=ttl, remote=remote, renewing=renewing, connect=connect, version=version
         )
@@ -538,6 +549,7 @@ class InMemoryRegistry:
         connect: Callable[[], AgentSession],
         version: str | None = None,
     ) -> Announced:
+        """``announce()`` for synchronous callers: the same, done at once."""
         now = self._clock()
         self._expire_due(now)
         replaced = self._replaced.get(name)
@@ -579,9 +591,11 @@ class InMemoryRegistry:
             scope.deadline = at
 
     async def withdraw(self, name: str, epoch: int | None) -> bool:
+        """See :class:`Registry`; never blocks (it calls ``withdraw_nowait``)."""
         return self.withdraw_nowait(name, epoch)
 
     def withdraw_nowait(self, name: str, epoch: int | None) -> bool:
+        """``withdraw()`` for synchronous callers: the same, done at once."""
         self._expire_due(self._clock())
         entry = self._entries.get(name)
         if entry is None or (epoch is not None and entry.epoch != epoch):
@@ -592,6 +606,8 @@ class InMemoryRegistry:
         return True
 
     async def expire_announcements(self) -> None:
+        """See :class:`Registry`: runs until cancelled, dropping each
+        announcement the moment its TTL lapses."""
         while True:
             try:
                 with trio.CancelScope() as self._expiry_wait:
@@ -624,9 +640,11 @@ class InMemoryRegistry:
             heapq.heappush(heap, item)
 
     async def snapshot(self) -> list[AgentInfo]:
+        """See :class:`Registry`; never blocks (it calls ``snapshot_nowait``)."""
         return self.snapshot_nowait()
 
     def snapshot_nowait(self) -> list[AgentInfo]:
+        """``snapshot()`` for synchronous callers: all online agents, sorted by name."""
         now = self._clock()
         self._expire_due(now)
         rows = []
@@ -653,6 +671,8 @@ class InMemoryRegistry:
         return rows
 
     def lookup(self, name: str) -> AgentSession | None:
+        """The session for ``name``, or None (also for an announcement that
+        lapsed this instant)."""
         entry = self._entries.get(name)
         if entry is None:
             return None
@@ -663,6 +683,8 @@ class InMemoryRegistry:
 
     @asynccontextmanager
     async def subscribe(self, capacity: int = 100) -> AsyncIterator[Subscription]:
+        """See :class:`Registry`: an async context manager giving a
+        ``Subscription`` that holds at most ``capacity`` unread events."""
         with self._subscription(capacity) as sub:
             yield sub
 

@@ -122,14 +122,18 @@ class SigningKey:
 
     @classmethod
     def generate(cls) -> SigningKey:
+        """A new random key."""
         return cls(secrets.token_bytes(KEY_BYTES))
 
     def text(self) -> str:
+        """The key file's content: one line, the prefix then the key in base64url."""
         encoded = base64.urlsafe_b64encode(self.secret).decode("ascii").rstrip("=")
         return f"{KEY_PREFIX}{encoded}\n"
 
     @classmethod
     def parse(cls, text: str, source: str = "the key") -> SigningKey:
+        """The key in ``text`` (as ``text()`` writes it); ConfigError naming
+        ``source`` if it is not one."""
         line = text.strip()
         if not line.startswith(KEY_PREFIX):
             raise ConfigError(
@@ -195,6 +199,7 @@ class TokenClaims:
     old key during a rotation."""
 
     def to_json(self) -> dict[str, object]:
+        """These claims as JSON-ready data (Unix times; the key id left out)."""
         return {
             "id": self.token_id,
             "name": self.name,
@@ -266,6 +271,7 @@ class TokenVerifier:
 
     @property
     def key_ids(self) -> tuple[str, ...]:
+        """The ids of the accepted keys, the signing key's first."""
         return tuple(self._keys)
 
     def looks_like_token(self, credential: str) -> bool:
@@ -383,6 +389,8 @@ class RevocationList:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def changed(self) -> bool:
+        """The file looks different from when it was last read (False while
+        it is missing or unreadable: the current list stays in force)."""
         try:
             return self._stat() != self._stamp
         except OSError:

@@ -123,6 +123,7 @@ class Supervisor:
             self._sleep_scope.cancel()
 
     def statistics(self) -> SupervisorStatistics:
+        """A snapshot of the attempts, failures and current backoff."""
         return SupervisorStatistics(
             attempts=self._attempts,
             failures=self._failures,
@@ -132,6 +133,8 @@ class Supervisor:
         )
 
     async def run(self) -> None:
+        """Connect, and reconnect as the class describes, until ``stop()`` or
+        cancellation; re-raises a :class:`FatalError`."""
         while not self._stopping:
             error = await self._attempt()
             if self._stopping:
