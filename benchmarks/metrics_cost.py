@@ -9,8 +9,12 @@ presence and auth series only).
     python benchmarks/metrics_cost.py --per-agent    # the counting one with --metrics-per-agent
     python benchmarks/metrics_cost.py --no-scrape    # the data plane alone, nobody scrapes
 
+Two gateways of each kind by default (``--processes``): the rounds of a
+kind are pooled, and the ratio of a kind's two processes (A/A) says how much
+two identical gateways differ in this run, the floor under the ratio.
+
 Needs wrk and nginx (apt-get install wrk nginx-light); 127.0.0.1 only.
-Prints each round and the ratio of the medians (counting / not counting).
+Prints each round and the ratio of the pooled medians (counting / not counting).
 """
 
 from __future__ import annotations
@@ -75,11 +79,21 @@ def start(code: fw.Code, nginx_url: str, name: str, extra: tuple[str, ...]) -> d
     return {"gateway": gateway, "agent": agent, "target": target, "admin": admin}
 
 
+KINDS = ("counting", "--no-metrics")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--conns", type=int, default=32)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="gateways of each kind (their medians are pooled; two of a kind give the "
+        "A/A ratio, the benchmark's own noise between processes)",
+    )
     parser.add_argument("--per-agent", action="store_true")
     parser.add_argument(
         "--no-scrape",
@@ -88,42 +102,33 @@ def main() -> None:
     )
     args = parser.parse_args()
     code = fw.this_tree()
-    counting_flags = ("--metrics-per-agent",) if args.per_agent else ()
+    flags_of = {
+        "counting": ("--metrics-per-agent",) if args.per_agent else (),
+        "--no-metrics": ("--no-metrics",),
+    }
     with tempfile.TemporaryDirectory(prefix="revconn-metrics-") as tmp:
         try:
             _nginx, nginx_url = fw.start_nginx(Path(tmp))
-            fronts = {
-                "counting": start(code, nginx_url, "on", counting_flags),
-                "--no-metrics": start(code, nginx_url, "off", ("--no-metrics",)),
-            }
+            fronts: dict[tuple[str, int], dict[str, object]] = {}
+            for n in range(args.processes):
+                for kind in KINDS:
+                    name = f"{'on' if kind == 'counting' else 'off'}{n}"
+                    fronts[(kind, n)] = start(code, nginx_url, name, flags_of[kind])
             for front in fronts.values():
                 fw.wrk(str(front["target"]), args.conns, 2)  # warm-up
-            results: dict[str, list[float]] = {k: [] for k in fronts}
-            cpu: dict[str, list[float]] = {k: [] for k in fronts}
+            rps: dict[tuple[str, int], list[float]] = {k: [] for k in fronts}
+            cpu: dict[tuple[str, int], list[float]] = {k: [] for k in fronts}
+            slots = list(fronts)
             for rep in range(args.reps):
-                order = list(fronts) if rep % 2 == 0 else list(reversed(fronts))
-                for label in order:
-                    front = fronts[label]
-                    gateway = front["gateway"]
-                    assert hasattr(gateway, "pid")
-                    stop = threading.Event()
-                    scraper = threading.Thread(
-                        target=scrape_every_second, args=(front["admin"], stop), daemon=True
-                    )
-                    if not args.no_scrape:
-                        scraper.start()
-                    before = fw.cpu_seconds(gateway.pid)
-                    run = fw.wrk(str(front["target"]), args.conns, args.seconds)
-                    used = fw.cpu_seconds(gateway.pid) - before
-                    stop.set()
-                    if scraper.is_alive():
-                        scraper.join()
-                    requests = run["rps"] * args.seconds
-                    results[label].append(run["rps"])
-                    cpu[label].append(used / requests * 1e6)
+                # every front takes every position in turn (drift hits all alike)
+                shift = rep % len(slots)
+                for key in slots[shift:] + slots[:shift]:
+                    rate, used = measure(fronts[key], args)
+                    rps[key].append(rate)
+                    cpu[key].append(used)
                     print(
-                        f"round {rep + 1} {label:>13}: {run['rps']:8.0f} req/s, "
-                        f"gateway {used / requests * 1e6:6.1f} us CPU/request",
+                        f"round {rep + 1} {key[0]:>13} #{key[1] + 1}: {rate:8.0f} req/s, "
+                        f"gateway {used:6.1f} us CPU/request",
                         flush=True,
                     )
         finally:
@@ -132,17 +137,61 @@ def main() -> None:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-    on, off = statistics.median(results["counting"]), statistics.median(results["--no-metrics"])
-    cpu_on, cpu_off = statistics.median(cpu["counting"]), statistics.median(cpu["--no-metrics"])
     flags = (" --per-agent" if args.per_agent else "") + (" --no-scrape" if args.no_scrape else "")
     print(
         f"\n# python benchmarks/metrics_cost.py --seconds {args.seconds} --reps {args.reps} "
-        f"--conns {args.conns}{flags}"
+        f"--conns {args.conns} --processes {args.processes}{flags}"
     )
-    print(f"| c={args.conns}, median of {args.reps} | counting | --no-metrics | ratio |")
-    print("|---|---:|---:|---:|")
-    print(f"| req/s | {on:.0f} | {off:.0f} | {on / off:.3f} |")
-    print(f"| gateway CPU us/request | {cpu_on:.1f} | {cpu_off:.1f} | {cpu_on / cpu_off:.3f} |")
+    report("req/s", rps, args, "{:.0f}")
+    report("gateway CPU us/request", cpu, args, "{:.1f}")
+
+
+def measure(front: dict[str, object], args: argparse.Namespace) -> tuple[float, float]:
+    """One round on one front: its req/s and its gateway's CPU per request (us)."""
+    gateway = front["gateway"]
+    assert hasattr(gateway, "pid")
+    stop = threading.Event()
+    scraper = threading.Thread(target=scrape_every_second, args=(front["admin"], stop), daemon=True)
+    if not args.no_scrape:
+        scraper.start()
+    before = fw.cpu_seconds(gateway.pid)
+    run = fw.wrk(str(front["target"]), args.conns, args.seconds)
+    used = fw.cpu_seconds(gateway.pid) - before
+    stop.set()
+    if scraper.is_alive():
+        scraper.join()
+    return run["rps"], used / (run["rps"] * args.seconds) * 1e6
+
+
+def report(
+    what: str,
+    values: dict[tuple[str, int], list[float]],
+    args: argparse.Namespace,
+    fmt: str,
+) -> None:
+    """The pooled medians, their ratio, and each kind's A/A ratio (its first
+    process over its second: what two identical gateways differ by)."""
+    pooled = {
+        kind: statistics.median(v for (k, _), vs in values.items() if k == kind for v in vs)
+        for kind in KINDS
+    }
+    on, off = pooled["counting"], pooled["--no-metrics"]
+    line = f"| {what} | {fmt.format(on)} | {fmt.format(off)} | {on / off:.3f} |"
+    if args.processes > 1:
+        for kind in KINDS:
+            first = statistics.median(values[(kind, 0)])
+            second = statistics.median(values[(kind, 1)])
+            line += f" {first / second:.3f} |"
+    if what == "req/s":
+        head = f"| c={args.conns}, median of {args.reps} x {args.processes} | counting | "
+        head += "--no-metrics | ratio |"
+        rule = "|---|---:|---:|---:|"
+        if args.processes > 1:
+            head += " A/A counting | A/A --no-metrics |"
+            rule += "---:|---:|"
+        print(head)
+        print(rule)
+    print(line)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from .registry import Registry, RequestStream
 from .replies import Reply, agent_busy, agent_offline, json_reply, stream_failure, upstream_broken
 from .routing import Forward, Route, Target, dispatch, forward, public_urls, public_view
 from .tls import AcceptedStream
-from .traffic import CLIENT_GONE, MAX_PATH, AgentTraffic, Traffic
+from .traffic import CLIENT_GONE, MAX_PATH, AgentTraffic, Traffic, shown_path
 from .websocket import WebSocketTransport, upgrade_response
 
 __all__ = ["MAX_HEAD", "DataPlane", "HeadWait", "HttpConnection", "RequestLimits"]
@@ -265,7 +265,10 @@ class _InFlight:
         self.started = 0.0
         self.method = head.method
         self.target = head.target[:MAX_PATH]
-        """(what the counters record: a WebSocket's ``head`` is dropped)"""
+        """What the counters and the access log record (``shown_path`` cuts
+        the query): bounded, as the last requests are kept (a slice of a
+        short target is the target itself, no copy). A WebSocket's ``head``
+        is dropped."""
         self.traffic: AgentTraffic | None = None
         """The agent's counters, when the gateway counts."""
         self.switch: trio.Event | None = None
@@ -994,7 +997,7 @@ class HttpConnection:
     ) -> None:
         """``--access-log``: one line per request for an agent (no query
         string, no header value), with its stable JSON keys."""
-        path = target.split(b"?", 1)[0][:MAX_PATH].decode("latin-1")
+        path = shown_path(target)
         took = (trio.current_time() - started) * 1000.0
         access_log.info(
             "%s %s %s %d %d/%d B %.1f ms",
