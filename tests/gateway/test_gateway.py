@@ -108,6 +108,23 @@ async def test_agent_online_with_rtt_then_offline() -> None:
         await wait_for(lambda: gw.gateway.registry.lookup("svc-1") is None, timeout=2)
 
 
+@pytest.mark.parametrize(("trusted", "listed"), [(True, "203.0.113.7"), (False, "127.0.0.1:")])
+async def test_an_agent_behind_a_trusted_proxy_is_listed_from_its_own_address(
+    trusted: bool, listed: str
+) -> None:
+    """Through nginx or Caddy (--trusted-proxy), the registry, /endpoints and
+    the events name the agent's address the proxy forwarded, not the proxy;
+    from anyone else an X-Forwarded-For is not believed."""
+    proxies = ("127.0.0.1/32",) if trusted else ()
+    async with running_gateway(trusted_proxies=proxies) as gw:
+        forwarded = [(b"x-forwarded-for", b"198.51.100.1, 203.0.113.7")]
+        async with raw_agent(gw, "behind", extra_headers=forwarded):
+            await wait_for(lambda: gw.gateway.registry.lookup("behind") is not None)
+            r = await get(gw.admin_url, "/endpoints", AUTH)
+            (row,) = r.json()["endpoints"]
+            assert row["remote"].startswith(listed), row
+
+
 async def test_wrong_secret_is_401_and_leaves_registry_alone() -> None:
     async with running_gateway() as gw:
         good = agent_for(gw.agent_url, "svc")

@@ -99,6 +99,9 @@ class Admission:
     grant: Grant = Grant()
     version: str | None = None
     """What the agent says it runs (its ``User-Agent``), as sent."""
+    via: str | None = None
+    """The agent's own address when a ``--trusted-proxy`` named it (the peer
+    is then that proxy): what the registry lists as its remote."""
 
 
 class AuthPolicy(Protocol):

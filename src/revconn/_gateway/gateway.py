@@ -431,6 +431,8 @@ class Gateway:
             return json_reply(
                 503, {"error": "too_many_agents", "detail": detail}, [(b"retry-after", b"30")]
             )
+        if isinstance(admitted, Admission) and remote is not None and source != remote:
+            admitted = attrs.evolve(admitted, via=source)  # a trusted proxy named the agent
         return admitted
 
     async def announce(
@@ -460,6 +462,8 @@ class Gateway:
         until it ends: handshake, register, serve, unregister. A token's
         tunnel is closed when the token expires or is revoked."""
         name, grant = admission.name, admission.grant
+        if admission.via is not None:  # behind a --trusted-proxy: the agent's own address
+            remote = admission.via
         registration: Registration | None = None
         reason = REASON_CLOSED
 

@@ -91,7 +91,9 @@ _CLAIMS = (
     b"x-real-ip",
 )
 """Other headers frameworks read as the proxy's word (RFC 7239, Rails,
-Spring, werkzeug's ProxyFix): dropped from untrusted clients."""
+Spring, werkzeug's ProxyFix): always dropped. A trusted proxy may pass on
+what a client sent in them (Caddy does), and the gateway reads none of them:
+apps get its X-Forwarded-* only."""
 
 
 def forwarded_request_headers(
@@ -113,7 +115,8 @@ def forwarded_request_headers(
     proxy appended, and its ``X-Forwarded-Proto`` (``http``/``https``) and
     ``X-Forwarded-Host`` (the last of each) replace the gateway's view.
     ``X-Forwarded-Prefix`` is always the gateway's (none when ``prefix`` is
-    empty); ``Via`` is appended.
+    empty); ``Via`` is appended. ``Forwarded``, ``X-Real-IP`` and the other
+    ``_CLAIMS`` are dropped, from a trusted proxy too.
     """
     replaced = (
         b"x-forwarded-for",
@@ -138,7 +141,7 @@ def forwarded_request_headers(
         if said_host and said_host[-1]:
             host = said_host[-1]
     existing_via = [v for n, v in out if n == b"via"]
-    dropped = replaced if trusted else replaced + _CLAIMS
+    dropped = replaced + _CLAIMS
     out = [(n, v) for n, v in out if n not in dropped]
     if client:
         chain.append(client.encode("latin-1"))
