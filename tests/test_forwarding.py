@@ -533,3 +533,34 @@ def test_agent_sigterm_lets_requests_in_flight_finish(procs: list[Proc]) -> None
     assert late.status_code == 503
     assert late.json()["error"] == "agent_offline"
     assert agent.wait() == 0
+
+
+def test_agent_grace_period_bounds_the_wait_and_the_request_gets_an_explicit_error(
+    procs: list[Proc],
+) -> None:
+    upstream = start_upstream(procs)
+    _, gateway, public = start_gateway(procs)
+    agent = start_agent(
+        procs, gateway, "hasty", "--upstream", upstream, "--grace-period", "1", dial=public
+    )
+
+    async def run() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(timeout=15) as client, trio.open_nursery() as nursery:
+            slow: list[httpx.Response] = []
+
+            async def call() -> None:
+                slow.append(await client.get(f"{public}/a/hasty/slow?s=8"))
+
+            nursery.start_soon(call)
+            await trio.sleep(0.4)
+            agent.signal(signal.SIGTERM)
+            signalled = time.monotonic()
+        return slow[0], signalled
+
+    slow, signalled = trio.run(run)
+    assert slow.status_code == 502  # said, not silence
+    assert slow.json()["error"] == "agent_disconnected"
+    assert time.monotonic() - signalled < 5  # 1 s of grace, not the request's 8 s
+    assert agent.wait() == 0
+    assert "grace period (1 s) over: stopping now" in agent.stderr
+    assert agent.stderr.rstrip().endswith("offline: stopped")

@@ -235,6 +235,9 @@ class Agent:
         """Serve until ``stop()`` (tunnel mode: or cancelled); see the class."""
         try:
             await self._run()
+        except trio.Cancelled:
+            log.info("offline: stopped", extra={"event": "stopped", "agent": self.config.name})
+            raise
         except BaseException as exc:
             fatal = revconn_error_in(exc)
             if fatal is not None and not self._told_offline:

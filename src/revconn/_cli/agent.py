@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -39,7 +40,8 @@ from .config import config_option, environment_for_every_option
 
 __all__ = ["main"]
 
-STOP_GRACE = 10.0  # time for requests in flight to finish after SIGTERM
+STOP_GRACE = 10.0
+"""``--grace-period``'s default: time for requests in flight to finish after SIGTERM."""
 DEFAULT_METRICS_BIND = "127.0.0.1:9465"
 """Where ``revconn-agent status`` looks by default (``--metrics-bind`` is off
 unless given)."""
@@ -292,6 +294,16 @@ def _check_modes(
     show_default=True,
 )
 @click.option(
+    "--grace-period",
+    type=float,
+    default=STOP_GRACE,
+    show_default=True,
+    envvar="REVCONN_GRACE_PERIOD",
+    help="On SIGTERM/SIGINT: seconds requests in flight may take to finish (the gateway "
+    "sends no new ones) before the tunnel closes; a second signal stops at once, and with "
+    "nothing in flight the agent exits at once (env REVCONN_GRACE_PERIOD).",
+)
+@click.option(
     "--metrics-bind",
     envvar="REVCONN_METRICS_BIND",
     metavar="HOST:PORT",
@@ -328,6 +340,7 @@ def agent_serve(
     heartbeat_timeout: float,
     handshake_timeout: float,
     log_level: str,
+    grace_period: float,
     metrics_bind: str | None,
     trace_protocol: bool,
     log_format: str,
@@ -350,9 +363,11 @@ def agent_serve(
         metrics_bind=metrics_bind,
     )
     setup_logging(log_level, trace_protocol=trace_protocol, log_format=log_format)
+    if not (math.isfinite(grace_period) and grace_period >= 0):
+        fail(f"--grace-period {grace_period:g}: give a number of seconds >= 0", EXIT_CONFIG)
     if no_tunnel:
         assert app_ref is not None
-        _serve_without_tunnel(app_ref, listen or DEFAULT_LISTEN)
+        _serve_without_tunnel(app_ref, listen or DEFAULT_LISTEN, grace_period)
         return
     assert gateway is not None and name is not None
     try:
@@ -382,7 +397,7 @@ def agent_serve(
 
     async def main_task() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(until_signal, agent.stop, STOP_GRACE, nursery.cancel_scope)
+            nursery.start_soon(until_signal, agent.stop, grace_period, nursery.cancel_scope)
             if metrics_bind is not None:
                 await nursery.start(_serve_metrics, agent, metrics_bind)
             await agent.run()
@@ -421,7 +436,7 @@ async def _serve_metrics(
 environment_for_every_option(agent_serve)
 
 
-def _serve_without_tunnel(app_ref: str, listen: str) -> None:
+def _serve_without_tunnel(app_ref: str, listen: str, grace_period: float) -> None:
     """``--no-tunnel``: the app on ``listen`` until SIGTERM/SIGINT, no gateway."""
     try:
         parse_listen(listen)
@@ -433,7 +448,7 @@ def _serve_without_tunnel(app_ref: str, listen: str) -> None:
     async def main_task() -> None:
         done = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(until_signal, done.set, STOP_GRACE, nursery.cancel_scope)
+            nursery.start_soon(until_signal, done.set, grace_period, nursery.cancel_scope)
             # The server returns once done is set and its requests in flight
             # are over (a second signal, or the grace period, cancels it).
             async with trio.open_nursery() as server:

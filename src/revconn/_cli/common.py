@@ -136,9 +136,17 @@ async def until_signal(stop: Callable[[], None], grace: float, cancel: trio.Canc
             log.info("received %s, shutting down", signal.Signals(signum).name)
             stop()
             break
-        with trio.move_on_after(grace):
-            async for _ in signals:
+        with trio.move_on_after(grace) as waiting:
+            async for signum in signals:
+                log.warning(
+                    "received %s again: stopping now, cutting off what is in flight",
+                    signal.Signals(signum).name,
+                )
                 break
+        if waiting.cancelled_caught:
+            log.warning(
+                "grace period (%g s) over: stopping now, cutting off what is in flight", grace
+            )
         cancel.cancel()
 
 
