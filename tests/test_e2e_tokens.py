@@ -262,3 +262,52 @@ def test_demo_without_a_shared_secret_uses_a_token(procs: list[Proc], tmp_path: 
     assert done.returncode == 0, done.stderr
     r = httpx.get(f"{admin}/endpoints", headers={"Authorization": f"Bearer {done.stdout.strip()}"})
     assert [e["name"] for e in r.json()["endpoints"]] == ["demo"]
+
+
+def test_the_token_can_come_from_a_private_file(procs: list[Proc], tmp_path: Path) -> None:
+    """--token-file: a secret volume or systemd's credentials directory; the
+    file is checked as the gateway checks its key files."""
+    key = tmp_path / "token.key"
+    keygen(key)
+    _, url, _ = start_gateway(procs, "--token-key-file", str(key), "--no-shared-secret")
+    token = str(issue(key, "filed")["token"])
+    token_file = tmp_path / "filed.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+
+    def agent_with(*extra: str, env: dict[str, str] | None = None) -> Proc:
+        agent = Proc(
+            [
+                *executable("revconn-agent"),
+                "serve",
+                "--gateway",
+                url,
+                "--name",
+                "filed",
+                *APP,
+                *extra,
+            ],
+            {**ENV, **(env or {})},
+        )
+        procs.append(agent)
+        return agent
+
+    online = agent_with("--token-file", str(token_file))
+    online.wait_for(rf"online: {url}/a/filed/")
+    assert token not in online.stdout + online.stderr
+    online.signal(signal.SIGTERM)
+    assert online.wait() == 0
+
+    token_file.chmod(0o644)
+    refused = agent_with("--token-file", str(token_file))
+    assert refused.wait() == 2
+    assert f"chmod 600 {token_file}" in refused.stderr
+    for extra, env, says in [
+        (("--token-file", str(tmp_path / "missing")), None, "no such file"),
+        (("--token-file", str(token_file), "--token", token), None, "not both"),
+        (("--token-file", str(token_file)), {"REVCONN_SECRET": "s3cret"}, "not both"),
+    ]:
+        agent = agent_with(*extra, env=env)
+        assert agent.wait() == 2, agent.stderr
+        assert says in agent.stderr
+        assert "Traceback" not in agent.stderr and "connecting to" not in agent.stderr

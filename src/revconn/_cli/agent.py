@@ -21,6 +21,7 @@ from .._agent.dial import is_loopback
 from .._agent.local import DEFAULT_LISTEN, parse_listen, serve_local
 from .._agent.upstream import ASGIApp
 from .._errors import ConfigError
+from .._files import read_private
 from .._proto.announce import DEFAULT_INTERVAL, TTL_INTERVALS
 from .._runtime.heartbeat import Heartbeat
 from .._runtime.supervisor import Backoff
@@ -103,6 +104,28 @@ def _secret(value: str | None, token: str | None = None) -> str:
             "--secret (REVCONN_SECRET) with the gateway's shared secret"
         )
     raise ConfigError("--secret is empty: pass the gateway's secret")
+
+
+def _token(token: str | None, token_file: str | None, secret: str | None) -> str | None:
+    """--token, or the token --token-file holds (checked as the gateway checks
+    its key files: a regular file nobody else can read)."""
+    if token_file is None:
+        return token
+    if token or os.environ.get("REVCONN_TOKEN"):
+        raise ConfigError(
+            "give either --token (REVCONN_TOKEN) or --token-file (REVCONN_TOKEN_FILE), not both"
+        )
+    if secret:
+        raise ConfigError(
+            "give either --token-file (REVCONN_TOKEN_FILE) or --secret (REVCONN_SECRET), not both"
+        )
+    try:
+        text = read_private(token_file, "--token-file").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"--token-file {token_file}: no such file") from None
+    if not text:
+        raise ConfigError(f"--token-file {token_file} is empty: write this agent's token in it")
+    return text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -190,6 +213,14 @@ def _check_modes(
     envvar="REVCONN_TOKEN",
     help="This agent's token, from `revconn-gateway token issue` (env REVCONN_TOKEN); "
     "instead of --secret.",
+)
+@click.option(
+    "--token-file",
+    envvar="REVCONN_TOKEN_FILE",
+    type=click.Path(dir_okay=False),
+    help="Read this agent's token from FILE (mode 0600, owned by this user or root: a "
+    "secret volume, systemd's credentials directory) instead of --token "
+    "(env REVCONN_TOKEN_FILE).",
 )
 @click.option(
     "--ca-file",
@@ -325,6 +356,7 @@ def agent_serve(
     upstream: str | None,
     secret: str | None,
     token: str | None,
+    token_file: str | None,
     ca_file: str | None,
     insecure_plaintext: bool,
     app_ref: str | None,
@@ -374,7 +406,7 @@ def agent_serve(
         config = AgentConfig(
             gateway=gateway,
             name=name,
-            secret=_secret(secret, token),
+            secret=_secret(secret, _token(token, token_file, secret)),
             upstream=upstream,
             upstream_timeout=upstream_timeout,
             max_concurrent_streams=max_streams,

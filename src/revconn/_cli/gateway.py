@@ -26,6 +26,7 @@ from .. import __version__
 from .._agent.agent import Agent, AgentConfig
 from .._agent.demo import demo_app
 from .._errors import ConfigError
+from .._files import read_private
 from .._gateway.auth import AuthPolicy, SharedSecretPolicy, TokenPolicy, generate_secret
 from .._gateway.gateway import Gateway, GatewayConfig
 from .._gateway.tokens import (
@@ -33,7 +34,6 @@ from .._gateway.tokens import (
     SigningKey,
     TokenVerifier,
     issue_token,
-    read_private,
 )
 from .._proto.rules import MAX_MESSAGE_SIZE
 from .._runtime.heartbeat import Heartbeat

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import secrets
-import stat
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ import attrs
 import jwt
 
 from .._errors import ConfigError, RevconnError
+from .._files import read_private
 from .._proto.rules import valid_agent_name
 
 __all__ = [
@@ -58,50 +58,6 @@ or date type goes beyond it)."""
 LEEWAY = 30.0
 """Seconds of clock skew accepted on ``iat`` (a token from a machine whose
 clock runs ahead); expiry is exact."""
-
-
-MAX_PRIVATE_FILE = 64 * 1024
-"""Bytes a key or secret file may hold at most."""
-
-
-def read_private(path: str | os.PathLike[str], label: str) -> str:
-    """The ASCII text of a credential file, checked on the descriptor it is
-    read from (no window between the check and the read): a regular file,
-    accessible to its owner only, owned by this user (or root). Raises
-    FileNotFoundError as is, ConfigError naming ``label`` and the file
-    otherwise."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise ConfigError(f"{label} {path}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{label} {path} is not a regular file")
-        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"{label} {path} is accessible to other users (mode "
-                f"{stat.S_IMODE(info.st_mode):04o}): run `chmod 600 {path}`"
-            )
-        if info.st_uid not in (os.geteuid(), 0):
-            raise ConfigError(
-                f"{label} {path} belongs to another user (uid {info.st_uid}): it must be "
-                "owned by the user the gateway runs as"
-            )
-        data = os.read(fd, MAX_PRIVATE_FILE + 1)
-    except OSError as exc:
-        raise ConfigError(f"{label} {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_PRIVATE_FILE:
-        raise ConfigError(f"{label} {path} is larger than {MAX_PRIVATE_FILE} bytes")
-    try:
-        return data.decode("ascii")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{label} {path}: not ASCII text") from None
 
 
 @attrs.frozen(repr=False)
