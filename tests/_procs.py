@@ -78,6 +78,20 @@ class Proc:
                 )
             time.sleep(0.02)
 
+    def wait_listening(self, port: int, what: str, timeout: float = 15.0) -> None:
+        """Until 127.0.0.1:``port`` accepts connections (``what`` names the
+        server in the failure, with its stderr); fails at once if it exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.popen.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise AssertionError(f"{what} is not listening on {port}\n{self.stderr}")
+
     def count(self, pattern: str) -> int:
         return len(re.findall(pattern, self.stdout + self.stderr))
 

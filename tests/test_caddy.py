@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -27,19 +26,6 @@ pytestmark = pytest.mark.e2e
 
 CADDY = shutil.which("caddy")
 DOMAIN = "revconn.test"
-
-
-def wait_listening(port: int, proc: Proc, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc.popen.poll() is not None:
-                break
-            time.sleep(0.05)
-    raise AssertionError(f"caddy is not listening on {port}\n{proc.stderr}")
 
 
 def caddyfile(tmp_path: Path) -> Path:
@@ -99,7 +85,7 @@ def test_the_documented_caddyfile(procs: list[Proc], tmp_path: Path) -> None:
         env,
     )
     procs.append(caddy)
-    wait_listening(https_port, caddy)
+    caddy.wait_listening(https_port, "caddy")
     ca = tmp_path / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
 
     # The gateway's "ask": the domain and online agents only.

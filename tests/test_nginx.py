@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -32,19 +31,6 @@ NGINX = "/usr/sbin/nginx"
 # bare domain by name (SNI and Host as in production) and only localhost
 # resolves here; curl resolves NAME.localhost itself.
 DOMAIN = "localhost"
-
-
-def wait_listening(port: int, proc: Proc, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc.popen.poll() is not None:
-                break
-            time.sleep(0.05)
-    raise AssertionError(f"nginx is not listening on {port}\n{proc.stderr}")
 
 
 def render(tmp_path: Path, certs: CertFiles, https_port: int, http_port: int, gateway: str) -> Path:
@@ -115,8 +101,8 @@ def test_the_documented_nginx_conf(procs: list[Proc], tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stderr
     nginx = Proc(nginx_args(tmp_path, conf))
     procs.append(nginx)
-    wait_listening(https_port, nginx)
-    wait_listening(http_port, nginx)
+    nginx.wait_listening(https_port, "nginx")
+    nginx.wait_listening(http_port, "nginx")
 
     # The agents dial the gateway through nginx (wss, nginx's certificate);
     # the gateway tells them the public URLs nginx's clients use.
