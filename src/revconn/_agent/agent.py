@@ -233,12 +233,11 @@ class Agent:
 
     async def run(self) -> None:
         """Serve until ``stop()`` (tunnel mode: or cancelled); see the class."""
+        stopped = True  # returned, or cancelled (the CLI's grace period ran out)
         try:
             await self._run()
-        except trio.Cancelled:
-            log.info("offline: stopped", extra={"event": "stopped", "agent": self.config.name})
-            raise
         except BaseException as exc:
+            stopped = isinstance(exc, trio.Cancelled)
             fatal = revconn_error_in(exc)
             if fatal is not None and not self._told_offline:
                 self.monitor.last_error = str(fatal)
@@ -250,7 +249,8 @@ class Agent:
             raise
         finally:
             self.monitor.enter("stopped")
-        log.info("offline: stopped", extra={"event": "stopped", "agent": self.config.name})
+            if stopped:
+                log.info("offline: stopped", extra={"event": "stopped", "agent": self.config.name})
 
     async def _run(self) -> None:
         if self._announcer is not None:
